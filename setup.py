@@ -1,0 +1,31 @@
+"""Install the ``lpjepa`` package with its Triton kernels as ``lpjepa.kernels``.
+
+The kernels live in the top-level folder ``kernels/`` but are installed under
+``lpjepa.kernels``: the PyPI distribution ``kernels`` owns the bare import name.
+"""
+
+from setuptools import setup
+
+# Triton ships wheels for Linux only; elsewhere the package runs on its torch backend.
+triton_requirement = "triton; platform_system == 'Linux'"
+
+setup(
+    name="lpjepa",
+    version="0.1.0",
+    description="Rectified LpJEPA: the RDMReg sliced-Wasserstein loss with fused Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["lpjepa", "lpjepa.kernels"],
+    package_dir={"lpjepa": "lpjepa", "lpjepa.kernels": "kernels"},
+    install_requires=[
+        "torch",
+        triton_requirement,
+        "timm",
+        "torchvision",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "scipy"],
+    },
+)

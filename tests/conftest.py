@@ -1,0 +1,33 @@
+"""Test-session setup shared by every test file.
+
+Without a GPU, Triton kernels run on the CPU interpreter. The interpreter is chosen
+when Triton is first imported, so the variable must be set here, before any test
+module imports ``lpjepa`` (which imports the kernels).
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+
+# One statement of the tolerances each dtype earns when a fast path is compared with
+# the reference (atol, rtol). Inputs are cast to fp32 inside the loss, so fp16/bf16
+# rows mostly measure the rounding of the inputs themselves.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def tolerance(dtype):
+    """(atol, rtol) for comparing results computed from ``dtype`` inputs."""
+    return TOLERANCES[dtype]
+
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
