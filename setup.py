@@ -24,6 +24,7 @@ setup(
         "timm",
         "torchvision",
         "tqdm",
+        "numpy",
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scipy"],

@@ -1,0 +1,108 @@
+"""Argument checks shared by the public functions: each error names the argument and the fix."""
+import math
+import numbers
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got backend={backend!r}")
+
+
+def check_p(p):
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(p) or p <= 0:
+        raise ValueError(f"p must be a finite number > 0 (p=1 Laplace, p=2 Gaussian); got p={p!r}")
+    return float(p)
+
+
+def check_finite(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number; got {name}={value!r}")
+    return float(value)
+
+
+def check_sigma(sigma):
+    if sigma is None:
+        return None
+    sigma = check_finite("sigma", sigma)
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, or None for the seed's unit-variance scale; got sigma={sigma!r}")
+    return sigma
+
+
+def check_num_projections(num_projections):
+    if isinstance(num_projections, bool) or not isinstance(num_projections, numbers.Integral):
+        raise TypeError(f"num_projections must be an int; got {type(num_projections).__name__}")
+    if num_projections < 1:
+        raise ValueError(f"num_projections must be >= 1 (the seed uses 256); got num_projections={num_projections}")
+    return int(num_projections)
+
+
+def check_shape(shape):
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+        shape = (shape,)
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise TypeError(f"shape must be an int or a sequence of ints, e.g. (256, 512); got {shape!r}") from None
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape must not have negative sizes; got shape={shape}")
+    return shape
+
+
+def check_float_tensor(name, tensor):
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(
+            f"{name} must have a floating dtype (float32, float16, bfloat16 or float64); got {tensor.dtype}. "
+            f"Convert it with {name}.float()."
+        )
+
+
+def check_loss_inputs(z, target, projections=None):
+    """Validate the sliced-Wasserstein inputs: z and target (B, D), projections (K, D)."""
+    check_float_tensor("z", z)
+    check_float_tensor("target_samples", target)
+    if z.dim() != 2:
+        raise ValueError(
+            f"z must be 2-D (batch, dim); got shape {tuple(z.shape)}. Flatten the features first, e.g. z.flatten(1)."
+        )
+    if target.shape != z.shape:
+        raise ValueError(
+            f"target_samples must have the shape of z {tuple(z.shape)}; got {tuple(target.shape)}. "
+            "Draw them with sample_rgg(z.shape, ...)."
+        )
+    if target.device != z.device:
+        raise ValueError(
+            f"z and target_samples must be on the same device; got z on {z.device} and target_samples on "
+            f"{target.device}. Move one with .to(z.device)."
+        )
+    if z.shape[0] < 2:
+        raise ValueError(f"z needs a batch of at least 2 rows to sort along; got batch size {z.shape[0]}")
+    if projections is not None:
+        check_float_tensor("projections", projections)
+        if projections.dim() != 2 or projections.shape[1] != z.shape[1] or projections.shape[0] < 1:
+            raise ValueError(
+                f"projections must have shape (num_projections, {z.shape[1]}) to match z's dim; "
+                f"got {tuple(projections.shape)}"
+            )
+        if projections.device != z.device:
+            raise ValueError(
+                f"projections must be on z's device {z.device}; got {projections.device}. Move them with .to(z.device)."
+            )
+
+
+def check_generator(generator, device):
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+    if generator.device.type != torch.device(device).type:
+        raise ValueError(
+            f"generator lives on {generator.device} but the numbers are drawn on {torch.device(device)}; "
+            f"create it with torch.Generator(device={str(torch.device(device))!r})."
+        )

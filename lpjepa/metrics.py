@@ -1,0 +1,65 @@
+"""Sparsity metrics for (N, D) representations, as reported in the paper."""
+import torch
+
+
+def _check_2d(z):
+    if not isinstance(z, torch.Tensor) or z.dim() != 2:
+        raise ValueError(f"z must be a 2-D tensor (samples, dim); got {getattr(z, 'shape', type(z).__name__)}")
+
+
+def zero_fraction(z):
+    """Fraction of entries of z that are exactly zero (0.0 = dense, 1.0 = all zero)."""
+    _check_2d(z)
+    return (z == 0).float().mean().item()
+
+
+def l0_metric(z):
+    """The paper's l0 metric: fraction of active (non-zero) entries; 1.0 = dense."""
+    _check_2d(z)
+    return (z != 0).float().mean().item()
+
+
+def l1_metric(z, eps=1e-12):
+    """The paper's l1 metric, (||z||_1 / ||z||_2)^2 / D averaged over rows.
+
+    It is 1.0 for a vector with equal-magnitude entries and 1/D for a one-hot vector;
+    an all-zero row counts as 0.
+    """
+    _check_2d(z)
+    z = z.float()
+    l1 = z.abs().sum(dim=1)
+    l2 = z.norm(dim=1)
+    ratio = torch.where(l2 > eps, (l1 / l2.clamp_min(eps)) ** 2 / z.shape[1], torch.zeros_like(l1))
+    return ratio.mean().item()
+
+
+def active_units(z):
+    """(D,) bool mask of the units that are non-zero for at least one row of z.
+
+    Combine batches with ``|`` to track units over a whole set.
+    """
+    _check_2d(z)
+    return (z != 0).any(dim=0)
+
+
+def dead_units(z=None, *, ever_active=None):
+    """Number of units never active over a set.
+
+    Pass all the set's features as ``z`` (N, D), or the ``|``-combined
+    ``active_units`` masks of its batches as ``ever_active``.
+    """
+    if ever_active is None:
+        if z is None:
+            raise ValueError("dead_units needs z (N, D) or ever_active (D,)")
+        ever_active = active_units(z)
+    return int((~ever_active).sum().item())
+
+
+def sparsity_report(z):
+    """All metrics of one (N, D) batch as a dict of floats."""
+    return {
+        "zero_fraction": zero_fraction(z),
+        "l0": l0_metric(z),
+        "l1": l1_metric(z),
+        "dead_units": dead_units(z),
+    }

@@ -1,0 +1,71 @@
+"""Bad input gets an error that names the argument."""
+import pytest
+import torch
+
+import lpjepa
+
+Z = torch.randn(8, 4)
+T = torch.rand(8, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(z=torch.randn(8)), ValueError, "z must be 2-D"),
+        (dict(z=torch.randn(2, 8, 4), target_samples=torch.rand(2, 8, 4)), ValueError, "z must be 2-D"),
+        (dict(target_samples=torch.rand(8, 5)), ValueError, "target_samples must have the shape"),
+        (dict(z=torch.randn(1, 4), target_samples=torch.rand(1, 4)), ValueError, "at least 2 rows"),
+        (dict(num_projections=0), ValueError, "num_projections must be >= 1"),
+        (dict(num_projections=2.5), TypeError, "num_projections must be an int"),
+        (dict(projections=torch.randn(16, 5)), ValueError, "projections must have shape"),
+        (dict(projections=torch.randn(16)), ValueError, "projections must have shape"),
+        (dict(z=torch.randint(0, 3, (8, 4))), TypeError, "z must have a floating dtype"),
+        (dict(target_samples=torch.ones(8, 4, dtype=torch.int64)), TypeError, "target_samples must have a floating"),
+        (dict(z=Z.numpy()), TypeError, "z must be a torch.Tensor"),
+        (dict(target_samples=T.to("meta")), ValueError, "same device"),
+        (dict(backend="cuda"), ValueError, "backend must be one of"),
+        (dict(generator="seed"), TypeError, "generator must be a torch.Generator"),
+        (
+            dict(z=Z.to("meta"), target_samples=T.to("meta"), generator=torch.Generator()),
+            ValueError,
+            "generator lives on",
+        ),
+    ],
+)
+def test_rdmreg_loss_bad_input(kwargs, error, match):
+    args = dict(z=Z, target_samples=T)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        lpjepa.rdmreg_loss(**args)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(p=0.0), ValueError, "p must be a finite number > 0"),
+        (dict(p=-1.0), ValueError, "p must be a finite number > 0"),
+        (dict(p=float("nan")), ValueError, "p must be a finite number > 0"),
+        (dict(mu=float("inf")), ValueError, "mu must be a finite number"),
+        (dict(sigma=0.0), ValueError, "sigma must be > 0"),
+        (dict(dtype=torch.int32), TypeError, "dtype must be a floating"),
+        (dict(shape="big"), TypeError, "shape must be an int or a sequence"),
+        (dict(shape=(3, -1)), ValueError, "negative sizes"),
+        (dict(backend="numpy"), ValueError, "backend must be one of"),
+    ],
+)
+def test_sample_rgg_bad_input(kwargs, error, match):
+    args = dict(shape=(4, 4))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        lpjepa.sample_rgg(**args)
+
+
+def test_rdmreg_module_bad_input():
+    with pytest.raises(ValueError, match="p must be"):
+        lpjepa.RDMReg(p=0)
+    with pytest.raises(ValueError, match="num_projections must be >= 1"):
+        lpjepa.RDMReg(num_projections=0)
+    with pytest.raises(ValueError, match="at least one view"):
+        lpjepa.RDMReg()()
+    with pytest.raises(ValueError, match="every view must have shape"):
+        lpjepa.RDMReg()(torch.randn(8, 4), torch.randn(8, 5))
