@@ -3,13 +3,14 @@
 ``rdmreg_loss`` is a drop-in for the seed's function; ``RDMReg`` draws its own targets
 and projections; ``rectified_lpjepa_loss`` adds the invariance term.
 
-The torch backend is an autograd Function rather than a graph through ``torch.sort``:
+The torch backend is a ``torch.library`` custom op with its own autograd formula
+rather than a graph through ``torch.sort`` (so ``torch.compile`` sees one opaque op):
 the forward sorts each projection once with its indices and keeps the residual (each
 projected feature minus the target quantile of its rank, in the batch's original
 order); the backward is one matmul, residual^T @ projections, scaled. All arithmetic
 is float32 (float64 when an input is float64), whatever the input dtype.
 """
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -55,77 +56,99 @@ def sorted_projections(x, projections):
     return sort_rows(projections.to(dtype) @ x.to(dtype).T)
 
 
-class SlicedWasserstein(torch.autograd.Function):
-    """Mean over directions and batch of (sorted z-projection - sorted target-projection)^2.
+@torch.library.custom_op("lpjepa::sliced_wasserstein", mutates_args=())
+def sliced_wasserstein_forward(
+    z: torch.Tensor,
+    target: torch.Tensor,
+    projections: torch.Tensor,
+    target_sorted: Optional[torch.Tensor],
+    need_target_residual: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch-backend forward of the sliced-Wasserstein loss, an opaque op for torch.compile.
 
-    Inputs: z (B, D), target (B, D), projections (K, D), and optionally
-    ``target_sorted`` (K, B), the target's sorted projections when several views share
-    one target (then target gets no gradient). Returns a 0-dim tensor in the compute dtype.
+    z, target: (B, D); projections: (K, D); target_sorted: optional (K, B), the
+    target's sorted projections when several views share one target. Returns, in the
+    compute dtype, the 0-dim loss (mean over directions and batch of the squared
+    difference of sorted projections), residual_z (K, B) (each projected feature
+    minus the target quantile of its rank, in the batch's original order) and
+    residual_target (K, B), the target's residual with the sign of its gradient, or
+    an empty tensor unless ``need_target_residual``.
     """
+    dtype = compute_dtype(z, target, projections)
+    with torch.autocast(z.device.type, enabled=False):
+        P = projections.to(dtype)
+        proj_z = P @ z.to(dtype).T  # (K, B)
+        order_z = argsort_rows(proj_z)
+        order_t = None
+        if target_sorted is None:
+            proj_t = P @ target.to(dtype).T
+            if need_target_residual:
+                order_t = argsort_rows(proj_t)
+                target_sorted = torch.gather(proj_t, 1, order_t)
+            else:
+                target_sorted = sort_rows(proj_t)
+            del proj_t
+        # Place the target quantile of each rank at the row holding that rank, so the
+        # residual comes out in the batch's original order without sorting z's values.
+        quantile_of_rank = torch.empty_like(proj_z).scatter_(1, order_z, target_sorted.to(dtype))
+        residual_z = proj_z.sub_(quantile_of_rank)
+        del quantile_of_rank
+        loss = torch.dot(residual_z.view(-1), residual_z.view(-1)) / residual_z.numel()
+        if order_t is None:
+            return loss, residual_z, residual_z.new_empty(0)
+        diff_in_rank_order = torch.gather(residual_z, 1, order_z)
+        residual_t = torch.empty_like(residual_z).scatter_(1, order_t, diff_in_rank_order).neg_()
+        return loss, residual_z, residual_t
 
-    @staticmethod
-    def forward(ctx, z, target, projections, target_sorted=None):
-        dtype = compute_dtype(z, target, projections)
-        with torch.autocast(z.device.type, enabled=False):
-            P = projections.to(dtype)
-            z_c = z.to(dtype)
-            proj_z = P @ z_c.T  # (K, B)
-            order_z = argsort_rows(proj_z)
-            order_t = None
-            if target_sorted is None:
-                proj_t = P @ target.to(dtype).T
-                if ctx.needs_input_grad[1]:
-                    order_t = argsort_rows(proj_t)
-                    target_sorted = torch.gather(proj_t, 1, order_t)
-                else:
-                    target_sorted = sort_rows(proj_t)
-                del proj_t
-            # Place the target quantile of each rank at the row holding that rank, so the
-            # residual comes out in the batch's original order without sorting z's values.
-            quantile_of_rank = torch.empty_like(proj_z).scatter_(1, order_z, target_sorted.to(dtype))
-            residual_z = proj_z.sub_(quantile_of_rank)
-            del quantile_of_rank
-            num = residual_z.numel()
-            loss = torch.dot(residual_z.view(-1), residual_z.view(-1)) / num
-            residual_t = None
-            if order_t is not None:
-                diff_in_rank_order = torch.gather(residual_z, 1, order_z)
-                residual_t = torch.empty_like(residual_z).scatter_(1, order_t, diff_in_rank_order).neg_()
-        ctx.num = num
-        ctx.dtypes = (z.dtype, target.dtype, projections.dtype)
-        ctx.save_for_backward(
-            residual_z,
-            residual_t,
-            P,
-            z_c if ctx.needs_input_grad[2] else None,
-            target if ctx.needs_input_grad[2] and residual_t is not None else None,
-        )
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        residual_z, residual_t, P, z_c, target = ctx.saved_tensors
-        z_dtype, target_dtype, proj_dtype = ctx.dtypes
-        grad_z = grad_target = grad_proj = None
-        with torch.autocast(residual_z.device.type, enabled=False):
-            scale = grad_loss.to(residual_z.dtype) * (2.0 / ctx.num)
-            if ctx.needs_input_grad[0]:
-                grad_z = (residual_z.T @ P).mul_(scale).to(z_dtype)
-            if residual_t is not None:
-                grad_target = (residual_t.T @ P).mul_(scale).to(target_dtype)
-            if ctx.needs_input_grad[2]:
-                grad_proj = residual_z @ z_c
-                if target is not None:
-                    grad_proj += residual_t @ target.to(residual_t.dtype)
-                grad_proj = grad_proj.mul_(scale).to(proj_dtype)
-        return grad_z, grad_target, grad_proj, None
+@sliced_wasserstein_forward.register_fake
+def _(z, target, projections, target_sorted, need_target_residual):
+    dtype = compute_dtype(z, target, projections)
+    residual_shape = (projections.shape[0], z.shape[0])
+    return (
+        z.new_empty((), dtype=dtype),
+        z.new_empty(residual_shape, dtype=dtype),
+        z.new_empty(residual_shape if need_target_residual else (0,), dtype=dtype),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    z, target, projections, _, need_target_residual = inputs
+    _, residual_z, residual_t = output
+    ctx.mark_non_differentiable(residual_z, residual_t)
+    ctx.need_target_residual = need_target_residual
+    ctx.save_for_backward(residual_z, residual_t, projections, z, target)
+
+
+def sliced_wasserstein_backward(ctx, grad_loss, _grad_residual_z, _grad_residual_t):
+    """The gradient is one matmul per input: 2 / (B K) * residual^T @ projections."""
+    residual_z, residual_t, projections, z, target = ctx.saved_tensors
+    grad_z = grad_target = grad_projections = None
+    with torch.autocast(residual_z.device.type, enabled=False):
+        scale = grad_loss.to(residual_z.dtype) * (2.0 / residual_z.numel())
+        P = projections.to(residual_z.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_z = (residual_z.T @ P).mul_(scale).to(z.dtype)
+        if ctx.needs_input_grad[1] and ctx.need_target_residual:
+            grad_target = (residual_t.T @ P).mul_(scale).to(target.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_projections = residual_z @ z.to(residual_z.dtype)
+            if ctx.need_target_residual:
+                grad_projections += residual_t @ target.to(residual_t.dtype)
+            grad_projections = grad_projections.mul_(scale).to(projections.dtype)
+    return grad_z, grad_target, grad_projections, None, None
+
+
+sliced_wasserstein_forward.register_autograd(sliced_wasserstein_backward, setup_context=_setup_context)
 
 
 def _sliced_wasserstein(z, target, projections, backend, target_sorted=None):
+    """The loss on one view, on the backend that ``backend`` resolves to for z's device."""
     ops = triton_ops(backend, z.device)
     if ops is not None:
         return ops.sliced_wasserstein(z, target, projections)
-    return SlicedWasserstein.apply(z, target, projections, target_sorted)
+    need_target_residual = target.requires_grad and target_sorted is None
+    return sliced_wasserstein_forward(z, target, projections, target_sorted, need_target_residual)[0]
 
 
 def rdmreg_loss(z, target_samples, num_projections=256, *, projections=None, generator=None, backend="auto"):
