@@ -1,0 +1,301 @@
+"""Rectified Generalized Gaussian sampler: one Triton kernel and its launcher.
+
+Draws ``ReLU(mu + sigma * X)`` with ``X ~ GN_p(0, 1)`` in the parameterisation of the
+seed's ``sample_rgg``: ``X = S * (p * G) ** (1 / p)``, ``S`` a fair random sign and
+``G ~ Gamma(1/p, 1)``; equivalently ``scipy.stats.gennorm(beta=p, scale=p ** (1 / p))``.
+
+Every element ``i`` of the output owns the Philox counters ``(offset + i, round, stream)``
+under the key ``seed``, so the stream of a launch is a pure function of
+``(seed, offset)`` and a launch consumes exactly ``numel`` counters of the first two
+words (see :func:`rgg_philox_increment`). The exponent ``p`` picks the method:
+
+* ``p == 1`` (Laplace): ``X = S * E`` with ``E = -log(U)`` exponential; one Philox call.
+* ``p == 2`` (Gaussian): ``X ~ N(0, 1)`` by Box-Muller; one Philox call.
+* any other ``p > 0``: ``G`` by Marsaglia-Tsang rejection at shape ``a = 1/p`` when
+  ``a >= 1``, else at shape ``a + 1`` followed by the boost ``G = G' * U ** (1/a)``.
+  All arithmetic after the draw is done in logs, ``sigma * |X| =
+  exp(log(sigma) + (log(p) + log(G)) / p)``, so tiny ``p`` (huge powers) and large
+  ``p`` (``U ** p`` underflow) stay finite where the true value is representable.
+
+Uniforms are ``(k + 0.5) * 2**-32`` for a 32-bit word ``k``: never 0, so every
+``log(U)`` is finite (the exponential tail is cut at ``33 * ln 2 ~ 22.9``, a mass of
+1e-10, the resolution limit of 32-bit uniforms).
+
+The rejection loop runs until every lane of a block has accepted, at most
+``GAMMA_MAX_ROUNDS`` rounds. Each round accepts with probability >= 0.95 (the shape is
+always >= 1 there), so a lane is still pending after 20 rounds with probability
+< 0.05 ** 20 ~ 1e-26. Such a lane is never given an unaccepted value: it is written as
+NaN, which the caller can detect (``torch.isnan(sample).any()``).
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import KernelLaunch
+
+# Methods, chosen from p by the launcher; tl.constexpr so the kernel can compare with them.
+LAPLACE = tl.constexpr(0)
+GAUSSIAN = tl.constexpr(1)
+GAMMA = tl.constexpr(2)
+
+GAMMA_MAX_ROUNDS = 20
+
+_OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _uniform(bits):
+    """uint32 block -> fp32 uniforms in [2**-33, 1]: never 0, so log() is finite."""
+    return (bits.to(tl.float32) + 0.5) * 2.3283064365386963e-10
+
+
+@triton.jit
+def _cos_quarter_turn(v):
+    """cos(pi/2 * v) for v in [0, 1], by its Taylor series (error < 6e-9 on that range).
+
+    tl.cos would bring libdevice's large-argument reduction, whose local array costs a
+    stack frame (and a spill on sm_80) in every kernel that draws normals.
+    """
+    x2 = (1.5707963267948966 * v) * (1.5707963267948966 * v)
+    poly = 1.0 / 479001600.0
+    poly = -1.0 / 3628800.0 + x2 * poly
+    poly = 1.0 / 40320.0 + x2 * poly
+    poly = -1.0 / 720.0 + x2 * poly
+    poly = 1.0 / 24.0 + x2 * poly
+    poly = -0.5 + x2 * poly
+    return 1.0 + x2 * poly
+
+
+@triton.jit
+def _box_muller(bits_radius, bits_angle):
+    """Two uint32 blocks -> one N(0, 1) block: Box-Muller, r * cos(theta).
+
+    cos(theta) for theta uniform on [0, 2 pi) has the law of +-cos(phi), phi uniform on
+    [0, pi/2): the top bit of bits_angle gives the sign, its other 31 bits give phi.
+    """
+    radius = tl.sqrt(-2.0 * tl.log(_uniform(bits_radius)))
+    quarter = (bits_angle & 0x7FFFFFFF).to(tl.float32) * 4.656612873077393e-10
+    cosine = _cos_quarter_turn(quarter)
+    return tl.where((bits_angle >> 31) != 0, -radius * cosine, radius * cosine)
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _rgg_kernel(
+    out_ptr,  # (n_elements,) fp32 / fp16 / bf16, written
+    n_elements,
+    seed,  # Philox key
+    offset,  # first Philox counter of this launch
+    mu,
+    sigma,  # LAPLACE / GAUSSIAN: the scale itself
+    log_sigma,  # GAMMA: log(sigma), -inf when sigma == 0
+    log_p,
+    inv_p,
+    mt_d,  # Marsaglia-Tsang d = shape - 1/3 (shape = 1/p, or 1/p + 1 when boosting)
+    mt_c,  # Marsaglia-Tsang c = 1 / sqrt(9 d)
+    boost_inv_shape,  # p when boosting (shape 1/p < 1), else 0
+    METHOD: tl.constexpr,
+    MAX_ROUNDS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = idx < n_elements
+    counter = offset + idx
+    c_lo = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c_hi = (counter >> 32).to(tl.uint32)
+    zero = c_lo * 0
+
+    if METHOD == LAPLACE:
+        w_sign, w_exp, _, _ = tl.philox(seed, c_lo, c_hi, zero, zero)
+        magnitude = -tl.log(_uniform(w_exp))
+        x = tl.where((w_sign >> 31) != 0, -magnitude, magnitude)
+        value = mu + sigma * x
+    elif METHOD == GAUSSIAN:
+        w_a, w_b, _, _ = tl.philox(seed, c_lo, c_hi, zero, zero)
+        value = mu + sigma * _box_muller(w_a, w_b)
+    else:
+        # Marsaglia-Tsang: round r of lane i uses counters (offset + i, r, 0).
+        log_d = tl.log(mt_d)
+        log_g = tl.zeros([BLOCK], dtype=tl.float32)
+        accepted = idx >= n_elements  # lanes past the end never need a draw
+        n_pending = tl.sum((~accepted).to(tl.int32), axis=0)
+        round_ = tl.full([], 0, dtype=tl.int32)
+        while (n_pending > 0) & (round_ < MAX_ROUNDS):
+            w_a, w_b, w_u, _ = tl.philox(seed, c_lo, c_hi, zero + round_.to(tl.uint32), zero)
+            normal = _box_muller(w_a, w_b)
+            t = 1.0 + mt_c * normal
+            v = t * t * t
+            log_v = tl.log(tl.where(v > 0, v, 1.0))
+            bound = 0.5 * normal * normal + mt_d - mt_d * v + mt_d * log_v
+            ok = (v > 0) & (tl.log(_uniform(w_u)) < bound)
+            log_g = tl.where(ok & ~accepted, log_d + log_v, log_g)
+            accepted = accepted | ok
+            n_pending = tl.sum((~accepted).to(tl.int32), axis=0)
+            round_ += 1
+        # Sign and boost uniform come from a separate stream: counters (offset + i, 0, 1).
+        w_sign, w_boost, _, _ = tl.philox(seed, c_lo, c_hi, zero, zero + 1)
+        log_g += tl.log(_uniform(w_boost)) * boost_inv_shape
+        magnitude = tl.exp(log_sigma + (log_p + log_g) * inv_p)
+        value = mu + tl.where((w_sign >> 31) != 0, -magnitude, magnitude)
+        value = tl.where(accepted, value, float("nan"))
+
+    # ReLU written so that NaN (the unaccepted-lane flag) survives it.
+    value = tl.where(value < 0, 0.0, value)
+    tl.store(out_ptr + idx, value.to(out_ptr.dtype.element_ty), mask=in_range)
+
+
+def rgg_method(p):
+    """The sampling method (LAPLACE, GAUSSIAN or GAMMA, as an int) the kernel uses for p."""
+    if p == 1.0:
+        return LAPLACE.value
+    if p == 2.0:
+        return GAUSSIAN.value
+    return GAMMA.value
+
+
+def rgg_launch_config(n_elements, method):
+    """(BLOCK, num_warps) of the sampler for a flat output of n_elements.
+
+    Shared by :func:`rgg_sample` and the compile report. The Gamma path runs its
+    rejection loop until the whole block has accepted, so it takes a smaller block
+    (fewer lanes to wait for) than the one-shot Laplace and Gaussian paths.
+    """
+    cap = 1024 if method != GAMMA else 512
+    block = max(128, min(cap, triton.next_power_of_2(max(int(n_elements), 1))))
+    num_warps = 4 if block >= 512 else 2
+    return block, num_warps
+
+
+def rgg_philox_increment(n_elements):
+    """Philox counters one :func:`rgg_sample` of n_elements consumes (its generator increment)."""
+    return int(n_elements)
+
+
+def philox_seed_offset(increment, device, generator=None):
+    """(seed, offset) for a Philox launch of ``increment`` counters; advances the generator.
+
+    The generator is ``generator`` or the default generator of ``device``'s type, so
+    ``torch.manual_seed`` (or seeding the passed generator) makes runs reproducible and
+    two calls never share counters.
+
+    * CUDA: the generator state is ``[seed: int64, offset: int64]`` (16 bytes, as in
+      FlagGems). The seed is returned as is, the offset is advanced by ``increment``
+      rounded up to a multiple of 4, as torch's own Philox ops do. Torch's ops lay out
+      their counters differently, so the streams of this kernel and of a torch random
+      op are independent draws, not one shared sequence. Not usable while a CUDA graph
+      is being captured (the state is read on the host).
+    * CPU (the Triton interpreter): the generator is an mt19937, which has no counter
+      to advance; a fresh 63-bit seed is drawn from it (which advances it) and the
+      offset is 0. Two calls therefore use different keys, colliding with probability
+      2**-63.
+    """
+    device = torch.device(device)
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device}, the output on {device}")
+    if device.type == "cuda":
+        if generator is None:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            generator = torch.cuda.default_generators[index]
+        state = generator.get_state()
+        if state.numel() != 16:
+            raise RuntimeError(
+                f"unexpected CUDA generator state of {state.numel()} bytes (expected 16: seed, offset)"
+            )
+        seed, offset = (int(v) for v in state.view(torch.int64))
+        state.view(torch.int64)[1] += (int(increment) + 3) // 4 * 4
+        generator.set_state(state)
+        # The int64 view reads a uint64 seed >= 2**63 as negative; Philox wants the bits.
+        return seed % (1 << 64), offset
+    if device.type == "cpu":
+        if generator is None:
+            generator = torch.default_generator
+        seed = int(torch.randint(0, 2**63 - 1, (), generator=generator, dtype=torch.int64))
+        return seed, 0
+    raise ValueError(f"no Philox seed source for device type {device.type!r}")
+
+
+def _check_params(p, mu, sigma, dtype):
+    if not (math.isfinite(p) and p > 0):
+        raise ValueError(f"p must be finite and > 0, got {p}")
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
+    if not math.isfinite(mu):
+        raise ValueError(f"mu must be finite, got {mu}")
+    if dtype not in _OUTPUT_DTYPES:
+        raise ValueError(f"dtype must be one of {_OUTPUT_DTYPES}, got {dtype}")
+
+
+def rgg_launch(out, *, p, mu, sigma, seed, offset):
+    """The sampler launch that fills ``out`` (contiguous fp32/fp16/bf16) from Philox (seed, offset)."""
+    p, mu, sigma = float(p), float(mu), float(sigma)
+    _check_params(p, mu, sigma, out.dtype)
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    n_elements = out.numel()
+    method = rgg_method(p)
+    shape_a = 1.0 / p
+    boost = shape_a < 1.0
+    mt_d = (shape_a + 1.0 if boost else shape_a) - 1.0 / 3.0
+    block, num_warps = rgg_launch_config(n_elements, method)
+    args = (
+        out,
+        n_elements,
+        seed,
+        offset,
+        mu,
+        sigma,
+        math.log(sigma) if sigma > 0 else float("-inf"),
+        math.log(p),
+        1.0 / p,
+        mt_d,
+        1.0 / math.sqrt(9.0 * mt_d),
+        p if boost else 0.0,
+    )
+    meta = dict(METHOD=method, MAX_ROUNDS=GAMMA_MAX_ROUNDS, BLOCK=block, num_warps=num_warps)
+    return KernelLaunch(_rgg_kernel, (triton.cdiv(n_elements, block),), args, meta)
+
+
+def rgg_sample(
+    shape,
+    *,
+    p,
+    mu,
+    sigma,
+    dtype=torch.float32,
+    device=None,
+    seed=None,
+    offset=None,
+):
+    """Samples ``ReLU(mu + sigma * X)``, ``X ~ GN_p(0, 1)``, with the Triton kernel.
+
+    Args:
+        shape: output shape (an int or a tuple; flattened for the kernel).
+        p: exponent, any finite p > 0 (1: Laplace, 2: Gaussian, else via Gamma(1/p)).
+        mu: shift before the ReLU (finite float).
+        sigma: scale (finite float >= 0).
+        dtype: output dtype, fp32, fp16 or bf16; computed in fp32, cast on store.
+        device: output device (default: CUDA when available, else CPU, i.e. the
+            Triton interpreter).
+        seed, offset: Philox key and first counter. Both None (the default) takes them
+            from the device's default generator with :func:`philox_seed_offset`, which
+            advances it by ``rgg_philox_increment(numel)``. A caller with its own
+            generator calls ``philox_seed_offset(rgg_philox_increment(numel), device,
+            generator)`` and passes them.
+
+    Returns:
+        Tensor of ``shape`` and ``dtype``. An element whose Gamma draw did not accept
+        within ``GAMMA_MAX_ROUNDS`` rounds is NaN (probability < 1e-26 per element).
+    """
+    _check_params(float(p), float(mu), float(sigma), dtype)
+    if (seed is None) != (offset is None):
+        raise ValueError("pass both seed and offset, or neither")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    out = torch.empty((shape,) if isinstance(shape, int) else tuple(shape), dtype=dtype, device=device)
+    if seed is None:
+        seed, offset = philox_seed_offset(rgg_philox_increment(out.numel()), device)
+    if out.numel() > 0:
+        rgg_launch(out, p=p, mu=mu, sigma=sigma, seed=seed, offset=offset)()
+    return out
