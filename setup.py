@@ -25,6 +25,7 @@ setup(
         "torchvision",
         "tqdm",
         "numpy",
+        "matplotlib",  # the benchmark report's plot
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scipy"],

@@ -30,4 +30,18 @@ def tolerance(dtype):
     return TOLERANCES[dtype]
 
 
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+# Marks a GPU-only test: skipped without CUDA, selected by `pytest -m cuda` (benchmarks/gpu_check.sh).
+requires_cuda = pytest.mark.cuda
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); use via requires_cuda")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
