@@ -25,7 +25,15 @@ setup(
         "torchvision",
         "tqdm",
         "numpy",
+        "matplotlib",
     ],
+    entry_points={
+        "console_scripts": [
+            "lpjepa-train = lpjepa.train:main",
+            "lpjepa-eval = lpjepa.eval:main",
+            "lpjepa-plot = lpjepa.plot:main",
+        ],
+    },
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scipy"],
     },
