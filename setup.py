@@ -25,8 +25,15 @@ setup(
         "torchvision",
         "tqdm",
         "numpy",
-        "matplotlib",  # the benchmark report's plot
+        "matplotlib",  # the benchmark report's plot and lpjepa.plot
     ],
+    entry_points={
+        "console_scripts": [
+            "lpjepa-train = lpjepa.train:main",
+            "lpjepa-eval = lpjepa.eval:main",
+            "lpjepa-plot = lpjepa.plot:main",
+        ],
+    },
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scipy"],
     },

@@ -1,0 +1,284 @@
+"""Datasets, augmentations and loaders for pretraining and evaluation.
+
+Three sources, all through torchvision: ``cifar100`` (the seed's), ``cifar10`` and
+``imagefolder`` (a folder of class sub-folders). A missing dataset stops the program with
+a message that says where the files were expected and how to get them, never with a
+traceback from inside torchvision.
+
+Randomness: the training order comes from a ``DistributedSampler`` (also with one
+process) seeded by ``--seed`` and the epoch, and every training sample seeds its own
+augmentations from (seed, epoch, index). So the two views of an image are a function
+of the seed and the epoch alone: they do not depend on the number of workers, and a
+run resumed from a checkpoint, even one saved mid-epoch, sees the same images with
+the same augmentations as an uninterrupted run.
+"""
+import os
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import datasets, transforms
+
+DATASETS = ("cifar100", "cifar10", "imagefolder")
+
+# (mean, std) used by Normalize. The seed uses the CIFAR-100 statistics.
+NORMALIZATION = {
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+CIFAR_CLASSES = {"cifar100": datasets.CIFAR100, "cifar10": datasets.CIFAR10}
+
+AUGMENTATIONS = ("seed", "paper")
+
+
+def train_transform(augmentation="seed", image_size=32, dataset="cifar100"):
+    """The view augmentation.
+
+    'seed': the seed notebook's RandomResizedCrop, flip, ColorJitter(0.4, 0.4, 0.4, 0.1)
+    applied to every view. 'paper': the stronger CIFAR recipe of the paper's codebase
+    (solo-learn): crop scale (0.08, 1), jitter (0.4, 0.4, 0.2, 0.1) with probability
+    0.8, grayscale 0.2, solarize 0.1, flip.
+    """
+    mean, std = NORMALIZATION[dataset]
+    if augmentation == "seed":
+        ops = [
+            transforms.RandomResizedCrop(image_size),
+            transforms.RandomHorizontalFlip(),
+            transforms.ColorJitter(0.4, 0.4, 0.4, 0.1),
+        ]
+    elif augmentation == "paper":
+        ops = [
+            transforms.RandomResizedCrop(image_size, scale=(0.08, 1.0)),
+            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            transforms.RandomGrayscale(p=0.2),
+            transforms.RandomSolarize(128, p=0.1),
+            transforms.RandomHorizontalFlip(),
+        ]
+    else:
+        raise ValueError(f"augmentation must be one of {AUGMENTATIONS}; got {augmentation!r}")
+    return transforms.Compose(ops + [transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def eval_transform(image_size=32, dataset="cifar100"):
+    """Deterministic transform for probes and kNN: resize the short side, center-crop, normalize."""
+    mean, std = NORMALIZATION[dataset]
+    return transforms.Compose(
+        [
+            transforms.Resize(image_size),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+
+
+class TwoViewDataset(Dataset):
+    """Two augmented views of each image, as in the seed, with per-sample seeded augmentations.
+
+    Indexed by ``(index, epoch)`` pairs (what ``EpochSampler`` yields): the views of
+    image ``index`` in epoch ``epoch`` are drawn from a torch RNG seeded by
+    (seed, epoch, index), inside ``torch.random.fork_rng`` so the caller's RNG is left
+    as it was. A plain integer index uses epoch 0. Returns ``(view1, view2, label)``.
+    """
+
+    def __init__(self, base_dataset, transform, seed=0):
+        self.base_dataset = base_dataset
+        self.transform = transform
+        self.seed = int(seed)
+
+    def sample_seed(self, index, epoch):
+        return (self.seed * 1_000_003 + epoch * len(self.base_dataset) + index) % (2**63)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        img, label = self.base_dataset[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.sample_seed(index, epoch))
+            return self.transform(img), self.transform(img), label
+
+    def __len__(self):
+        return len(self.base_dataset)
+
+
+class EpochSampler(DistributedSampler):
+    """A DistributedSampler (one replica by default) that yields ``(index, epoch)`` pairs.
+
+    The order is a function of (seed, epoch), as in DistributedSampler. ``set_epoch(epoch,
+    skip=n)`` also skips this replica's first n samples of the epoch, for a resume from
+    a mid-epoch checkpoint.
+    """
+
+    def __init__(self, dataset, num_replicas=1, rank=0, seed=0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.skip :]
+        return iter([(i, self.epoch) for i in indices])
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+class DataNotFound(SystemExit):
+    """The dataset is not where the command line says; the message says how to fix it."""
+
+
+def _without_md5(cls):
+    """A subclass of a torchvision CIFAR class whose file list carries no md5: files need only exist."""
+    return type(
+        f"Local{cls.__name__}",
+        (cls,),
+        {
+            "__doc__": f"{cls.__name__} from a local folder in the official format, without torchvision's md5 check.",
+            "train_list": [[name, None] for name, _ in cls.train_list],
+            "test_list": [[name, None] for name, _ in cls.test_list],
+            "meta": {**cls.meta, "md5": None},
+        },
+    )
+
+
+# torchvision accepts only files whose md5 matches the official archive. These trust any
+# pickles in the official format (a re-packed copy, or a small generated one for tests);
+# used when --skip-data-check is given.
+LocalCIFAR100 = _without_md5(datasets.CIFAR100)
+LocalCIFAR10 = _without_md5(datasets.CIFAR10)
+
+LOCAL_CIFAR_CLASSES = {"cifar100": LocalCIFAR100, "cifar10": LocalCIFAR10}
+
+
+def _how_to_get(dataset, root):
+    cls = CIFAR_CLASSES[dataset].__name__
+    return (
+        f"To get it, on a machine with network run\n"
+        f"    python -c \"import torchvision; torchvision.datasets.{cls}('{root}', download=True)\"\n"
+        f"and copy the folder over, then pass its parent with --data-dir; or let this program\n"
+        f"download it (the default; --no-download turns that off); or train on your own images\n"
+        f"with --dataset imagefolder --data-dir TRAIN_DIR --val-dir VAL_DIR."
+    )
+
+
+def _cifar_root(data_dir, base_folder):
+    """Accept either the parent of ``cifar-100-python/`` or that folder itself."""
+    data_dir = os.path.abspath(os.path.expanduser(data_dir))
+    if os.path.basename(os.path.normpath(data_dir)) == base_folder:
+        return os.path.dirname(os.path.normpath(data_dir))
+    return data_dir
+
+
+def load_cifar(dataset, data_dir, train, download=True, skip_data_check=False):
+    """CIFAR-10/100 split from ``data_dir`` (the folder holding ``cifar-10{0}-...``).
+
+    Tries the local copy first; if there is none and ``download`` is set, downloads it.
+    Every failure ends in ``DataNotFound`` with instructions.
+    """
+    cls = (LOCAL_CIFAR_CLASSES if skip_data_check else CIFAR_CLASSES)[dataset]
+    root = _cifar_root(data_dir, cls.base_folder)
+    folder = os.path.join(root, cls.base_folder)
+    try:
+        return cls(root, train=train, download=False)
+    except RuntimeError as error:
+        if "not found or corrupted" not in str(error):
+            raise
+    expected = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    if os.path.isdir(folder) and all(os.path.isfile(os.path.join(folder, n)) for n in expected):
+        raise DataNotFound(
+            f"{dataset}: the files in {folder} do not match torchvision's checksums of the official archive.\n"
+            f"If this is a copy you trust (re-packed or generated), pass --skip-data-check to use it as it is;\n"
+            f"otherwise delete the folder and get the official one.\n" + _how_to_get(dataset, root)
+        )
+    if download:
+        try:
+            os.makedirs(root, exist_ok=True)
+            return CIFAR_CLASSES[dataset](root, train=train, download=True)
+        except Exception as error:  # no network, proxy, disk full: say so without torchvision's traceback
+            raise DataNotFound(
+                f"{dataset} is not in --data-dir {root} (expected the folder {folder}/) and downloading it "
+                f"failed: {type(error).__name__}: {error}\n" + _how_to_get(dataset, root)
+            ) from None
+    raise DataNotFound(
+        f"{dataset} is not in --data-dir {root} (expected the folder {folder}/ with "
+        f"{', '.join(expected)}), and --no-download is set.\n" + _how_to_get(dataset, root)
+    )
+
+
+def imagefolder_dirs(data_dir, val_dir=None):
+    """(train_dir, val_dir): ``--data-dir`` with ``--val-dir``, or ``--data-dir`` holding train/ and val/."""
+    data_dir = os.path.abspath(os.path.expanduser(data_dir))
+    if val_dir is None and os.path.isdir(os.path.join(data_dir, "train")) and os.path.isdir(os.path.join(data_dir, "val")):
+        return os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
+    if val_dir is None:
+        raise DataNotFound(
+            f"--dataset imagefolder needs a validation folder: pass --val-dir VAL_DIR (class sub-folders, as in "
+            f"--data-dir), or give a --data-dir that holds train/ and val/. --data-dir is {data_dir}."
+        )
+    return data_dir, os.path.abspath(os.path.expanduser(val_dir))
+
+
+def load_imagefolder(folder, flag):
+    if not os.path.isdir(folder):
+        raise DataNotFound(
+            f"{flag} {folder} does not exist. --dataset imagefolder reads a folder of class sub-folders "
+            f"(FOLDER/CLASS_NAME/IMAGE.png), one for training (--data-dir) and one for validation (--val-dir)."
+        )
+    try:
+        return datasets.ImageFolder(folder)
+    except (FileNotFoundError, RuntimeError) as error:
+        raise DataNotFound(f"{flag} {folder} is not an image folder of class sub-folders: {error}") from None
+
+
+def load_splits(dataset, data_dir, val_dir=None, download=True, skip_data_check=False):
+    """(train, val) torchvision datasets of PIL images and integer labels, without transforms."""
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}; got {dataset!r}")
+    if dataset == "imagefolder":
+        train_dir, val_dir = imagefolder_dirs(data_dir, val_dir)
+        train, val = load_imagefolder(train_dir, "--data-dir"), load_imagefolder(val_dir, "--val-dir")
+        if train.classes != val.classes:
+            raise DataNotFound(f"--data-dir has classes {train.classes} but --val-dir has {val.classes}")
+        return train, val
+    train = load_cifar(dataset, data_dir, True, download, skip_data_check)
+    return train, load_cifar(dataset, data_dir, False, download, skip_data_check)
+
+
+class Transformed(Dataset):
+    """A dataset of (PIL image, label) with a transform applied to the image."""
+
+    def __init__(self, base_dataset, transform):
+        self.base_dataset = base_dataset
+        self.transform = transform
+
+    def __getitem__(self, index):
+        img, label = self.base_dataset[index]
+        return self.transform(img), label
+
+    def __len__(self):
+        return len(self.base_dataset)
+
+
+def num_classes(dataset):
+    return len(dataset.classes)
+
+
+def make_loader(dataset, batch_size, *, num_workers, pin_memory, sampler=None, drop_last=False):
+    """A DataLoader with worker processes (persistent when there are any) and pinned memory on CUDA.
+
+    Its own ``generator`` keeps the loader from drawing worker seeds from the global RNG,
+    so creating an iterator does not shift the loss's random directions.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(0),
+    )

@@ -1,0 +1,313 @@
+"""The training and evaluation programs on tiny generated datasets, on the CPU.
+
+Every dataset is built on the fly: an ImageFolder of 16x16 PNGs (2 classes x 8 train,
+2 x 4 val) and a CIFAR-100-format folder of pickles. The backbone is timm's resnet10t
+with the CIFAR stem; runs are 1-2 epochs of 4 steps.
+"""
+import json
+import math
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lpjepa import eval as lp_eval
+from lpjepa import plot, reference, train
+from lpjepa.data import DataNotFound, load_splits
+from lpjepa.model import LpJEPA
+
+TINY = ["--backbone", "resnet10t", "--image-size", "16", "--batch-size", "4", "--num-workers", "0",
+        "--num-projections", "16", "--knn-k", "5", "--no-progress"]
+
+
+def make_imagefolder(root, n_train=8, n_val=4, size=16, classes=2):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in range(classes):
+            folder = os.path.join(root, split, f"class{c}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                image = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+                image[..., c % 3] = 220  # a class colour, so probes and kNN have something to find
+                Image.fromarray(image).save(os.path.join(folder, f"{i}.png"))
+    return root
+
+
+def make_cifar100_folder(root, n_train=16, n_test=8, classes=4):
+    """A CIFAR-100 copy in the official pickle format (its md5s differ from the official files)."""
+    rng = np.random.default_rng(0)
+    folder = os.path.join(root, "cifar-100-python")
+    os.makedirs(folder, exist_ok=True)
+    for name, n in (("train", n_train), ("test", n_test)):
+        labels = [i % classes for i in range(n)]
+        data = (rng.random((n, 3072)) * 255).astype(np.uint8)
+        entry = {"data": data, "fine_labels": labels, "coarse_labels": [0] * n, "filenames": [f"{i}.png" for i in range(n)]}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(entry, f)
+    with open(os.path.join(folder, "meta"), "wb") as f:
+        pickle.dump({"fine_label_names": [f"c{i}" for i in range(classes)], "coarse_label_names": ["all"]}, f)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return make_imagefolder(str(tmp_path_factory.mktemp("tiny")))
+
+
+def run_args(data, out, *extra):
+    return ["--dataset", "imagefolder", "--data-dir", data, "--out", str(out), *TINY, *extra]
+
+
+def config(argv):
+    return train.resolve_config(train.build_parser().parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_folder, tmp_path_factory):
+    """Two epochs without interruption: the reference for every resume test."""
+    out = tmp_path_factory.mktemp("straight")
+    train.main(run_args(tiny_folder, out, "--epochs", "2"))
+    return out
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_same_state(a, b, atol=1e-6):
+    for part in ("model", "probes"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            torch.testing.assert_close(a[part][key], b[part][key], atol=atol, rtol=0, msg=f"{part}.{key}")
+    for group_a, group_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for key in group_a:
+            torch.testing.assert_close(group_a[key], group_b[key], atol=atol, rtol=0)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def test_imagenet_stem_is_the_seed_model():
+    torch.manual_seed(0)
+    seed_model = reference.RectifiedLpJEPA().eval()
+    torch.manual_seed(0)
+    model = LpJEPA("resnet18", stem="imagenet").eval()
+    seed_state, state = seed_model.state_dict(), model.state_dict()
+    assert seed_state.keys() == state.keys()
+    for key in state:
+        assert torch.equal(seed_state[key], state[key]), key
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(seed_model(x), model(x))
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet10t"])
+def test_cifar_stem_keeps_32px_spatial(backbone):
+    model = LpJEPA(backbone, stem="cifar").eval()
+    with torch.no_grad():
+        fmap = model.backbone.forward_features(torch.randn(1, 3, 32, 32))
+        h, z = model.features(torch.randn(2, 3, 32, 32))
+    assert fmap.shape[-2:] == (4, 4)  # the ImageNet stem gives 1x1
+    assert isinstance(model.backbone.maxpool, torch.nn.Identity)
+    assert h.shape == z.shape == (2, model.feature_dim) and (z >= 0).all()
+
+
+def test_cifar_stem_refuses_a_model_without_resnet_stem():
+    with pytest.raises(ValueError, match="--stem imagenet"):
+        LpJEPA("vit_tiny_patch16_224", stem="cifar")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_defaults_are_the_seed_and_the_paper_preset_overrides_them():
+    cfg, _ = config([])
+    seed_values = dict(epochs=100, batch_size=256, lr=1e-3, weight_decay=1e-4, lamb_inv=25.0, lamb_reg=125.0, p=1.0,
+                       mu=0.0, num_projections=256, optimizer="adamw", schedule="constant", augmentation="seed",
+                       dataset="cifar100", backbone="resnet18", stem="cifar", amp=True)
+    assert {k: cfg[k] for k in seed_values} == seed_values
+    cfg, _ = config(["--preset", "paper", "--epochs", "3"])
+    assert (cfg["optimizer"], cfg["lr"], cfg["schedule"], cfg["num_projections"], cfg["lamb_reg"]) == ("lars", 0.03, "cosine", 8192, 250.0)
+    assert cfg["epochs"] == 3  # a flag given beats the preset
+
+
+def test_paper_optimizer_is_timm_lars_with_warmup_then_cosine():
+    from timm.optim import Lars
+
+    cfg, _ = config(["--preset", "paper", "--epochs", "4", "--warmup-epochs", "1"])
+    model = torch.nn.Linear(3, 3)
+    optimizer = train.build_optimizer(model, cfg)
+    scheduler = train.build_scheduler(optimizer, cfg, steps_per_epoch=10)
+    assert isinstance(optimizer, Lars)
+    lrs = []
+    for step in range(1, 41):
+        scheduler.step_update(step)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[4] < lrs[9] == pytest.approx(0.03)  # linear warm-up over the first epoch
+    assert lrs[20] < lrs[10] and lrs[-1] == pytest.approx(0.0, abs=1e-9)  # then cosine to 0
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def test_run_folder_eval_and_plot(straight_run, tiny_folder, capsys):
+    cfg = json.load(open(straight_run / "config.json"))
+    assert cfg["epochs"] == 2 and cfg["backbone"] == "resnet10t" and cfg["world_size"] == 1
+    rows = train.MetricsCSV(straight_run / "metrics.csv", train.COLUMNS).read()
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for row in rows:
+        for key in train.COLUMNS:
+            assert math.isfinite(float(row[key])), key
+        assert 0 <= float(row["probe_backbone_top1"]) <= 1 and float(row["prior_zero_fraction"]) == 0.5
+    for name in ("last.pt", "final.pt"):
+        state = load(straight_run / "checkpoints" / name)
+        assert state["epoch"] == 2 and state["batches_done"] == 0
+    assert not [f for f in os.listdir(straight_run / "checkpoints") if ".tmp" in f]
+
+    lp_eval.main(["--checkpoint", str(straight_run), "--probe-epochs", "5", "--num-workers", "0", "--knn-k", "5"])
+    results = json.load(open(straight_run / "eval.json"))
+    assert results["epoch"] == 2 and "linear_projector_top1" in results
+    assert 0 <= results["linear_backbone_top1"] <= 1 and 0 <= results["knn_top1"] <= 1
+    assert "knn_top1" in capsys.readouterr().out
+    paths = plot.plot_run(str(straight_run))
+    assert [os.path.basename(p) for p in paths] == ["loss.png", "accuracy.png", "sparsity.png"]
+    assert all(os.path.getsize(p) > 1000 for p in paths)
+
+
+def test_resume_continues_exactly(straight_run, tiny_folder, tmp_path):
+    out = tmp_path / "resumed"
+    train.main(run_args(tiny_folder, out, "--epochs", "1"))
+    assert load(out / "checkpoints" / "last.pt")["epoch"] == 1
+    train.main(["--resume", str(out), "--epochs", "2", "--no-progress"])
+    assert_same_state(load(straight_run / "checkpoints" / "final.pt"), load(out / "checkpoints" / "final.pt"))
+    straight = train.MetricsCSV(straight_run / "metrics.csv", train.COLUMNS).read()
+    resumed = train.MetricsCSV(out / "metrics.csv", train.COLUMNS).read()
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+
+
+def test_sigterm_mid_epoch_saves_and_resumes_exactly(straight_run, tiny_folder, tmp_path):
+    out = tmp_path / "interrupted"
+    cfg, _ = config(run_args(tiny_folder, out, "--epochs", "2"))
+
+    def terminate_at_step_two(epoch, batch):
+        if (epoch, batch) == (0, 2):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(SystemExit) as stopped:
+        train.train(cfg, on_step=terminate_at_step_two)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    state = load(out / "checkpoints" / "last.pt")
+    assert (state["epoch"], state["batches_done"], state["global_step"]) == (0, 2, 2)
+    assert not (out / "checkpoints" / "final.pt").exists()
+    train.main(["--resume", str(out / "checkpoints" / "last.pt"), "--no-progress"])
+    assert_same_state(load(straight_run / "checkpoints" / "final.pt"), load(out / "checkpoints" / "final.pt"))
+
+
+def test_resume_refuses_to_change_the_model(straight_run):
+    with pytest.raises(SystemExit, match="--backbone"):
+        train.main(["--resume", str(straight_run), "--backbone", "resnet18"])
+
+
+def test_cifar_format_folder_trains_with_skip_data_check(tmp_path, capsys):
+    data = make_cifar100_folder(str(tmp_path / "data"))
+    with pytest.raises(DataNotFound, match="--skip-data-check"):
+        load_splits("cifar100", data, download=False)
+    # --data-dir may also name the cifar-100-python folder itself.
+    train_set, val_set = load_splits("cifar100", os.path.join(data, "cifar-100-python"), skip_data_check=True)
+    assert (len(train_set), len(val_set), len(train_set.classes)) == (16, 8, 4)
+    args = ["--data-dir", data, "--skip-data-check", "--no-download", "--out", str(tmp_path / "run"), "--epochs", "1", *TINY]
+    args[args.index("--image-size") + 1] = "32"
+    train.main(args)
+    assert "epoch 1/1 | loss" in capsys.readouterr().out
+    assert len(train.MetricsCSV(tmp_path / "run" / "metrics.csv", train.COLUMNS).read()) == 1
+
+
+def test_missing_cifar_says_where_and_how(tmp_path):
+    with pytest.raises(SystemExit) as missing:
+        train.main(["--data-dir", str(tmp_path / "nowhere"), "--no-download", "--out", str(tmp_path / "run"), *TINY])
+    message = str(missing.value)
+    assert "cifar-100-python" in message and "--data-dir" in message and "download=True" in message
+    assert "--dataset imagefolder" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_failed_download_says_where_and_how(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    def no_network(self):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(datasets.CIFAR100, "download", no_network)
+    with pytest.raises(SystemExit, match="(?s)downloading it failed: URLError.*download=True"):
+        load_splits("cifar100", str(tmp_path / "data"))
+
+
+def test_missing_imagefolder_says_what_is_expected(tmp_path, tiny_folder):
+    with pytest.raises(SystemExit, match="--val-dir"):
+        train.main(["--dataset", "imagefolder", "--data-dir", os.path.join(tiny_folder, "train"), *TINY])
+    with pytest.raises(SystemExit, match="does not exist"):
+        train.main(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "none"), "--val-dir", str(tmp_path), *TINY])
+
+
+# ----------------------------------------------------------------------------- evaluation helpers
+
+
+def test_knn_and_topk_on_separable_clusters():
+    torch.manual_seed(0)
+    centers = torch.eye(3, 8) * 10
+    train_y = torch.arange(3).repeat(10)
+    test_y = torch.arange(3).repeat(4)
+    train_x = centers[train_y] + torch.randn(30, 8)
+    test_x = centers[test_y] + torch.randn(12, 8)
+    assert lp_eval.knn_accuracy(train_x, train_y, test_x, test_y, 3, k=200) == [1.0, 1.0]
+    scores = torch.tensor([[0.1, 0.9], [0.8, 0.2]])
+    assert lp_eval.topk_accuracy(scores, torch.tensor([0, 0])) == [0.5, 1.0]  # top-5 capped at 2 classes
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_cpu_processes(tiny_folder, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "lpjepa.train", *run_args(tiny_folder, out, "--epochs", "1")]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("epoch 1/1 | loss") == 1  # rank 0 alone logs
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["world_size"] == 2
+    assert len(train.MetricsCSV(out / "metrics.csv", train.COLUMNS).read()) == 1
+    assert load(out / "checkpoints" / "final.pt")["epoch"] == 1
+    shutil.rmtree(out)
+
+
+def test_progress_off_a_terminal_prints_about_ten_plain_lines():
+    import io
+
+    from lpjepa.runlog import Progress
+
+    stream = io.StringIO()
+    progress = Progress(40, "epoch 1/3", stream=stream)
+    for _ in range(40):
+        progress.update({"loss": "1.0000", "zeros": "50.0%"})
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 10 and "\r" not in stream.getvalue()
+    assert lines[-1] == "epoch 1/3 40/40 | loss 1.0000 zeros 50.0%"
