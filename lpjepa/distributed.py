@@ -1,66 +1,307 @@
-"""Process-group set-up for ``torchrun`` (DDP), and the few collectives the training loop needs.
+"""Global-batch RDMReg under ``torch.distributed``: one loss over the whole global batch.
 
-Started without torchrun's environment variables, everything here is a no-op on one process.
+Sorting is global: the sliced-Wasserstein term of a batch split over N processes is not
+the average of N local terms. With a process group, ``RDMReg`` and
+``rectified_lpjepa_loss`` compute on every rank the loss a single process would compute
+on the concatenated batch (rank 0's rows first), with the same directions and targets.
+
+The pieces, in the order one call uses them:
+
+1. ``batch_sizes``: the local batch sizes are all-gathered (N int64). Uneven local
+   batches are handled, not refused: smaller ones are zero-padded to the largest for the
+   gather and the padding is cut away before the sort, so the loss is exactly the loss
+   of the concatenated batch. (Reading the sizes on the host syncs it with the device
+   once per call.)
+2. ``SeedStream``: projections and targets are drawn on every rank from a generator
+   seeded with ``step_seed(seed, step)``. The base seed is given by the user or drawn
+   once by the group's rank 0 and broadcast at the first call (one int64); the step
+   counter advances by one per call on every rank, with no communication. Every rank
+   draws the whole global target, (global batch, dim), not a slice: it is not
+   differentiated, drawing it costs no traffic, and the draw is then the single-process
+   draw, so the distributed loss at step n equals
+   ``RDMReg(process_group=None)(*global_views, generator=step_generator(seed, n, device))``.
+3. ``gather_batch``: a differentiable all-gather along the batch. What is gathered is
+   whichever moves fewer bytes per row: the projected features (K values in the compute
+   dtype, fp32/fp64) or the features (D values in their own dtype, e.g. bf16). With the
+   seed's K = 256 and D = 512 that is the projections, half the bytes in fp32; ties go to
+   the projections, which also spare each rank projecting the other ranks' rows.
+4. ``ProjectedSlicedWasserstein`` (in ``lpjepa.loss``): sort and residual over the global
+   batch on the gathered projections.
+
+Gradient convention. Every rank computes the same global loss L, and the backward of the
+gather returns to each rank only the gradient of its own rows (the gathered gradient is
+identical on every rank, so it is sliced, never all-reduced). The rows of rank r then
+carry dL/dz_r, and the sum over ranks of the parameter gradients is the single-process
+gradient. DistributedDataParallel averages gradients over ranks, so by default
+(``scale_grad_by_world_size=True``) that local backward is multiplied by the world size N:
+DDP's average is then exactly the single-process gradient of the whole objective. The
+invariance MSE follows the same rule (its value is the global mean, its local gradient N
+times the rows' share, which for equal local batches is the gradient of the local mean),
+so both terms agree. Set ``scale_grad_by_world_size=False`` to get each rank's exact slice
+of the single-process gradient instead (for code that sums gradients itself).
 """
-import os
-from typing import NamedTuple
-
 import torch
 import torch.distributed as dist
 
+from . import _checks
+from .reference import random_projections
+from .sampling import sample_rgg
 
-class DistEnv(NamedTuple):
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def distributed(self):
-        return self.world_size > 1
+GATHER_CHOICES = ("auto", "projections", "features")
+_MASK64 = (1 << 64) - 1
 
 
-def resolve_device(flag="auto", local_rank=0):
-    """'auto' is cuda (this process's GPU under torchrun) when available, else cpu."""
-    if flag == "auto":
-        flag = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(flag)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    return device
+def _initialized():
+    return dist.is_available() and dist.is_initialized()
 
 
-def setup(device_flag="auto"):
-    """Join the process group torchrun describes (nccl on CUDA, gloo on the CPU) and pick the device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_flag, local_rank)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistEnv(rank, world_size, local_rank, device)
+def resolve_process_group(process_group):
+    """The group to compute the global loss over, or None for the single-process loss.
+
+    'auto' (the default everywhere): the world when ``torch.distributed`` is
+    initialized, None otherwise. None: no communication, the local loss. A
+    ``ProcessGroup``: that group.
+    """
+    if isinstance(process_group, str):
+        if process_group != "auto":
+            raise ValueError(
+                f"process_group must be 'auto', None or a torch.distributed ProcessGroup; got {process_group!r}"
+            )
+        return dist.group.WORLD if _initialized() else None
+    if process_group is None:
+        return None
+    if not _initialized():
+        raise ValueError(
+            "process_group was given but torch.distributed is not initialized; call "
+            "torch.distributed.init_process_group first, or pass process_group=None for the local loss."
+        )
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup; got {type(process_group).__name__}")
+    return process_group
 
 
-def cleanup():
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def check_gather(gather):
+    if gather not in GATHER_CHOICES:
+        raise ValueError(f"gather must be one of {GATHER_CHOICES}; got gather={gather!r}")
+    return gather
 
 
-def barrier(env):
-    if env.distributed:
-        dist.barrier()
+def grad_scale(group, scale_grad_by_world_size):
+    """The factor the local backward is multiplied by: N for DDP's averaging, else 1."""
+    return dist.get_world_size(group) if scale_grad_by_world_size else 1
 
 
-def all_reduce(tensor, env, op="sum"):
-    """Sum (or max) of a tensor over the processes, in place; returns it."""
-    if env.distributed:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return tensor
+# --- Seeds all ranks agree on ----------------------------------------------------------
+
+
+def step_seed(seed, step):
+    """A 63-bit seed for step ``step`` of base seed ``seed`` (splitmix64 of the pair)."""
+    x = (int(seed) + (int(step) + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1
+
+
+def step_generator(seed, step, device):
+    """The generator every rank draws step ``step``'s projections and target from."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(step_seed(seed, step))
+    return generator
+
+
+def broadcast_seed(group, device):
+    """A base seed drawn by the group's rank 0 from torch's default CPU generator, sent to all."""
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64) if dist.get_rank(group) == 0 else torch.zeros(1, dtype=torch.int64)
+    seed = seed.to(device)
+    dist.broadcast(seed, src=dist.get_global_rank(group, 0), group=group)
+    return int(seed.item())
+
+
+class SeedStream:
+    """A base seed and a step counter: one generator per call, the same on every rank.
+
+    ``seed``: an int, or None to have the group's rank 0 draw one (from torch's default
+    generator, so ``torch.manual_seed`` on rank 0 makes it reproducible) and broadcast it
+    at the first draw. ``step`` counts the draws; save and restore both attributes to
+    resume a run with the same directions. Every rank must draw in the same calls, which
+    the collectives of the loss require anyway.
+    """
+
+    def __init__(self, seed=None):
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None; got {type(seed).__name__}")
+        self.seed = seed
+        self.step = 0
+
+    def next_generator(self, device, group):
+        if self.seed is None:
+            self.seed = broadcast_seed(group, device)
+        generator = step_generator(self.seed, self.step, device)
+        self.step += 1
+        return generator
+
+    def __repr__(self):
+        return f"SeedStream(seed={self.seed}, step={self.step})"
+
+
+_default_streams = {}
+
+
+def default_seed_stream(group):
+    """The stream ``rectified_lpjepa_loss`` draws from for ``group`` (one per group per process)."""
+    if group not in _default_streams:
+        _default_streams[group] = SeedStream()
+    return _default_streams[group]
+
+
+# --- Differentiable collectives ---------------------------------------------------------
+
+
+def _all_gather_single(out, x, group):
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x, group=group)
+
+
+class _AllGather(torch.autograd.Function):
+    """(n, ...) on each rank -> (N, n, ...) on every rank; backward: this rank's slice, times scale."""
+
+    @staticmethod
+    def forward(ctx, x, group, scale):
+        x = x.contiguous()
+        world = dist.get_world_size(group)
+        out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
+        _all_gather_single(out, x, group)
+        ctx.rank, ctx.scale = dist.get_rank(group), scale
+        return out.view((world,) + tuple(x.shape))
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank computed the same loss from the same gathered tensor, so ``grad`` is the
+        # same everywhere: this rank's rows take their slice. Summing it over ranks instead
+        # would count the loss N times.
+        local = grad[ctx.rank]
+        return (local * ctx.scale if ctx.scale != 1 else local), None, None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over ranks; backward: the incoming gradient (d sum / d own term = 1), times scale."""
+
+    @staticmethod
+    def forward(ctx, x, group, scale):
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad * ctx.scale if ctx.scale != 1 else grad), None, None
+
+
+def batch_sizes(local_size, group, device):
+    """Every rank's local batch size, in rank order (one all-gather of N int64)."""
+    size = torch.tensor([local_size], dtype=torch.int64, device=device)
+    sizes = size.new_empty(dist.get_world_size(group))
+    _all_gather_single(sizes, size, group)
+    return sizes.tolist()
+
+
+def gather_batch(x, sizes, group, dim, scale=1):
+    """Concatenate ``x`` over ranks along its batch dimension ``dim``, differentiably.
+
+    ``sizes`` are the local batch sizes (``batch_sizes``); uneven ones are zero-padded to
+    the largest for the collective and cut back after it, so the result has sum(sizes)
+    rows along ``dim`` in rank order. The backward hands each rank the gradient of its
+    own rows, multiplied by ``scale``.
+    """
+    rank = dist.get_rank(group)
+    if x.shape[dim] != sizes[rank]:
+        raise RuntimeError(f"rank {rank} has {x.shape[dim]} rows but announced {sizes[rank]}")
+    largest = max(sizes)
+    if x.shape[dim] < largest:
+        pad_shape = list(x.shape)
+        pad_shape[dim] = largest - x.shape[dim]
+        x = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
+    gathered = _AllGather.apply(x, group, scale)
+    return torch.cat([gathered[r].narrow(dim, 0, n) for r, n in enumerate(sizes)], dim=dim)
+
+
+def global_mean(local_sum, local_count, group, scale=1):
+    """sum over ranks of ``local_sum`` / sum over ranks of ``local_count`` (one all-reduce).
+
+    Differentiable in ``local_sum``, whose gradient is multiplied by ``scale``.
+    """
+    stats = torch.stack([local_sum, local_sum.new_tensor(float(local_count))])
+    total = _AllReduceSum.apply(stats, group, scale)
+    return total[0] / total[1]
+
+
+# --- The global loss ----------------------------------------------------------------------
+
+
+def gathers_features(gather, num_projections, dim, compute_dtype, feature_dtype):
+    """True to gather the features, False to gather their projections (see the module doc)."""
+    if gather != "auto":
+        return gather == "features"
+    return num_projections * compute_dtype.itemsize > dim * feature_dtype.itemsize
+
+
+def _check_global_input(name, tensor, shape, device):
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating torch.Tensor")
+    if tuple(tensor.shape) != shape:
+        raise ValueError(
+            f"under torch.distributed, {name} must have shape {shape}, the same on every rank "
+            f"(the global batch is the sum of the local batches); got {tuple(tensor.shape)}"
+        )
+    if tensor.device != device:
+        raise ValueError(f"{name} must be on the features' device {device}; got {tensor.device}")
+    if tensor.requires_grad:
+        raise ValueError(
+            f"{name} cannot require grad under torch.distributed (every rank holds the whole {name}); "
+            "pass it detached, or use process_group=None"
+        )
+
+
+def global_rdmreg(module, views, group, *, target=None, projections=None, generator=None):
+    """``RDMReg.forward`` over the global batch of ``group``; see the module doc.
+
+    views: the local (b_r, D) views, the same shape within a rank. target: optional
+    (sum of b_r, D) global target and projections: optional (K, D), both the same on
+    every rank and not differentiated; drawn from ``generator`` (which must then be seeded
+    alike on every rank) or from ``module.seed_stream`` when omitted.
+    """
+    from .loss import _projected_sliced_wasserstein, compute_dtype, sort_rows  # loss.py imports this module
+
+    first = views[0]
+    device = first.device
+    local_size, dim = first.shape
+    sizes = batch_sizes(local_size, group, device)
+    total = sum(sizes)
+    if total < 2:
+        raise ValueError(f"the global batch needs at least 2 rows to sort along; the ranks have {sizes} rows")
+    if target is None or projections is None:
+        if generator is None:
+            generator = module.seed_stream.next_generator(device, group)
+        _checks.check_generator(generator, device)
+    if target is None:
+        target = sample_rgg(
+            (total, dim), module.p, module.mu, device, sigma=module.sigma, generator=generator, backend=module.backend
+        )
+    _check_global_input("target", target, (total, dim), device)
+    if projections is None:
+        projections = random_projections(module.num_projections, dim, device, generator=generator)
+    _check_global_input("projections", projections, (projections.shape[0], dim), device)
+
+    dtype = compute_dtype(*views, target, projections)
+    scale = grad_scale(group, module.scale_grad_by_world_size)
+    with torch.autocast(device.type, enabled=False):
+        P = projections.to(dtype)
+        target_sorted = sort_rows(P @ target.to(dtype).T)  # (K, B), computed alike on every rank
+        if gathers_features(module.gather, P.shape[0], dim, dtype, first.dtype):
+            global_views = gather_batch(torch.stack(views), sizes, group, dim=1, scale=scale)  # (V, B, D)
+            proj = P @ global_views.to(dtype).transpose(1, 2)
+        else:
+            local_proj = torch.stack([P @ view.to(dtype).T for view in views])  # (V, K, b)
+            proj = gather_batch(local_proj, sizes, group, dim=2, scale=scale)
+        return _projected_sliced_wasserstein(proj.reshape(-1, total), target_sorted, module.backend)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _checks
+from . import _checks, distributed
 from ._dispatch import triton_ops
 from .reference import random_projections
 from .sampling import sample_rgg
@@ -151,6 +151,47 @@ def _sliced_wasserstein(z, target, projections, backend, target_sorted=None):
     return sliced_wasserstein_forward(z, target, projections, target_sorted, need_target_residual)[0]
 
 
+class ProjectedSlicedWasserstein(torch.autograd.Function):
+    """``SlicedWasserstein`` on values already projected: the sort and residual only.
+
+    Inputs: proj (R, B), the projections of R / K stacked views of a batch of B rows,
+    and target_sorted (K, B), the target's sorted projections (row r of proj is matched
+    with row r % K). Returns the mean over all R * B entries of the squared residual
+    (for several views, the mean of their losses), in proj's dtype; the gradient w.r.t.
+    proj is 2 / (R * B) * residual, in the batch's original order. target_sorted gets
+    none. Under torch.distributed proj is the gathered global batch (lpjepa.distributed).
+    """
+
+    @staticmethod
+    def forward(ctx, proj, target_sorted):
+        with torch.autocast(proj.device.type, enabled=False):
+            order = argsort_rows(proj)
+            views = proj.shape[0] // target_sorted.shape[0]
+            quantiles = target_sorted.to(proj.dtype).repeat(views, 1)
+            residual = torch.empty_like(proj).scatter_(1, order, quantiles).neg_().add_(proj)
+            num = residual.numel()
+            loss = torch.dot(residual.view(-1), residual.view(-1)) / num
+        ctx.num = num
+        ctx.save_for_backward(residual)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (residual,) = ctx.saved_tensors
+        return residual * (grad_loss.to(residual.dtype) * (2.0 / ctx.num)), None
+
+
+def _projected_sliced_wasserstein(proj, target_sorted, backend):
+    """The seam for the sort-and-residual op on projected values: (R, B), (K, B) -> loss."""
+    ops = triton_ops(backend, proj.device)
+    kernel = getattr(ops, "projected_sliced_wasserstein", None)
+    if kernel is not None:
+        return kernel(proj, target_sorted)
+    # No Triton kernel for projected values (yet): on 'triton'/'auto' with CUDA tensors this
+    # runs torch.sort on the GPU, with the same value and gradient.
+    return ProjectedSlicedWasserstein.apply(proj, target_sorted)
+
+
 def rdmreg_loss(z, target_samples, num_projections=256, *, projections=None, generator=None, backend="auto"):
     """Sliced-Wasserstein RDMReg loss; a drop-in for the seed's ``rdmreg_loss``.
 
@@ -183,9 +224,34 @@ class RDMReg(nn.Module):
     returns the mean of the views' sliced-Wasserstein losses (the seed's
     ``(rdmreg_loss(z1, t) + rdmreg_loss(z2, t)) / 2`` for two views, but with one set
     of directions, so the target is projected and sorted once).
+
+    Under torch.distributed (``process_group``: 'auto' is the world when
+    ``torch.distributed`` is initialized and nothing otherwise; None never communicates;
+    or a ProcessGroup), every rank passes its local views and gets the loss of the
+    global batch, the local batches concatenated in rank order, exactly as one process
+    would compute it. The targets and directions are drawn alike on every rank from
+    ``seed`` (None: drawn by rank 0 and broadcast once) and a step counter, kept in
+    ``self.seed_stream``. ``gather`` ('auto', 'projections', 'features') says what is
+    all-gathered ('auto': whichever moves fewer bytes). ``scale_grad_by_world_size``
+    (default True) multiplies the local backward by the world size so that DDP's
+    gradient averaging yields the single-process gradient; False gives each rank its
+    exact slice of the single-process gradient. Uneven local batches are handled.
+    Details: ``lpjepa.distributed``.
     """
 
-    def __init__(self, p=1.0, mu=0.0, num_projections=256, sigma=None, backend="auto"):
+    def __init__(
+        self,
+        p=1.0,
+        mu=0.0,
+        num_projections=256,
+        sigma=None,
+        backend="auto",
+        *,
+        process_group="auto",
+        seed=None,
+        gather="auto",
+        scale_grad_by_world_size=True,
+    ):
         super().__init__()
         self.p = _checks.check_p(p)
         self.mu = _checks.check_finite("mu", mu)
@@ -193,12 +259,20 @@ class RDMReg(nn.Module):
         self.num_projections = _checks.check_num_projections(num_projections)
         _checks.check_backend(backend)
         self.backend = backend
+        self.process_group = process_group  # resolved at each call: init_process_group may come later
+        self.seed_stream = distributed.SeedStream(seed)
+        self.gather = distributed.check_gather(gather)
+        self.scale_grad_by_world_size = bool(scale_grad_by_world_size)
 
     def extra_repr(self):
         return f"p={self.p}, mu={self.mu}, num_projections={self.num_projections}, sigma={self.sigma}"
 
     def forward(self, *views, target=None, projections=None, generator=None):
-        """views: (B, D) tensors. Optional ``target`` (B, D) and ``projections`` (K, D) fix the randomness."""
+        """views: (B, D) tensors. Optional ``target`` (B, D) and ``projections`` (K, D) fix the randomness.
+
+        Under torch.distributed the views are the local (b, D) rows and ``target``, if
+        given, is the global (sum of the ranks' b, D) target, the same on every rank.
+        """
         if not views:
             raise ValueError("RDMReg needs at least one view: call it as rdmreg(z1) or rdmreg(z1, z2)")
         first = views[0]
@@ -207,6 +281,9 @@ class RDMReg(nn.Module):
             _checks.check_float_tensor(f"views[{i}]", view)
             if view.shape != first.shape:
                 raise ValueError(f"every view must have shape {tuple(first.shape)}; views[{i}] has {tuple(view.shape)}")
+        group = distributed.resolve_process_group(self.process_group)
+        if group is not None:
+            return distributed.global_rdmreg(self, views, group, target=target, projections=projections, generator=generator)
         if target is None:
             target = sample_rgg(
                 first.shape, self.p, self.mu, first.device, sigma=self.sigma, generator=generator, backend=self.backend
@@ -246,6 +323,8 @@ def rectified_lpjepa_loss(
     projections=None,
     generator=None,
     backend="auto",
+    process_group="auto",
+    scale_grad_by_world_size=True,
 ):
     """The full objective: lamb_inv * MSE(z1, z2) + lamb_reg * RDMReg(z1, z2).
 
@@ -255,12 +334,27 @@ def rectified_lpjepa_loss(
 
         parts = rectified_lpjepa_loss(model(x1), model(x2))
         parts.loss.backward()
+
+    Under torch.distributed (``process_group`` as in ``RDMReg``) z1, z2 are the local
+    rows and every part is the global-batch value, the same on every rank: the
+    invariance is the MSE over the global batch (one scalar all-reduce) and the
+    regularizer draws from one seed stream per process group. Gradients follow
+    ``scale_grad_by_world_size`` for both terms (see ``lpjepa.distributed``).
     """
-    regularizer = RDMReg(p, mu, num_projections, sigma, backend)(
-        z1, z2, target=target, projections=projections, generator=generator
+    group = distributed.resolve_process_group(process_group)
+    rdmreg = RDMReg(
+        p, mu, num_projections, sigma, backend, process_group=group, scale_grad_by_world_size=scale_grad_by_world_size
     )
+    if group is not None:
+        rdmreg.seed_stream = distributed.default_seed_stream(group)
+    regularizer = rdmreg(z1, z2, target=target, projections=projections, generator=generator)
     with torch.autocast(z1.device.type, enabled=False):
         dtype = compute_dtype(z1, z2)
-        invariance = F.mse_loss(z1.to(dtype), z2.to(dtype))
+        if group is None:
+            invariance = F.mse_loss(z1.to(dtype), z2.to(dtype))
+        else:
+            squared_error = (z1.to(dtype) - z2.to(dtype)).square().sum()
+            scale = distributed.grad_scale(group, scale_grad_by_world_size)
+            invariance = distributed.global_mean(squared_error, z1.numel(), group, scale)
     loss = lamb_inv * invariance + lamb_reg * regularizer
     return LossParts(loss, invariance, regularizer)

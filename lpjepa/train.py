@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import distributed
+from . import ddp
 from .data import (
     AUGMENTATIONS,
     DATASETS,
@@ -229,7 +229,7 @@ def load_model_for_eval(checkpoint, device="auto"):
     """(model in eval mode, config with '_epoch', device) from a checkpoint written by this program."""
     state = load_checkpoint(checkpoint_path(checkpoint))
     cfg = dict(state["config"], _epoch=state["epoch"])
-    dev = distributed.resolve_device(device)
+    dev = ddp.resolve_device(device)
     model = LpJEPA(cfg["backbone"], cfg["stem"])
     model.load_state_dict(state["model"])
     return model.to(dev).eval(), cfg, dev
@@ -241,13 +241,13 @@ def load_model_for_eval(checkpoint, device="auto"):
 def ssl_loss(z1, z2, cfg, process_group=None):
     """The one call of the loss in the training loop.
 
-    Issue 6 (global-batch RDMReg under DDP) adds a ``process_group`` argument to
-    ``rectified_lpjepa_loss``; wiring it is passing ``process_group=process_group`` below.
-    Until then each process regularizes its own share of the batch.
+    Under DDP ``process_group`` is the world: the regularizer then sorts the global
+    batch, exactly as one process would, and scales each rank's gradient so that DDP's
+    averaging gives the single-process gradient (see lpjepa.distributed).
     """
     return rectified_lpjepa_loss(
         z1, z2, lamb_inv=cfg["lamb_inv"], lamb_reg=cfg["lamb_reg"], p=cfg["p"], mu=cfg["mu"],
-        num_projections=cfg["num_projections"],
+        num_projections=cfg["num_projections"], process_group=process_group,
     )
 
 
@@ -327,7 +327,7 @@ class EpochStats:
     def reduced(self, env, device):
         """Means over the steps of every process; images/s and data-wait share of the epoch."""
         t = torch.tensor([self.sums[k] for k in self.KEYS], dtype=torch.float64, device=device)
-        s = dict(zip(self.KEYS, distributed.all_reduce(t, env).tolist()))
+        s = dict(zip(self.KEYS, ddp.all_reduce(t, env).tolist()))
         steps = max(s["steps"], 1)
         world = env.world_size
         out = {k: s[k] / steps for k in ("loss", "invariance", "regularizer", "train_zero_fraction", "probe_loss")}
@@ -360,12 +360,12 @@ def train(cfg, checkpoint=None, *, on_step=None):
     ``checkpoint``: a loaded checkpoint to continue from. ``on_step(epoch, batch)``: called
     after every training step (tests use it to interrupt a run).
     """
-    env = distributed.setup(cfg["device"])
+    env = ddp.setup(cfg["device"])
     device = env.device
     try:
         return _train(cfg, checkpoint, env, device, on_step)
     finally:
-        distributed.cleanup()
+        ddp.cleanup()
 
 
 def _train(cfg, checkpoint, env, device, on_step):
@@ -379,7 +379,7 @@ def _train(cfg, checkpoint, env, device, on_step):
     # Data (rank 0 fetches a missing CIFAR first, so the processes do not download it together).
     if env.is_main:
         train_base, val_base = load_splits(cfg["dataset"], cfg["data_dir"], cfg["val_dir"], cfg["download"], cfg["skip_data_check"])
-    distributed.barrier(env)
+    ddp.barrier(env)
     if not env.is_main:
         train_base, val_base = load_splits(cfg["dataset"], cfg["data_dir"], cfg["val_dir"], False, cfg["skip_data_check"])
     if len(train_base) < cfg["batch_size"]:
@@ -420,7 +420,7 @@ def _train(cfg, checkpoint, env, device, on_step):
         ids = [device.index] if device.type == "cuda" else None
         train_model = DistributedDataParallel(model, device_ids=ids)
         train_probes = DistributedDataParallel(probes, device_ids=ids)
-    process_group = None  # issue 6: the global-batch regularizer's group (torch.distributed's default one)
+    process_group = torch.distributed.group.WORLD if env.distributed else None
 
     # The run folder.
     csv_log = MetricsCSV(os.path.join(out, "metrics.csv"), COLUMNS)
@@ -527,7 +527,7 @@ def _train(cfg, checkpoint, env, device, on_step):
             save(epoch + 1, 0, None)
             if env.is_main and cfg["save_every"] and (epoch + 1) % cfg["save_every"] == 0:
                 save(epoch + 1, 0, None, name=f"epoch_{epoch + 1:04d}.pt")
-            distributed.barrier(env)
+            ddp.barrier(env)
         if env.is_main and start_epoch >= cfg["epochs"]:
             print(f"nothing to do: the checkpoint has finished {start_epoch} epochs; pass --epochs N to train longer", flush=True)
         elif env.is_main:
@@ -565,7 +565,7 @@ def _stop_requested(stop, env, device):
     if not env.distributed:
         return stop.signum is not None
     flag = torch.tensor([0.0 if stop.signum is None else float(stop.signum)], device=device)
-    distributed.all_reduce(flag, env, op="max")
+    ddp.all_reduce(flag, env, op="max")
     if stop.signum is None and flag.item() > 0:
         stop.signum = int(flag.item())
     return flag.item() > 0
