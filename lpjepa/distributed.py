@@ -271,7 +271,7 @@ def global_rdmreg(module, views, group, *, target=None, projections=None, genera
     every rank and not differentiated; drawn from ``generator`` (which must then be seeded
     alike on every rank) or from ``module.seed_stream`` when omitted.
     """
-    from .loss import _projected_sliced_wasserstein, compute_dtype, sort_rows  # loss.py imports this module
+    from .loss import _projected_sliced_wasserstein, compute_dtype, sorted_projections  # loss.py imports this module
 
     first = views[0]
     device = first.device
@@ -297,7 +297,7 @@ def global_rdmreg(module, views, group, *, target=None, projections=None, genera
     scale = grad_scale(group, module.scale_grad_by_world_size)
     with torch.autocast(device.type, enabled=False):
         P = projections.to(dtype)
-        target_sorted = sort_rows(P @ target.to(dtype).T)  # (K, B), computed alike on every rank
+        target_sorted = sorted_projections(target, P, dtype)  # (K, B), computed alike on every rank
         if gathers_features(module.gather, P.shape[0], dim, dtype, first.dtype):
             global_views = gather_batch(torch.stack(views), sizes, group, dim=1, scale=scale)  # (V, B, D)
             proj = P @ global_views.to(dtype).transpose(1, 2)

@@ -47,13 +47,27 @@ def argsort_rows(x):
     return torch.sort(x, dim=1).indices
 
 
-def sorted_projections(x, projections):
+def sorted_projections(x, projections, dtype=None):
     """Projections of the rows of x sorted along the batch: (K, B) from x (B, D), projections (K, D).
 
-    The layout is direction-major so each sort runs over contiguous memory.
+    Computed in ``dtype`` (default: ``compute_dtype(x, projections)``); the layout is
+    direction-major so each sort runs over contiguous memory.
     """
-    dtype = compute_dtype(x, projections)
+    dtype = compute_dtype(x, projections) if dtype is None else dtype
     return sort_rows(projections.to(dtype) @ x.to(dtype).T)
+
+
+def residual_in_batch_order(proj, quantiles):
+    """(residual, order) for projected values proj (R, B) and sorted quantiles (R, B).
+
+    residual[r, b] = proj[r, b] - quantiles[r, rank of b in row r]: each quantile is
+    placed at the row holding its rank, so the residual comes out in the batch's
+    original order without sorting proj's values. The residual takes the quantiles'
+    scattered buffer, so proj is left as it is and no third (R, B) buffer is made.
+    """
+    order = argsort_rows(proj)
+    quantile_of_rank = torch.empty_like(proj).scatter_(1, order, quantiles.to(proj.dtype))
+    return torch.sub(proj, quantile_of_rank, out=quantile_of_rank), order
 
 
 @torch.library.custom_op("lpjepa::sliced_wasserstein", mutates_args=())
@@ -78,7 +92,6 @@ def sliced_wasserstein_forward(
     with torch.autocast(z.device.type, enabled=False):
         P = projections.to(dtype)
         proj_z = P @ z.to(dtype).T  # (K, B)
-        order_z = argsort_rows(proj_z)
         order_t = None
         if target_sorted is None:
             proj_t = P @ target.to(dtype).T
@@ -88,11 +101,8 @@ def sliced_wasserstein_forward(
             else:
                 target_sorted = sort_rows(proj_t)
             del proj_t
-        # Place the target quantile of each rank at the row holding that rank, so the
-        # residual comes out in the batch's original order without sorting z's values.
-        quantile_of_rank = torch.empty_like(proj_z).scatter_(1, order_z, target_sorted.to(dtype))
-        residual_z = proj_z.sub_(quantile_of_rank)
-        del quantile_of_rank
+        residual_z, order_z = residual_in_batch_order(proj_z, target_sorted)
+        del proj_z, target_sorted
         loss = torch.dot(residual_z.view(-1), residual_z.view(-1)) / residual_z.numel()
         if order_t is None:
             return loss, residual_z, residual_z.new_empty(0)
@@ -152,7 +162,7 @@ def _sliced_wasserstein(z, target, projections, backend, target_sorted=None):
 
 
 class ProjectedSlicedWasserstein(torch.autograd.Function):
-    """``SlicedWasserstein`` on values already projected: the sort and residual only.
+    """``sliced_wasserstein_forward`` on values already projected: the sort and residual only.
 
     Inputs: proj (R, B), the projections of R / K stacked views of a batch of B rows,
     and target_sorted (K, B), the target's sorted projections (row r of proj is matched
@@ -165,10 +175,8 @@ class ProjectedSlicedWasserstein(torch.autograd.Function):
     @staticmethod
     def forward(ctx, proj, target_sorted):
         with torch.autocast(proj.device.type, enabled=False):
-            order = argsort_rows(proj)
             views = proj.shape[0] // target_sorted.shape[0]
-            quantiles = target_sorted.to(proj.dtype).repeat(views, 1)
-            residual = torch.empty_like(proj).scatter_(1, order, quantiles).neg_().add_(proj)
+            residual, _ = residual_in_batch_order(proj, target_sorted.repeat(views, 1))
             num = residual.numel()
             loss = torch.dot(residual.view(-1), residual.view(-1)) / num
         ctx.num = num
@@ -294,7 +302,7 @@ class RDMReg(nn.Module):
             projections = random_projections(self.num_projections, first.shape[1], first.device, generator=generator)
         target_sorted = None
         if len(views) > 1 and not target.requires_grad and triton_ops(self.backend, first.device) is None:
-            target_sorted = sorted_projections(target, projections)
+            target_sorted = sorted_projections(target, projections, compute_dtype(first, target, projections))
         losses = [
             _sliced_wasserstein(view, target, projections, self.backend, target_sorted=target_sorted) for view in views
         ]
