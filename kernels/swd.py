@@ -266,8 +266,9 @@ def swd_forward_plan(z, target, projections, *, need_target_residual=False):
     loss = torch.empty((), dtype=torch.float32, device=device)
     residual_z = torch.empty((num_projections, batch), dtype=torch.float32, device=device)
     residual_t = torch.empty_like(residual_z) if need_target_residual else None
-    # Never written unless needed; any fp32 pointer fills the argument.
-    residual_t_arg = residual_t if need_target_residual else residual_z
+    # Never written unless needed. A buffer of its own, not residual_z: under torch.compile
+    # two kernel arguments aliasing one tensor confuse the functionalized launch.
+    residual_t_arg = residual_t if need_target_residual else torch.empty(1, dtype=torch.float32, device=device)
 
     if swd_use_fused(batch):
         cfg = swd_fused_config(batch, dim)

@@ -1,20 +1,25 @@
 """Chooses between the torch backend and the Triton kernels for each call."""
-import functools
-import importlib
 import os
 
 import torch
 
 from ._checks import check_backend
 
+# Filled on first use. A dict and an import statement rather than functools.lru_cache and
+# importlib: torch.compile traces both (it cannot trace importlib.import_module), so a
+# compiled model's first call does not break its graph here.
+_LOADED = {}
 
-@functools.lru_cache(maxsize=None)
+
 def _triton_ops():
-    """The module of Triton-backed ops, or the reason it cannot be loaded."""
-    try:
-        return importlib.import_module("lpjepa.triton_ops"), None
-    except ImportError as error:  # triton missing, or no kernels on this platform
-        return None, str(error)
+    """(the module of Triton-backed ops, None), or (None, the reason it cannot be loaded)."""
+    if "ops" not in _LOADED:
+        try:
+            from . import triton_ops as module
+            _LOADED["ops"] = (module, None)
+        except ImportError as error:  # triton missing, or no kernels on this platform
+            _LOADED["ops"] = (None, str(error))
+    return _LOADED["ops"]
 
 
 def triton_ops(backend, device):
@@ -27,9 +32,11 @@ def triton_ops(backend, device):
     if backend == "torch":
         return None
     device = torch.device(device)
+    if backend == "auto" and device.type != "cuda":
+        return None
     module, reason = _triton_ops()
     if backend == "auto":
-        return module if device.type == "cuda" else None
+        return module
     if module is None:
         raise RuntimeError(f"backend='triton' is unavailable here ({reason}); use backend='torch' or 'auto'.")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -122,16 +122,19 @@ def _(z, target, projections, target_sorted, need_target_residual):
     )
 
 
-def _setup_context(ctx, inputs, output):
-    z, target, projections, _, need_target_residual = inputs
-    _, residual_z, residual_t = output
+def save_residuals(ctx, z, target, projections, need_target_residual, residual_z, residual_t):
+    """setup_context of a sliced-Wasserstein op returning (loss, residual_z, residual_t)."""
     ctx.mark_non_differentiable(residual_z, residual_t)
     ctx.need_target_residual = need_target_residual
     ctx.save_for_backward(residual_z, residual_t, projections, z, target)
 
 
-def sliced_wasserstein_backward(ctx, grad_loss, _grad_residual_z, _grad_residual_t):
-    """The gradient is one matmul per input: 2 / (B K) * residual^T @ projections."""
+def residual_gradients(ctx, grad_loss):
+    """(grad_z, grad_target, grad_projections) from what ``save_residuals`` kept: one matmul each.
+
+    d loss / d z = 2 / (B K) * residual_z^T @ P, likewise for the target; P's gradient
+    collects both sides. None where ctx.needs_input_grad is False; in each input's dtype.
+    """
     residual_z, residual_t, projections, z, target = ctx.saved_tensors
     grad_z = grad_target = grad_projections = None
     with torch.autocast(residual_z.device.type, enabled=False):
@@ -146,7 +149,22 @@ def sliced_wasserstein_backward(ctx, grad_loss, _grad_residual_z, _grad_residual
             if ctx.need_target_residual:
                 grad_projections += residual_t @ target.to(residual_t.dtype)
             grad_projections = grad_projections.mul_(scale).to(projections.dtype)
-    return grad_z, grad_target, grad_projections, None, None
+    return grad_z, grad_target, grad_projections
+
+
+def needs_target_residual(target, projections):
+    """Whether the backward needs the target's residual: for the target's gradient or P's."""
+    return torch.is_grad_enabled() and (target.requires_grad or projections.requires_grad)
+
+
+def _setup_context(ctx, inputs, output):
+    z, target, projections, _, need_target_residual = inputs
+    save_residuals(ctx, z, target, projections, need_target_residual, *output[1:])
+
+
+def sliced_wasserstein_backward(ctx, grad_loss, _grad_residual_z, _grad_residual_t):
+    """The gradient is one matmul per input: 2 / (B K) * residual^T @ projections."""
+    return (*residual_gradients(ctx, grad_loss), None, None)
 
 
 sliced_wasserstein_forward.register_autograd(sliced_wasserstein_backward, setup_context=_setup_context)
@@ -157,7 +175,8 @@ def _sliced_wasserstein(z, target, projections, backend, target_sorted=None):
     ops = triton_ops(backend, z.device)
     if ops is not None:
         return ops.sliced_wasserstein(z, target, projections)
-    need_target_residual = target.requires_grad and target_sorted is None
+    # A shared target_sorted is only passed when neither target nor P needs a gradient.
+    need_target_residual = target_sorted is None and needs_target_residual(target, projections)
     return sliced_wasserstein_forward(z, target, projections, target_sorted, need_target_residual)[0]
 
 
@@ -301,7 +320,8 @@ class RDMReg(nn.Module):
             _checks.check_generator(generator, first.device)
             projections = random_projections(self.num_projections, first.shape[1], first.device, generator=generator)
         target_sorted = None
-        if len(views) > 1 and not target.requires_grad and triton_ops(self.backend, first.device) is None:
+        shared = len(views) > 1 and not needs_target_residual(target, projections)
+        if shared and triton_ops(self.backend, first.device) is None:
             target_sorted = sorted_projections(target, projections, compute_dtype(first, target, projections))
         losses = [
             _sliced_wasserstein(view, target, projections, self.backend, target_sorted=target_sorted) for view in views

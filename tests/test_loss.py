@@ -48,6 +48,22 @@ def test_target_and_projection_gradients_match_reference(batch, dim):
         torch.testing.assert_close(g_ours, g_ref, atol=atol, rtol=rtol, msg=f"gradient of {name}")
 
 
+@pytest.mark.parametrize("views", [1, 2])
+def test_learnable_projections_get_the_target_side_of_their_gradient(views):
+    # P's gradient has a term from the target's projections even when the target itself
+    # needs none; a shared sorted target (two views) must not drop it.
+    z, target, projections = _inputs(33, 9, continuous_target=True)
+    zs = [z] + [torch.randn_like(z) for _ in range(views - 1)]
+    P_ours = projections.clone().requires_grad_()
+    ours = lpjepa.RDMReg(num_projections=16, backend="torch")(*zs, target=target, projections=P_ours)
+    P_ref = projections.clone().requires_grad_()
+    ref = sum(reference.rdmreg_loss(v, target, projections=P_ref) for v in zs) / views
+    grad_ours, = torch.autograd.grad(ours, P_ours)
+    grad_ref, = torch.autograd.grad(ref, P_ref)
+    atol, rtol = tolerance(torch.float64)
+    torch.testing.assert_close(grad_ours, grad_ref, atol=atol, rtol=rtol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_low_precision_inputs_are_computed_in_fp32(dtype):
     z, target, projections = _inputs(255, 48, dtype=torch.float32)

@@ -8,7 +8,7 @@ import torch
 
 import lpjepa
 from lpjepa import reference, rgg
-from conftest import tolerance
+from conftest import requires_cuda, tolerance
 
 
 @pytest.mark.parametrize("batch,dim", [(3, 5), (64, 20)])
@@ -30,6 +30,54 @@ def test_triton_loss_and_gradients_match_reference(batch, dim, dtype):
     for name, g, r, leaf in zip(("z", "target", "projections"), grads, ref_grads, leaves):
         assert g.dtype == leaf.dtype
         torch.testing.assert_close(g.double(), r, atol=atol, rtol=rtol, msg=f"gradient of {name}")
+
+
+def test_triton_projection_gradient_without_target_gradient():
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(19, 6, generator=gen)
+    target = torch.rand(19, 6, generator=gen) + 0.1
+    projections = reference.random_projections(16, 6, generator=gen)
+    P_ours = projections.clone().requires_grad_()
+    grad_ours, = torch.autograd.grad(lpjepa.rdmreg_loss(z, target, projections=P_ours, backend="triton"), P_ours)
+    P_ref = projections.double().requires_grad_()
+    grad_ref, = torch.autograd.grad(reference.rdmreg_loss(z.double(), target.double(), projections=P_ref), P_ref)
+    atol, rtol = tolerance(torch.float32)
+    torch.testing.assert_close(grad_ours.double(), grad_ref, atol=atol, rtol=rtol)
+
+
+def test_triton_loss_under_autocast():
+    # The interpreter mishandles bf16, so fp16 autocast here; bf16 autocast runs on a GPU below.
+    z32 = torch.randn(40, 12)
+    target = lpjepa.sample_rgg((40, 12), mu=0.2)
+    projections = reference.random_projections(16, 12)
+    weight = torch.eye(12, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        z = torch.nn.functional.linear(z32, weight)
+        loss = lpjepa.rdmreg_loss(z, target, projections=projections, backend="triton")
+    assert z.dtype == torch.float16 and loss.dtype == torch.float32
+    loss.backward()
+    assert weight.grad is not None and torch.isfinite(weight.grad).all()
+    ref = reference.rdmreg_loss(z.detach().double(), target.double(), projections=projections.double())
+    atol, rtol = tolerance(torch.float16)
+    torch.testing.assert_close(loss.double(), ref, atol=atol, rtol=rtol)
+
+
+@requires_cuda
+def test_triton_loss_under_bf16_autocast_on_gpu():
+    gen = torch.Generator("cuda").manual_seed(3)
+    z32 = torch.randn(300, 64, device="cuda", generator=gen)
+    target = lpjepa.sample_rgg((300, 64), device="cuda", generator=gen)
+    projections = reference.random_projections(256, 64, "cuda", generator=gen)
+    weight = torch.eye(64, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        z = torch.nn.functional.linear(z32, weight)
+        loss = lpjepa.rdmreg_loss(z, target, projections=projections)  # 'auto': the kernels on CUDA
+    assert z.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    loss.backward()
+    assert torch.isfinite(weight.grad).all()
+    ref = reference.rdmreg_loss(z.detach().double(), target.double(), projections=projections.double())
+    atol, rtol = tolerance(torch.bfloat16)
+    torch.testing.assert_close(loss.double(), ref, atol=atol, rtol=rtol)
 
 
 def test_triton_rdmreg_module_matches_torch_backend():
