@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import ddp
+from . import ddp, distributed
 from .data import (
     AUGMENTATIONS,
     DATASETS,
@@ -410,17 +410,26 @@ def _train(cfg, checkpoint, env, device, on_step):
         optimizer.load_state_dict(checkpoint["optimizer"])
         probe_optimizer.load_state_dict(checkpoint["probe_optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
-        if scheduler is not None:
-            scheduler.load_state_dict(checkpoint["scheduler"])
         start_epoch, batches_done = checkpoint["epoch"], checkpoint["batches_done"]
         global_step, stats_state = checkpoint["global_step"], checkpoint["epoch_stats"]
         set_rng_states(checkpoint["rng"], device)
+        if scheduler is not None:
+            # Not from a saved state: timm's cosine is a function of the step and the config
+            # alone, and a saved state would bring back the old length when --resume changes
+            # --epochs. The new length applies from the current step on.
+            scheduler.step_update(global_step)
     train_model, train_probes = model, probes
     if env.distributed:
         ids = [device.index] if device.type == "cuda" else None
         train_model = DistributedDataParallel(model, device_ids=ids)
         train_probes = DistributedDataParallel(probes, device_ids=ids)
     process_group = torch.distributed.group.WORLD if env.distributed else None
+    if process_group is not None:
+        # The global loss draws targets and directions from one seed stream, one draw per
+        # step. Tying it to the run's seed and step makes a resumed run draw what the
+        # uninterrupted one would have (single-process runs restore the RNG state instead).
+        stream = distributed.default_seed_stream(process_group)
+        stream.seed, stream.step = cfg["seed"], global_step
 
     # The run folder.
     csv_log = MetricsCSV(os.path.join(out, "metrics.csv"), COLUMNS)
@@ -448,7 +457,7 @@ def _train(cfg, checkpoint, env, device, on_step):
             "epoch_stats": None if stats is None else stats.sums,
             "model": model.state_dict(), "probes": probes.state_dict(),
             "optimizer": optimizer.state_dict(), "probe_optimizer": probe_optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
             "rng": rng_states(device),
         }
         save_atomic(state, os.path.join(out, "checkpoints", name))

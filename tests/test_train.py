@@ -194,6 +194,21 @@ def test_resume_continues_exactly(straight_run, tiny_folder, tmp_path):
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
 
 
+def test_resume_with_more_epochs_follows_the_longer_cosine(tiny_folder, tmp_path):
+    out = tmp_path / "extended"
+    train.main(run_args(tiny_folder, out, "--epochs", "1", "--schedule", "cosine"))
+    train.main(["--resume", str(out), "--epochs", "3", "--no-progress"])
+    rows = train.MetricsCSV(out / "metrics.csv", train.COLUMNS).read()
+    assert [int(r["step"]) for r in rows] == [4, 8, 12]
+    cfg, _ = config(run_args(tiny_folder, out, "--epochs", "3", "--schedule", "cosine"))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg["lr"])
+    three_epochs = train.build_scheduler(optimizer, cfg, steps_per_epoch=4)
+    three_epochs.step_update(8)
+    # The 1-epoch cosine had reached 0 at step 4; the run now follows the 3-epoch one.
+    assert float(rows[0]["lr"]) == pytest.approx(0.0, abs=1e-12)
+    assert float(rows[1]["lr"]) == pytest.approx(optimizer.param_groups[0]["lr"]) == pytest.approx(0.25 * cfg["lr"])
+
+
 def test_sigterm_mid_epoch_saves_and_resumes_exactly(straight_run, tiny_folder, tmp_path):
     out = tmp_path / "interrupted"
     cfg, _ = config(run_args(tiny_folder, out, "--epochs", "2"))
@@ -283,19 +298,32 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_torchrun_two_cpu_processes(tiny_folder, tmp_path):
-    out = tmp_path / "ddp"
+def _torchrun_two_cpu_processes(*train_args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "lpjepa.train", *run_args(tiny_folder, out, "--epochs", "1")]
+           "--master_port", str(_free_port()), "-m", "lpjepa.train", *train_args]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_torchrun_two_cpu_processes_and_exact_resume(tiny_folder, tmp_path):
+    out = tmp_path / "ddp"
+    result = _torchrun_two_cpu_processes(*run_args(tiny_folder, out, "--epochs", "1"))
     assert result.stdout.count("epoch 1/1 | loss") == 1  # rank 0 alone logs
     cfg = json.load(open(out / "config.json"))
     assert cfg["world_size"] == 2
     assert len(train.MetricsCSV(out / "metrics.csv", train.COLUMNS).read()) == 1
     assert load(out / "checkpoints" / "final.pt")["epoch"] == 1
+
+    # Resumed for a second epoch, it ends where two uninterrupted epochs end: the global
+    # loss's seed stream picks up at the checkpoint's step.
+    _torchrun_two_cpu_processes("--resume", str(out), "--epochs", "2", "--no-progress")
+    straight = tmp_path / "ddp_straight"
+    _torchrun_two_cpu_processes(*run_args(tiny_folder, straight, "--epochs", "2"))
+    assert_same_state(load(straight / "checkpoints" / "final.pt"), load(out / "checkpoints" / "final.pt"))
     shutil.rmtree(out)
+    shutil.rmtree(straight)
 
 
 def test_progress_off_a_terminal_prints_about_ten_plain_lines():
