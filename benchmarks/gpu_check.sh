@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check, on a machine with CUDA: the GPU-only tests (pytest -m cuda), then the benchmark
-# report on the GPU, ending with the summary table. Under 5 minutes on one H100-class GPU.
+# GPU check, on a machine with CUDA: the GPU-only tests (pytest -m cuda), the fused-vs-fallback
+# sweep (benchmarks/swd_paths.py), then the benchmark report on the GPU, ending with the
+# summary. Sized for under 5 minutes on one H100-class GPU (not yet run on one).
 # Works from a fresh checkout where torch, triton and the package's other dependencies are
 # installed: it installs this checkout without dependencies and downloads nothing.
 #
@@ -37,6 +38,11 @@ if [ "$tests_rc" -eq 5 ]; then
     tests_rc=0
 fi
 
+echo "== fused kernel vs fallback: python -m benchmarks.swd_paths --out $OUT (the data for FUSED_MAX_BATCH)"
+"$PYTHON" -m benchmarks.swd_paths --out "$OUT" 2> "$OUT/paths.log"
+paths_rc=$?
+if [ "$paths_rc" -ne 0 ]; then tail -n 30 "$OUT/paths.log"; fi
+
 echo "== benchmark report: python -m benchmarks.report --device cuda --budget 1 --out $OUT (progress below, table at the end)"
 "$PYTHON" -m benchmarks.report --device cuda --budget 1 --out "$OUT" > "$OUT/report.log"
 report_rc=$?
@@ -44,10 +50,11 @@ report_rc=$?
 echo
 echo "== summary"
 if [ "$tests_rc" -eq 0 ]; then echo "GPU-only tests: passed"; else echo "GPU-only tests: FAILED (exit $tests_rc)"; fi
+if [ "$paths_rc" -eq 0 ]; then cat "$OUT/paths.md"; else echo "fused vs fallback: FAILED (exit $paths_rc)"; fi
 if [ "$report_rc" -eq 0 ]; then
     cat "$OUT/table.md"
 else
     echo "benchmark report: FAILED (exit $report_rc)"
     tail -n 30 "$OUT/report.log"
 fi
-[ "$tests_rc" -eq 0 ] && [ "$report_rc" -eq 0 ]
+[ "$tests_rc" -eq 0 ] && [ "$paths_rc" -eq 0 ] && [ "$report_rc" -eq 0 ]

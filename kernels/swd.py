@@ -27,8 +27,8 @@ Two paths, chosen by :func:`swd_forward` from the batch size:
   enabled it); the fused path is always IEEE fp32.
 
 The fused path runs cdiv(K, 16) programs (16 for K = 256), fewer than the SMs of an
-A100/H100; whether it beats the fallback at a given B is for a GPU benchmark to say,
-and FUSED_MAX_BATCH is where to act on the answer.
+A100/H100; whether it beats the fallback at a given B is for a GPU benchmark to say
+(``python -m benchmarks.swd_paths``), and FUSED_MAX_BATCH is where to act on the answer.
 
 Either way the partial sums are reduced in a fixed order by a one-program kernel, so
 the same inputs give a bit-identical loss. Everything is computed in fp32 whatever the

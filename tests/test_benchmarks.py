@@ -70,3 +70,27 @@ def test_report_on_cuda(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert {r["provider"] for r in rows} >= {"reference", "torch"}
     assert all(r["peak_bytes"] is not None and (r["floor_ms"] is None) == (r["op"] == "sample") for r in rows)
+
+
+def test_fused_vs_fallback_sweep_runs_on_the_interpreter(tmp_path):
+    # The interpreter times nothing useful; this checks the script that tunes FUSED_MAX_BATCH on a GPU.
+    stdout = _run(
+        "-m", "benchmarks.swd_paths", "--device", "cpu", "--batches", "4,9", "--projections", "16", "--dim", "4",
+        "--reps", "1", "--rounds", "1", "--out", str(tmp_path),
+    )
+    rows = json.loads((tmp_path / "paths.json").read_text())["rows"]
+    assert [(r["B"], r["K"]) for r in rows] == [(4, 16), (9, 16)]
+    assert all(r["fused_ms"] > 0 and r["fallback_ms"] > 0 for r in rows)
+    assert "| 9 | 16 | 4 | float32 |" in stdout and "- K = 16: " in stdout
+
+
+def test_fused_threshold_is_the_last_batch_of_an_unbroken_win():
+    from benchmarks.swd_paths import thresholds
+
+    def row(B, K, fused, fallback):
+        return dict(B=B, K=K, fused_ms=fused, fallback_ms=fallback)
+
+    rows = [row(64, 256, 1, 2), row(256, 256, 1, 2), row(1024, 256, 3, 2), row(2048, 256, 1, 2),
+            row(64, 8192, 3, 2), row(256, 8192, 1, 2)]
+    # A loss at 1024 ends the run for K = 256 even though 2048 wins again; a first loss means never.
+    assert thresholds(rows) == {256: 256, 8192: 0}
