@@ -76,12 +76,25 @@ def test_rdmreg_module_drawing_its_own_randomness_compiles_without_graph_break(l
 # Runs without TRITON_INTERPRET, so lpjepa registers the loss as it does on a GPU. The
 # whole program is traced on the CPU (no kernel runs): Dynamo with fullgraph=True, then
 # AOTAutograd, whose joint forward + backward graph is captured and the compile stopped.
+# Triton's active driver is replaced by one that names an sm_90 target, so that torch's
+# analysis of which kernel arguments are written compiles each kernel to TTIR as on an
+# H100 (without it, it assumes every argument is written and clones the inputs).
 _GPU_REGISTRATION_TRACE = textwrap.dedent(
     """
+    import sys
+
     import torch
+    import triton
     from functorch.compile import default_partition
     from torch._dynamo.backends.common import aot_autograd
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from triton.backends.compiler import GPUTarget
+
+    class Sm90Driver:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    triton.runtime.driver.set_active(Sm90Driver())
 
     import lpjepa
     from lpjepa import triton_ops
@@ -105,7 +118,8 @@ _GPU_REGISTRATION_TRACE = textwrap.dedent(
     def step(x, target, projections):
         return 3.0 * triton_ops.sliced_wasserstein(net(x), target, projections)
 
-    x, target = torch.randn(20, 8), torch.rand(20, 16)
+    batch = int(sys.argv[1])
+    x, target = torch.randn(batch, 8), torch.rand(batch, 16)
     projections = lpjepa.reference.random_projections(16, 16)
     compiled = torch.compile(step, backend=aot_autograd(fw_compiler=stop, partition_fn=partition), fullgraph=True)
     try:
@@ -115,27 +129,35 @@ _GPU_REGISTRATION_TRACE = textwrap.dedent(
     (joint,) = joint_graphs
     for node in joint.graph.nodes:
         if "triton_kernel_wrapper" in str(node.target):
-            print("kernel", kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__)
-        elif node.target is torch.ops.aten.mm.default:
-            print("op mm")
+            name = kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__
+            print("kernel", name, "writes", ",".join(node.kwargs["tensors_to_clone"]))
+        elif node.target in (torch.ops.aten.mm.default, torch.ops.aten.sort.stable):
+            print("op", node.target.__name__)
     """
 )
 
 
-def test_gpu_registration_is_traced_into_its_kernels():
+@pytest.mark.parametrize("path,batch", [("fused", 20), ("fallback", 2100)])
+def test_gpu_registration_is_traced_into_its_kernels(path, batch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-c", _GPU_REGISTRATION_TRACE], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _GPU_REGISTRATION_TRACE, str(batch)], env=env, capture_output=True, text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.split("\n")
-    # The forward is the fused kernel and the fixed-order reduction, visible to Inductor;
-    # the backward (z's gradient through the Linear) is plain matmuls.
+    # The forward's kernels, visible to Inductor, each writing its outputs only (the inputs
+    # are not copied); the backward (z's gradient through the Linear) is plain matmuls.
+    main_kernel = {
+        "fused": "kernel _swd_fused_kernel writes res_z_ptr,partial_ptr,scratch_ptr",
+        "fallback": "kernel _swd_residual_kernel writes res_z_ptr,partial_ptr",
+    }[path]
     assert [line for line in lines if line.startswith("kernel")] == [
-        "kernel _swd_fused_kernel",
-        "kernel _mean_of_partials_kernel",
+        main_kernel,
+        "kernel _mean_of_partials_kernel writes out_ptr",
     ]
-    assert "op mm" in lines
+    assert "op mm.default" in lines
+    assert ("op sort.stable" in lines) == (path == "fallback")
 
 
 @requires_cuda
