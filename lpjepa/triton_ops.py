@@ -38,9 +38,8 @@ TRACES_INTO_KERNELS = hasattr(torch.library, "triton_op") and os.environ.get("TR
 
 
 def _launch_wrapped(launch):
-    """Runs one KernelLaunch so that make_fx records it (a triton_kernel_wrapper node)."""
-    kernel = launch.kernel
-    torch.library.wrap_triton(kernel)[launch.grid](*launch.args, **launch.meta)
+    """One KernelLaunch through wrap_triton: launched in eager, a triton_kernel_wrapper node when traced."""
+    torch.library.wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.meta)
 
 
 def _planned_outputs(z, target, projections, need_target_residual):
