@@ -22,6 +22,7 @@ using them without a graph break:
   at each call, which a traced or CUDA-graph-captured body could not. A call with an
   explicit ``generator`` runs outside the op (``torch.compile`` breaks the graph there).
 """
+import math
 import os
 from typing import List, Tuple
 
@@ -29,6 +30,7 @@ import torch
 
 from .kernels import rgg as _rgg
 from .kernels import swd as _swd
+from .kernels._launch import KernelLaunch
 from .loss import needs_target_residual, residual_gradients, save_residuals
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -40,6 +42,10 @@ TRACES_INTO_KERNELS = hasattr(torch.library, "triton_op") and os.environ.get("TR
 def _launch_wrapped(launch):
     """One KernelLaunch through wrap_triton: launched in eager, a triton_kernel_wrapper node when traced."""
     torch.library.wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.meta)
+
+
+# wrap_triton only where torch.compile traces into the kernels (and where it exists).
+_launch = _launch_wrapped if TRACES_INTO_KERNELS else KernelLaunch.__call__
 
 
 def _planned_outputs(z, target, projections, need_target_residual):
@@ -60,10 +66,7 @@ def _sliced_wasserstein_body(
     """
     outputs, launches = _planned_outputs(z, target, projections, need_target_residual)
     for launch in launches:
-        if TRACES_INTO_KERNELS:
-            _launch_wrapped(launch)
-        else:
-            launch()
+        _launch(launch)
     return outputs
 
 
@@ -125,10 +128,7 @@ def sample_rgg(shape, *, p, mu, sigma, dtype, device, generator=None):
     if generator is None:
         out = _rgg_sample_op(list(shape), float(p), float(mu), float(sigma), kernel_dtype, torch.device(device))
     else:
-        numel = 1
-        for size in shape:
-            numel *= size
-        seed, offset = _rgg.philox_seed_offset(_rgg.rgg_philox_increment(numel), device, generator)
+        seed, offset = _rgg.philox_seed_offset(_rgg.rgg_philox_increment(math.prod(shape)), device, generator)
         out = _rgg.rgg_sample(
             shape, p=p, mu=mu, sigma=sigma, dtype=kernel_dtype, device=device, seed=seed, offset=offset
         )
