@@ -16,7 +16,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["lpjepa", "lpjepa.kernels"],
+    packages=["lpjepa", "lpjepa.ops", "lpjepa.training", "lpjepa.kernels"],
     package_dir={"lpjepa": "lpjepa", "lpjepa.kernels": "kernels"},
     install_requires=[
         "torch",
