@@ -1,6 +1,6 @@
 """Fused kernel against fallback for the Triton sliced-Wasserstein forward: the data for FUSED_MAX_BATCH.
 
-``lpjepa.kernels.swd`` runs batches of up to ``FUSED_MAX_BATCH`` rows through its fused
+``lpjepa.kernels.sliced_wasserstein`` runs batches of up to ``FUSED_MAX_BATCH`` rows through its fused
 kernel: one program per 16 directions, so few programs when K is small. Larger batches
 take the fallback: cuBLAS projections, ``torch.sort``, and the Triton residual kernel.
 This script times ``swd_forward`` on both paths over a grid of batch sizes and numbers of
@@ -72,40 +72,36 @@ def measure(args, log=print):
     """One row per (B, K): the medians of both paths, in ms, and their ratio."""
     import torch
 
-    from lpjepa.kernels import swd
+    from lpjepa.kernels import sliced_wasserstein as swd
 
     dtype = getattr(torch, args.dtype)
     too_big = [b for b in args.batches if b > swd.FUSED_MAX_BATCH]
     if too_big:
         raise SystemExit(f"--batches {too_big} exceed what the fused kernel sorts (FUSED_MAX_BATCH = {swd.FUSED_MAX_BATCH})")
     generator = torch.Generator().manual_seed(0)
-    fused_limit = swd.FUSED_MAX_BATCH
+    limits = {"fused": swd.FUSED_MAX_BATCH, "fallback": 0}
     rows = []
-    try:
-        for K in args.projections:
-            for B in args.batches:
-                z = torch.randn(B, args.dim, generator=generator).relu_().to(args.device, dtype)
-                target = torch.rand(B, args.dim, generator=generator).to(args.device, dtype)
-                P = torch.nn.functional.normalize(torch.randn(K, args.dim, generator=generator), dim=1).to(args.device)
-                times = {"fused": [], "fallback": []}
+    for K in args.projections:
+        for B in args.batches:
+            z = torch.randn(B, args.dim, generator=generator).relu_().to(args.device, dtype)
+            target = torch.rand(B, args.dim, generator=generator).to(args.device, dtype)
+            P = torch.nn.functional.normalize(torch.randn(K, args.dim, generator=generator), dim=1).to(args.device)
+            times = {"fused": [], "fallback": []}
 
-                def call(path):
-                    swd.FUSED_MAX_BATCH = fused_limit if path == "fused" else 0
-                    swd.swd_forward(z, target, P)
+            def call(path):
+                swd.swd_forward(z, target, P, fused_max_batch=limits[path])
 
-                for path in times:  # warm: compiles each path's kernels once
-                    call(path)
-                    call(path)
-                for round_ in range(args.rounds):
-                    order = ("fused", "fallback") if round_ % 2 == 0 else ("fallback", "fused")
-                    for path in order:
-                        times[path].append(_time_ms(lambda: call(path), args.reps, args.device))
-                fused, fallback = (statistics.median(times[p]) for p in ("fused", "fallback"))
-                rows.append(dict(B=B, K=K, D=args.dim, dtype=args.dtype, fused_ms=fused, fallback_ms=fallback,
-                                 fused_over_fallback=fused / fallback))
-                log(f"B={B} K={K}: fused {fused:.4g} ms, fallback {fallback:.4g} ms", flush=True)
-    finally:
-        swd.FUSED_MAX_BATCH = fused_limit
+            for path in times:  # warm: compiles each path's kernels once
+                call(path)
+                call(path)
+            for round_ in range(args.rounds):
+                order = ("fused", "fallback") if round_ % 2 == 0 else ("fallback", "fused")
+                for path in order:
+                    times[path].append(_time_ms(lambda: call(path), args.reps, args.device))
+            fused, fallback = (statistics.median(times[p]) for p in ("fused", "fallback"))
+            rows.append(dict(B=B, K=K, D=args.dim, dtype=args.dtype, fused_ms=fused, fallback_ms=fallback,
+                             fused_over_fallback=fused / fallback))
+            log(f"B={B} K={K}: fused {fused:.4g} ms, fallback {fallback:.4g} ms", flush=True)
     return rows
 
 

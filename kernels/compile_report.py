@@ -54,8 +54,8 @@ def _report_cases(quick):
     """(label, shape text, KernelLaunch) for every launch the report compiles."""
     import torch
 
-    from lpjepa.kernels.rgg import rgg_launch
-    from lpjepa.kernels.swd import FUSED_MAX_BATCH, swd_forward_plan
+    from lpjepa.kernels.rgg_sample import rgg_launch
+    from lpjepa.kernels.sliced_wasserstein import FUSED_MAX_BATCH, swd_forward_plan
 
     dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
     batches = (256, 4096) if quick else sorted({*REPORT_BATCHES, FUSED_MAX_BATCH})

@@ -3,8 +3,15 @@
 The public API is a drop-in for the seed's ``sample_rgg`` and ``rdmreg_loss``, plus the
 ``RDMReg`` module and ``rectified_lpjepa_loss``. On CUDA tensors the fused Triton
 kernels run; elsewhere a torch backend with the same value and gradient does.
+
+``import lpjepa`` imports torch and this package's own modules only: the Triton ops load
+at the first call that uses them, the training program's timm and torchvision with
+``lpjepa.training``, and the seed's reference (the tests' oracle) on first access of
+``lpjepa.reference``.
 """
-from . import metrics, reference, rgg
+import importlib
+
+from . import metrics, rgg
 from .loss import LossParts, RDMReg, rdmreg_loss, rectified_lpjepa_loss
 from .sampling import sample_rgg
 
@@ -19,3 +26,10 @@ __all__ = [
     "sample_rgg",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # ``lpjepa.reference`` stays an attribute of the package without being imported by it.
+    if name == "reference":
+        return importlib.import_module(".reference", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,15 +1,9 @@
-"""Argument checks shared by the public functions: each error names the argument and the fix."""
+"""Argument checks of the public API, the one place each input is validated: every error names
+the argument and the fix. The ops and kernels below trust what passed here."""
 import math
 import numbers
 
 import torch
-
-BACKENDS = ("auto", "torch", "triton")
-
-
-def check_backend(backend):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got backend={backend!r}")
 
 
 def check_p(p):
@@ -63,26 +57,38 @@ def check_float_tensor(name, tensor):
         )
 
 
-def check_loss_inputs(z, target, projections=None):
-    """Validate the sliced-Wasserstein inputs: z and target (B, D), projections (K, D)."""
+def check_loss_inputs(z, target, projections=None, *, target_name="target_samples", global_rows=None):
+    """Validate the sliced-Wasserstein inputs: z (b, D), target (b, D), projections (K, D).
+
+    Under torch.distributed (``global_rows`` given) z holds this process's rows and the
+    target the whole global batch, (global_rows, D), the same on every rank; neither the
+    target nor the projections may then require grad.
+    """
     check_float_tensor("z", z)
-    check_float_tensor("target_samples", target)
+    check_float_tensor(target_name, target)
     if z.dim() != 2:
         raise ValueError(
             f"z must be 2-D (batch, dim); got shape {tuple(z.shape)}. Flatten the features first, e.g. z.flatten(1)."
         )
-    if target.shape != z.shape:
+    if global_rows is None and target.shape != z.shape:
         raise ValueError(
-            f"target_samples must have the shape of z {tuple(z.shape)}; got {tuple(target.shape)}. "
+            f"{target_name} must have the shape of z {tuple(z.shape)}; got {tuple(target.shape)}. "
             "Draw them with sample_rgg(z.shape, ...)."
+        )
+    if global_rows is not None and tuple(target.shape) != (global_rows, z.shape[1]):
+        raise ValueError(
+            f"under torch.distributed, {target_name} must have shape {(global_rows, z.shape[1])}, the same on every "
+            f"rank (the global batch is the sum of the local batches); got {tuple(target.shape)}"
         )
     if target.device != z.device:
         raise ValueError(
-            f"z and target_samples must be on the same device; got z on {z.device} and target_samples on "
+            f"z and {target_name} must be on the same device; got z on {z.device} and {target_name} on "
             f"{target.device}. Move one with .to(z.device)."
         )
-    if z.shape[0] < 2:
-        raise ValueError(f"z needs a batch of at least 2 rows to sort along; got batch size {z.shape[0]}")
+    rows = z.shape[0] if global_rows is None else global_rows
+    if rows < 2:
+        where = "z" if global_rows is None else "the global batch (all ranks together)"
+        raise ValueError(f"{where} needs a batch of at least 2 rows to sort along; got batch size {rows}")
     if projections is not None:
         check_float_tensor("projections", projections)
         if projections.dim() != 2 or projections.shape[1] != z.shape[1] or projections.shape[0] < 1:
@@ -94,6 +100,23 @@ def check_loss_inputs(z, target, projections=None):
             raise ValueError(
                 f"projections must be on z's device {z.device}; got {projections.device}. Move them with .to(z.device)."
             )
+    if global_rows is not None:
+        for name, tensor in ((target_name, target), ("projections", projections)):
+            if tensor is not None and tensor.requires_grad:
+                raise ValueError(
+                    f"{name} cannot require grad under torch.distributed (every rank holds the whole {name}); "
+                    "pass it detached, or use process_group=None"
+                )
+
+
+def check_views(views):
+    """RDMReg's views: at least one, floating tensors of one shape."""
+    if not views:
+        raise ValueError("RDMReg needs at least one view: call it as rdmreg(z1) or rdmreg(z1, z2)")
+    for i, view in enumerate(views):
+        check_float_tensor(f"views[{i}]", view)
+        if view.shape != views[0].shape:
+            raise ValueError(f"every view must have shape {tuple(views[0].shape)}; views[{i}] has {tuple(view.shape)}")
 
 
 def check_generator(generator, device):

@@ -1,4 +1,4 @@
-"""Global-batch RDMReg under ``torch.distributed``: one loss over the whole global batch.
+"""The collectives and shared seeds of the global-batch RDMReg under ``torch.distributed``.
 
 Sorting is global: the sliced-Wasserstein term of a batch split over N processes is not
 the average of N local terms. With a process group, ``RDMReg`` and
@@ -25,8 +25,11 @@ The pieces, in the order one call uses them:
    dtype, fp32/fp64) or the features (D values in their own dtype, e.g. bf16). With the
    seed's K = 256 and D = 512 that is the projections, half the bytes in fp32; ties go to
    the projections, which also spare each rank projecting the other ranks' rows.
-4. ``ProjectedSlicedWasserstein`` (in ``lpjepa.loss``): sort and residual over the global
-   batch on the gathered projections.
+4. The sort and residual over the global batch on the gathered projections
+   (``lpjepa.loss._global_loss``, with the ops of ``lpjepa.ops.sliced_wasserstein``).
+
+This module holds the collectives and the seed stream only; the loss itself is computed
+by ``lpjepa.loss``.
 
 Gradient convention. Every rank computes the same global loss L, and the backward of the
 gather returns to each rank only the gradient of its own rows (the gathered gradient is
@@ -42,10 +45,6 @@ of the single-process gradient instead (for code that sums gradients itself).
 """
 import torch
 import torch.distributed as dist
-
-from . import _checks
-from .reference import random_projections
-from .sampling import sample_rgg
 
 GATHER_CHOICES = ("auto", "projections", "features")
 _MASK64 = (1 << 64) - 1
@@ -236,7 +235,7 @@ def global_mean(local_sum, local_count, group, scale=1):
     return total[0] / total[1]
 
 
-# --- The global loss ----------------------------------------------------------------------
+# --- What to gather ---------------------------------------------------------------------
 
 
 def gathers_features(gather, num_projections, dim, compute_dtype, feature_dtype):
@@ -244,64 +243,3 @@ def gathers_features(gather, num_projections, dim, compute_dtype, feature_dtype)
     if gather != "auto":
         return gather == "features"
     return num_projections * compute_dtype.itemsize > dim * feature_dtype.itemsize
-
-
-def _check_global_input(name, tensor, shape, device):
-    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-        raise TypeError(f"{name} must be a floating torch.Tensor")
-    if tuple(tensor.shape) != shape:
-        raise ValueError(
-            f"under torch.distributed, {name} must have shape {shape}, the same on every rank "
-            f"(the global batch is the sum of the local batches); got {tuple(tensor.shape)}"
-        )
-    if tensor.device != device:
-        raise ValueError(f"{name} must be on the features' device {device}; got {tensor.device}")
-    if tensor.requires_grad:
-        raise ValueError(
-            f"{name} cannot require grad under torch.distributed (every rank holds the whole {name}); "
-            "pass it detached, or use process_group=None"
-        )
-
-
-def global_rdmreg(module, views, group, *, target=None, projections=None, generator=None):
-    """``RDMReg.forward`` over the global batch of ``group``; see the module doc.
-
-    views: the local (b_r, D) views, the same shape within a rank. target: optional
-    (sum of b_r, D) global target and projections: optional (K, D), both the same on
-    every rank and not differentiated; drawn from ``generator`` (which must then be seeded
-    alike on every rank) or from ``module.seed_stream`` when omitted.
-    """
-    from .loss import _projected_sliced_wasserstein, compute_dtype, sorted_projections  # loss.py imports this module
-
-    first = views[0]
-    device = first.device
-    local_size, dim = first.shape
-    sizes = batch_sizes(local_size, group, device)
-    total = sum(sizes)
-    if total < 2:
-        raise ValueError(f"the global batch needs at least 2 rows to sort along; the ranks have {sizes} rows")
-    if target is None or projections is None:
-        if generator is None:
-            generator = module.seed_stream.next_generator(device, group)
-        _checks.check_generator(generator, device)
-    if target is None:
-        target = sample_rgg(
-            (total, dim), module.p, module.mu, device, sigma=module.sigma, generator=generator, backend=module.backend
-        )
-    _check_global_input("target", target, (total, dim), device)
-    if projections is None:
-        projections = random_projections(module.num_projections, dim, device, generator=generator)
-    _check_global_input("projections", projections, (projections.shape[0], dim), device)
-
-    dtype = compute_dtype(*views, target, projections)
-    scale = grad_scale(group, module.scale_grad_by_world_size)
-    with torch.autocast(device.type, enabled=False):
-        P = projections.to(dtype)
-        target_sorted = sorted_projections(target, P, dtype)  # (K, B), computed alike on every rank
-        if gathers_features(module.gather, P.shape[0], dim, dtype, first.dtype):
-            global_views = gather_batch(torch.stack(views), sizes, group, dim=1, scale=scale)  # (V, B, D)
-            proj = P @ global_views.to(dtype).transpose(1, 2)
-        else:
-            local_proj = torch.stack([P @ view.to(dtype).T for view in views])  # (V, K, b)
-            proj = gather_batch(local_proj, sizes, group, dim=2, scale=scale)
-        return _projected_sliced_wasserstein(proj.reshape(-1, total), target_sorted, module.backend)

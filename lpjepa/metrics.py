@@ -8,7 +8,10 @@ def _check_2d(z):
 
 
 def zero_fraction(z):
-    """Fraction of entries of z that are exactly zero (0.0 = dense, 1.0 = all zero)."""
+    """Measured fraction of entries of z that are exactly zero (0.0 = dense, 1.0 = all zero).
+
+    The prior's expected fraction is ``lpjepa.rgg.expected_zero_fraction(p, mu)``.
+    """
     _check_2d(z)
     return (z == 0).float().mean().item()
 

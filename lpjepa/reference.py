@@ -5,11 +5,13 @@ its meaning: the Gamma variates are drawn on the CPU and copied, the sliced-Wass
 loss goes through ``torch.sort`` and autograd. It never calls the fast paths.
 
 The only additions are keywords that let tests pin the randomness: ``projections=``
-(fixed directions) and ``generator=`` on the loss, ``dtype=`` on the sampler.
+(fixed directions) and ``generator=`` on the loss, ``dtype=`` on the sampler. The package
+itself never imports this module: it is the oracle of the tests and the baseline of
+the benchmarks. timm is imported where the seed's model is built, so the math alone
+needs none.
 """
 import math
 
-import timm
 import torch
 import torch.nn as nn
 
@@ -45,6 +47,8 @@ class RectifiedLpJEPA(nn.Module):
 
     def __init__(self, backbone_name="resnet18", dim=512):
         super().__init__()
+        import timm
+
         self.backbone = timm.create_model(backbone_name, pretrained=False, num_classes=0)
         self.projector = Projector(dim=dim)
 

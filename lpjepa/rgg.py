@@ -64,8 +64,8 @@ def _gn_upper_moment(k, s, p):
     return math.exp(log_scale) * _gammaincc(a, s**p / p)
 
 
-def zero_fraction(p, mu, sigma=None):
-    """Expected fraction of exact zeros, P(mu + sigma * X <= 0), X ~ GN_p(0, 1).
+def expected_zero_fraction(p, mu, sigma=None):
+    """Expected fraction of exact zeros of the prior, P(mu + sigma * X <= 0), X ~ GN_p(0, 1).
 
     ``sigma=None`` uses ``sigma_gn(p)``, as the sampler does. mu = 0 gives 0.5 for
     every p; lower mu gives more zeros.
@@ -75,17 +75,21 @@ def zero_fraction(p, mu, sigma=None):
     return gn_cdf(-float(mu) / sigma, p)
 
 
+# The name this function had first; ``lpjepa.metrics.zero_fraction(z)`` measures a batch.
+zero_fraction = expected_zero_fraction
+
+
 def mu_for_zero_fraction(q, p, sigma=None):
     """The mean shift mu whose rectified samples are exactly zero with probability q.
 
-    Inverse of ``zero_fraction`` in mu: "I want 90% zeros" is
+    Inverse of ``expected_zero_fraction`` in mu: "I want 90% zeros" is
     ``mu_for_zero_fraction(0.9, p)``. q must lie strictly between 0 and 1.
     """
     p = check_p(p)
     sigma = _resolve_sigma(p, sigma)
     if not isinstance(q, (int, float)) or not 0.0 < q < 1.0:
         raise ValueError(f"q must be a fraction strictly between 0 and 1; got q={q!r}")
-    # zero_fraction = F(-mu/sigma): find the GN_p quantile t = F^-1(q), then mu = -sigma t.
+    # expected_zero_fraction = F(-mu/sigma): find the GN_p quantile t = F^-1(q), then mu = -sigma t.
     # Bracket t: |X|^p / p ~ Gamma(1/p), so the quantile grows like (p log(1/tail))^(1/p).
     tail = min(q, 1.0 - q)
     bound = 1.0
@@ -160,5 +164,5 @@ def zero_fraction_table(ps=(1.0, 2.0), mus=(-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.
     """A Markdown table of the expected fraction of zeros for each mu (rows) and p (columns)."""
     header = "| mu | " + " | ".join(f"p = {p:g}" for p in ps) + " |"
     rule = "|---:|" + "---:|" * len(ps)
-    rows = [f"| {mu:+.1f} | " + " | ".join(f"{zero_fraction(p, mu):.1%}" for p in ps) + " |" for mu in mus]
+    rows = [f"| {mu:+.1f} | " + " | ".join(f"{expected_zero_fraction(p, mu):.1%}" for p in ps) + " |" for mu in mus]
     return "\n".join([header, rule, *rows])

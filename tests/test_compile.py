@@ -97,7 +97,7 @@ _GPU_REGISTRATION_TRACE = textwrap.dedent(
     triton.runtime.driver.set_active(Sm90Driver())
 
     import lpjepa
-    from lpjepa import triton_ops
+    from lpjepa.ops import sliced_wasserstein_triton as triton_ops
 
     assert triton_ops.TRACES_INTO_KERNELS
 

@@ -45,16 +45,20 @@ def test_rdmreg_loss_bad_input(kwargs, error, match):
         (dict(p=0.0), ValueError, "p must be a finite number > 0"),
         (dict(p=-1.0), ValueError, "p must be a finite number > 0"),
         (dict(p=float("nan")), ValueError, "p must be a finite number > 0"),
+        (dict(p=float("inf")), ValueError, "p must be a finite number > 0"),
         (dict(mu=float("inf")), ValueError, "mu must be a finite number"),
+        (dict(mu=float("nan")), ValueError, "mu must be a finite number"),
         (dict(sigma=0.0), ValueError, "sigma must be > 0"),
+        (dict(sigma=-1.0), ValueError, "sigma must be > 0"),
         (dict(dtype=torch.int32), TypeError, "dtype must be a floating"),
         (dict(shape="big"), TypeError, "shape must be an int or a sequence"),
         (dict(shape=(3, -1)), ValueError, "negative sizes"),
         (dict(backend="numpy"), ValueError, "backend must be one of"),
     ],
 )
-def test_sample_rgg_bad_input(kwargs, error, match):
-    args = dict(shape=(4, 4))
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sample_rgg_bad_input(kwargs, error, match, backend):
+    args = dict(shape=(4, 4), backend=backend)
     args.update(kwargs)
     with pytest.raises(error, match=match):
         lpjepa.sample_rgg(**args)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from scipy import special, stats
 
-from conftest import HAS_CUDA, requires_cuda
-from lpjepa.kernels.rgg import (
+from conftest import requires_cuda
+from lpjepa.kernels.rgg_sample import (
     GAMMA_MAX_ROUNDS,
     philox_seed_offset,
     rgg_launch,
@@ -102,7 +102,7 @@ def test_fp16_output_is_the_fp32_sample_cast_on_store(p):
     assert torch.equal(half, full.half())
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="the Triton interpreter mishandles bf16; bf16 output is checked on a GPU")
+@requires_cuda  # the Triton interpreter mishandles bf16
 def test_bf16_output_is_the_fp32_sample_cast_on_store():
     kwargs = dict(p=1.5, mu=0.1, sigma=1.3, device="cuda", seed=2024, offset=8)
     full = rgg_sample((4096,), dtype=torch.float32, **kwargs)
@@ -183,11 +183,9 @@ def test_unaccepted_lanes_are_nan_never_a_value():
     assert torch.equal(out[~flagged], reference[~flagged])
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [dict(p=0.0), dict(p=-1.0), dict(p=float("inf")), dict(sigma=-1.0), dict(mu=float("nan")),
-     dict(dtype=torch.float64), dict(seed=1)],
-)
+# p, mu and sigma are checked once, by lpjepa.sample_rgg (tests/test_errors.py, both backends);
+# the launcher refuses what its stores cannot write, and half a Philox key.
+@pytest.mark.parametrize("kwargs", [dict(dtype=torch.float64), dict(seed=1)])
 def test_rejects_bad_parameters(kwargs):
     args = {**dict(p=1.0, mu=0.0, sigma=1.0, device="cpu"), **kwargs}
     with pytest.raises(ValueError):

@@ -3,12 +3,14 @@
 The interpreter runs the fused kernel's per-direction sorts in Python, so shapes stay
 small: at most 16 directions and B_PAD = 512 (B = 257 with 4 directions).
 """
+from typing import NamedTuple
+
 import pytest
 import torch
 
-import lpjepa.kernels.swd as swd
-from conftest import HAS_CUDA, tolerance
-from lpjepa.kernels.swd import swd_forward, swd_forward_plan
+import lpjepa.kernels.sliced_wasserstein as swd
+from conftest import requires_cuda, tolerance
+from lpjepa.kernels.sliced_wasserstein import swd_forward, swd_forward_plan
 
 
 def oracle(z, target, projections):
@@ -32,17 +34,22 @@ def make_inputs(batch, dim, num_projections, dtype=torch.float32, seed=0):
     return z, target, projections
 
 
+class Path(NamedTuple):
+    name: str
+    options: dict  # the launcher keywords that force the path
+
+
 @pytest.fixture(params=["fused", "fallback"])
-def path(request, monkeypatch):
-    """Runs a test on both paths; the fallback is forced by lowering the threshold."""
-    if request.param == "fallback":
-        monkeypatch.setattr(swd, "FUSED_MAX_BATCH", 0)
-    return request.param
+def path(request):
+    """Runs a test on both paths; the fallback is forced by a zero batch threshold."""
+    return Path(request.param, {} if request.param == "fused" else dict(fused_max_batch=0))
 
 
 def check(z, target, projections, path):
-    (loss, residual_z, residual_t), launches = swd_forward_plan(z, target, projections, need_target_residual=True)
-    expected_kernel = "_swd_fused_kernel" if path == "fused" else "_swd_residual_kernel"
+    (loss, residual_z, residual_t), launches = swd_forward_plan(
+        z, target, projections, need_target_residual=True, **path.options
+    )
+    expected_kernel = "_swd_fused_kernel" if path.name == "fused" else "_swd_residual_kernel"
     assert launches[0].kernel.__name__ == expected_kernel
     for launch in launches:
         launch()
@@ -82,10 +89,12 @@ def test_mixed_input_dtypes(path):
     check(z.half(), target, projections.half(), path)
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="the Triton interpreter mishandles bf16; bf16 inputs are checked on a GPU")
+@requires_cuda  # the Triton interpreter mishandles bf16
 def test_bf16_inputs_on_gpu(path):
     z, target, projections = (t.bfloat16().cuda() for t in make_inputs(300, 64, 32, seed=4))
-    (loss, residual_z, residual_t), launches = swd_forward_plan(z, target, projections, need_target_residual=True)
+    (loss, residual_z, residual_t), launches = swd_forward_plan(
+        z, target, projections, need_target_residual=True, **path.options
+    )
     for launch in launches:
         launch()
     want_loss, want_z, want_t = oracle(z.cpu(), target.cpu(), projections.cpu())
@@ -114,7 +123,7 @@ def test_ties_break_consistently(path):
 
 def test_without_target_residual(path):
     z, target, projections = make_inputs(20, 16, 9, seed=2)
-    loss, residual_z, residual_t = swd_forward(z, target, projections)
+    loss, residual_z, residual_t = swd_forward(z, target, projections, **path.options)
     assert residual_t is None
     want_loss, want_z, _ = oracle(z, target, projections)
     atol, rtol = tolerance(torch.float32)
@@ -124,8 +133,8 @@ def test_without_target_residual(path):
 
 def test_deterministic(path):
     inputs = make_inputs(50, 24, 6, seed=6)
-    first = swd_forward(*inputs, need_target_residual=True)
-    second = swd_forward(*inputs, need_target_residual=True)
+    first = swd_forward(*inputs, need_target_residual=True, **path.options)
+    second = swd_forward(*inputs, need_target_residual=True, **path.options)
     assert first[0].view(torch.int32) == second[0].view(torch.int32)  # bit-identical loss
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
 
@@ -134,16 +143,15 @@ def test_deterministic(path):
 def test_nan_input_gives_nan_loss(which, path):
     z, target, projections = make_inputs(10, 6, 3, seed=9)
     (z if which == "z" else target)[4, 2] = float("nan")
-    loss, residual_z, _ = swd_forward(z, target, projections)
+    loss, residual_z, _ = swd_forward(z, target, projections, **path.options)
     assert torch.isnan(loss)
     assert torch.isnan(residual_z).any()
 
 
-def test_threshold_picks_the_path(monkeypatch):
+def test_threshold_picks_the_path():
     inputs = make_inputs(8, 4, 2)
     assert swd_forward_plan(*inputs)[1][0].kernel.__name__ == "_swd_fused_kernel"
-    monkeypatch.setattr(swd, "FUSED_MAX_BATCH", 7)
-    assert swd_forward_plan(*inputs)[1][0].kernel.__name__ == "_swd_residual_kernel"
+    assert swd_forward_plan(*inputs, fused_max_batch=7)[1][0].kernel.__name__ == "_swd_residual_kernel"
     batch = swd.FUSED_MAX_BATCH + 1
     assert not swd.swd_use_fused(batch)
 

@@ -14,7 +14,7 @@ so that ``d loss / d z = (2 / (B * K)) * residual_z.T @ projections`` (one matmu
 
 Two paths, chosen by :func:`swd_forward` from the batch size:
 
-* fused (``B <= FUSED_MAX_BATCH``): one program per ``BLOCK_K`` = 16 directions. It
+* fused (``B <= fused_max_batch``, default ``FUSED_MAX_BATCH``): one program per ``BLOCK_K`` = 16 directions. It
   projects the targets and the features over D in chunks with ``tl.dot`` (fp32, IEEE)
   into a program-private scratch buffer (L2-resident), then for each of its directions
   sorts both projections along the batch in registers (``tl.sort`` on int64 keys: an
@@ -28,7 +28,7 @@ Two paths, chosen by :func:`swd_forward` from the batch size:
 
 The fused path runs cdiv(K, 16) programs (16 for K = 256), fewer than the SMs of an
 A100/H100; whether it beats the fallback at a given B is for a GPU benchmark to say
-(``python -m benchmarks.swd_paths``), and FUSED_MAX_BATCH is where to act on the answer.
+(``python -m benchmarks.swd_paths``), and ``fused_max_batch`` is where to act on the answer.
 
 Either way the partial sums are reduced in a fixed order by a one-program kernel, so
 the same inputs give a bit-identical loss. Everything is computed in fp32 whatever the
@@ -41,18 +41,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import KernelLaunch
+from .launch import KernelLaunch, check_kernel_dtype
 
-# Largest batch the fused kernel sorts in registers, one direction at a time. At
-# B_PAD = 2048 the int64 keys of both sorts fit 8 warps without spilling on sm_80 and
-# sm_90 (`python -m lpjepa.kernels.compile_report`); B_PAD = 4096 needs 16 warps,
-# whose 128-register cap spills. Tests lower it to force the fallback on tiny shapes.
+# Largest batch the fused kernel sorts in registers, one direction at a time: the default
+# of every launcher's ``fused_max_batch``. At B_PAD = 2048 the int64 keys of both sorts
+# fit 8 warps without spilling on sm_80 and sm_90 (`python -m lpjepa.kernels.compile_report`);
+# B_PAD = 4096 needs 16 warps, whose 128-register cap spills.
 FUSED_MAX_BATCH = 2048
 
 # tl.dot needs every dimension >= 16; this is also the narrowest direction block.
 _MIN_DOT = 16
-
-_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # High word of the key of a padded row: above the image of every float, +NaN included.
 _PAD_HIGH = tl.constexpr(0x7FFFFFFF)
@@ -203,9 +201,9 @@ def _mean_of_partials_kernel(partial_ptr, out_ptr, n_partials, count, BLOCK: tl.
     tl.store(out_ptr, tl.sum(acc, axis=0) / count)
 
 
-def swd_use_fused(batch):
+def swd_use_fused(batch, fused_max_batch=FUSED_MAX_BATCH):
     """Whether swd_forward takes the fused path for this batch size."""
-    return batch <= FUSED_MAX_BATCH
+    return batch <= fused_max_batch
 
 
 def swd_fused_config(batch, dim):
@@ -237,26 +235,28 @@ def _mean_launch(partials, count, loss):
 
 
 def _check_inputs(z, target, projections):
-    if z.dim() != 2 or target.shape != z.shape:
-        raise ValueError(f"z and target must both be (B, D); got {tuple(z.shape)} and {tuple(target.shape)}")
-    if projections.dim() != 2 or projections.shape[1] != z.shape[1]:
-        raise ValueError(f"projections must be (K, D={z.shape[1]}); got {tuple(projections.shape)}")
-    for name, t in (("z", z), ("target", target), ("projections", projections)):
-        if t.dtype not in _INPUT_DTYPES:
-            raise ValueError(f"{name} must be one of {_INPUT_DTYPES}, got {t.dtype}")
-        if t.device != z.device:
-            raise ValueError(f"{name} is on {t.device}, z on {z.device}")
-    if z.shape[0] < 1 or z.shape[1] < 1 or projections.shape[0] < 1:
+    """What the kernels' memory accesses rely on; the meaning of the inputs is checked by lpjepa."""
+    if z.dim() != 2 or target.shape != z.shape or projections.dim() != 2 or projections.shape[1] != z.shape[1]:
+        raise ValueError(
+            f"z and target must both be (B, D) and projections (K, D); got {tuple(z.shape)}, "
+            f"{tuple(target.shape)} and {tuple(projections.shape)}"
+        )
+    if min(z.shape[0], z.shape[1], projections.shape[0]) < 1:
         raise ValueError("B, D and K must all be >= 1")
     if z.shape[0] >= 2**31:
         raise ValueError("the sort key holds the row index in 32 bits: B must be < 2**31")
+    for name, tensor in (("z", z), ("target", target), ("projections", projections)):
+        check_kernel_dtype(name, tensor)
+        if tensor.device != z.device:
+            raise ValueError(f"{name} is on {tensor.device}, z on {z.device}")
 
 
-def swd_forward_plan(z, target, projections, *, need_target_residual=False):
+def swd_forward_plan(z, target, projections, *, need_target_residual=False, fused_max_batch=FUSED_MAX_BATCH):
     """The outputs of :func:`swd_forward`, allocated, and the kernel launches that fill them.
 
     Works on ``meta`` tensors too (the fallback's matmul and torch.sort included), which
-    is how the compile report sees the launches the dispatcher really makes.
+    is how the compile report sees the launches the dispatcher really makes. Batches of
+    up to ``fused_max_batch`` rows take the fused path (0 always takes the fallback).
     Returns ``((loss, residual_z, residual_target), [KernelLaunch, ...])``.
     """
     _check_inputs(z, target, projections)
@@ -270,7 +270,7 @@ def swd_forward_plan(z, target, projections, *, need_target_residual=False):
     # two kernel arguments aliasing one tensor confuse the functionalized launch.
     residual_t_arg = residual_t if need_target_residual else torch.empty(1, dtype=torch.float32, device=device)
 
-    if swd_use_fused(batch):
+    if swd_use_fused(batch, fused_max_batch):
         cfg = swd_fused_config(batch, dim)
         n_programs = triton.cdiv(num_projections, cfg["BLOCK_K"])
         partials = torch.empty(n_programs, dtype=torch.float32, device=device)
@@ -302,7 +302,7 @@ def swd_forward_plan(z, target, projections, *, need_target_residual=False):
     return (loss, residual_z, residual_t), launches
 
 
-def swd_forward(z, target, projections, *, need_target_residual=False):
+def swd_forward(z, target, projections, *, need_target_residual=False, fused_max_batch=FUSED_MAX_BATCH):
     """Sliced-Wasserstein loss and residuals (see the module docstring).
 
     Args:
@@ -310,6 +310,7 @@ def swd_forward(z, target, projections, *, need_target_residual=False):
         target: (B, D) target samples, same constraints (dtypes may differ).
         projections: (K, D) directions (unit norm expected, not checked).
         need_target_residual: also return the residual of ``target``.
+        fused_max_batch: the largest batch the fused kernel takes (default FUSED_MAX_BATCH).
 
     Returns:
         ``(loss, residual_z, residual_target)``: ``loss`` a 0-dim fp32 tensor, the mean
@@ -317,11 +318,13 @@ def swd_forward(z, target, projections, *, need_target_residual=False):
         z's row order; ``residual_target`` (K, B) fp32 in target's row order with the
         sign flipped (``sorted_target - sorted_z``), or None unless asked for.
 
-    Batches of up to ``FUSED_MAX_BATCH`` rows run the fused kernel (one launch plus the
+    Batches of up to ``fused_max_batch`` rows run the fused kernel (one launch plus the
     reduction); larger ones the fallback: two fp32 matmuls, two stable ``torch.sort``
     with indices, the Triton residual kernel and the reduction.
     """
-    outputs, launches = swd_forward_plan(z, target, projections, need_target_residual=need_target_residual)
+    outputs, launches = swd_forward_plan(
+        z, target, projections, need_target_residual=need_target_residual, fused_max_batch=fused_max_batch
+    )
     for launch in launches:
         launch()
     return outputs

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import KernelLaunch
+from .launch import KernelLaunch, check_kernel_dtype
 
 # Methods, chosen from p by the launcher; tl.constexpr so the kernel can compare with them.
 LAPLACE = tl.constexpr(0)
@@ -42,13 +42,17 @@ GAMMA = tl.constexpr(2)
 
 GAMMA_MAX_ROUNDS = 20
 
-_OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# A 32-bit word k maps to the uniform (k + 0.5) * 2**-32; the low 31 bits of a word to
+# an angle fraction k * 2**-31 in [0, 1).
+_TWO_POW_MINUS_32 = tl.constexpr(2.0**-32)
+_TWO_POW_MINUS_31 = tl.constexpr(2.0**-31)
+_HALF_PI = tl.constexpr(math.pi / 2)
 
 
 @triton.jit
 def _uniform(bits):
     """uint32 block -> fp32 uniforms in [2**-33, 1]: never 0, so log() is finite."""
-    return (bits.to(tl.float32) + 0.5) * 2.3283064365386963e-10
+    return (bits.to(tl.float32) + 0.5) * _TWO_POW_MINUS_32
 
 
 @triton.jit
@@ -58,7 +62,7 @@ def _cos_quarter_turn(v):
     tl.cos would bring libdevice's large-argument reduction, whose local array costs a
     stack frame (and a spill on sm_80) in every kernel that draws normals.
     """
-    x2 = (1.5707963267948966 * v) * (1.5707963267948966 * v)
+    x2 = (_HALF_PI * v) * (_HALF_PI * v)
     poly = 1.0 / 479001600.0
     poly = -1.0 / 3628800.0 + x2 * poly
     poly = 1.0 / 40320.0 + x2 * poly
@@ -76,7 +80,7 @@ def _box_muller(bits_radius, bits_angle):
     [0, pi/2): the top bit of bits_angle gives the sign, its other 31 bits give phi.
     """
     radius = tl.sqrt(-2.0 * tl.log(_uniform(bits_radius)))
-    quarter = (bits_angle & 0x7FFFFFFF).to(tl.float32) * 4.656612873077393e-10
+    quarter = (bits_angle & 0x7FFFFFFF).to(tl.float32) * _TWO_POW_MINUS_31
     cosine = _cos_quarter_turn(quarter)
     return tl.where((bits_angle >> 31) != 0, -radius * cosine, radius * cosine)
 
@@ -215,21 +219,14 @@ def philox_seed_offset(increment, device, generator=None):
     raise ValueError(f"no Philox seed source for device type {device.type!r}")
 
 
-def _check_params(p, mu, sigma, dtype):
-    if not (math.isfinite(p) and p > 0):
-        raise ValueError(f"p must be finite and > 0, got {p}")
-    if not (math.isfinite(sigma) and sigma >= 0):
-        raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
-    if not math.isfinite(mu):
-        raise ValueError(f"mu must be finite, got {mu}")
-    if dtype not in _OUTPUT_DTYPES:
-        raise ValueError(f"dtype must be one of {_OUTPUT_DTYPES}, got {dtype}")
-
-
 def rgg_launch(out, *, p, mu, sigma, seed, offset):
-    """The sampler launch that fills ``out`` (contiguous fp32/fp16/bf16) from Philox (seed, offset)."""
+    """The sampler launch that fills ``out`` (contiguous fp32/fp16/bf16) from Philox (seed, offset).
+
+    p > 0, mu and sigma >= 0 finite are the caller's to check (``lpjepa.sample_rgg`` does);
+    only what the kernel's stores rely on is checked here.
+    """
     p, mu, sigma = float(p), float(mu), float(sigma)
-    _check_params(p, mu, sigma, out.dtype)
+    check_kernel_dtype("out", out)
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
     n_elements = out.numel()
@@ -287,7 +284,6 @@ def rgg_sample(
         Tensor of ``shape`` and ``dtype``. An element whose Gamma draw did not accept
         within ``GAMMA_MAX_ROUNDS`` rounds is NaN (probability < 1e-26 per element).
     """
-    _check_params(float(p), float(mu), float(sigma), dtype)
     if (seed is None) != (offset is None):
         raise ValueError("pass both seed and offset, or neither")
     if device is None:
