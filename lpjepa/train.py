@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import ddp, distributed
-from .data import (
+from . import distributed
+from .training import torchrun
+from .training.data import (
     AUGMENTATIONS,
     DATASETS,
     EpochSampler,
@@ -38,8 +39,8 @@ from .data import (
 )
 from .eval import OnlineProbes, extract_features, knn_accuracy, sparsity_metrics
 from .loss import rectified_lpjepa_loss
-from .model import STEMS, LpJEPA
-from .runlog import MetricsCSV, Progress, TensorBoard
+from .training.model import STEMS, LpJEPA
+from .training.runlog import MetricsCSV, Progress, TensorBoard
 
 DEFAULTS = {
     "epochs": 100,
@@ -229,7 +230,7 @@ def load_model_for_eval(checkpoint, device="auto"):
     """(model in eval mode, config with '_epoch', device) from a checkpoint written by this program."""
     state = load_checkpoint(checkpoint_path(checkpoint))
     cfg = dict(state["config"], _epoch=state["epoch"])
-    dev = ddp.resolve_device(device)
+    dev = torchrun.resolve_device(device)
     model = LpJEPA(cfg["backbone"], cfg["stem"])
     model.load_state_dict(state["model"])
     return model.to(dev).eval(), cfg, dev
@@ -327,7 +328,7 @@ class EpochStats:
     def reduced(self, env, device):
         """Means over the steps of every process; images/s and data-wait share of the epoch."""
         t = torch.tensor([self.sums[k] for k in self.KEYS], dtype=torch.float64, device=device)
-        s = dict(zip(self.KEYS, ddp.all_reduce(t, env).tolist()))
+        s = dict(zip(self.KEYS, torchrun.all_reduce(t, env).tolist()))
         steps = max(s["steps"], 1)
         world = env.world_size
         out = {k: s[k] / steps for k in ("loss", "invariance", "regularizer", "train_zero_fraction", "probe_loss")}
@@ -360,12 +361,12 @@ def train(cfg, checkpoint=None, *, on_step=None):
     ``checkpoint``: a loaded checkpoint to continue from. ``on_step(epoch, batch)``: called
     after every training step (tests use it to interrupt a run).
     """
-    env = ddp.setup(cfg["device"])
+    env = torchrun.setup(cfg["device"])
     device = env.device
     try:
         return _train(cfg, checkpoint, env, device, on_step)
     finally:
-        ddp.cleanup()
+        torchrun.cleanup()
 
 
 def _train(cfg, checkpoint, env, device, on_step):
@@ -379,7 +380,7 @@ def _train(cfg, checkpoint, env, device, on_step):
     # Data (rank 0 fetches a missing CIFAR first, so the processes do not download it together).
     if env.is_main:
         train_base, val_base = load_splits(cfg["dataset"], cfg["data_dir"], cfg["val_dir"], cfg["download"], cfg["skip_data_check"])
-    ddp.barrier(env)
+    torchrun.barrier(env)
     if not env.is_main:
         train_base, val_base = load_splits(cfg["dataset"], cfg["data_dir"], cfg["val_dir"], False, cfg["skip_data_check"])
     if len(train_base) < cfg["batch_size"]:
@@ -536,7 +537,7 @@ def _train(cfg, checkpoint, env, device, on_step):
             save(epoch + 1, 0, None)
             if env.is_main and cfg["save_every"] and (epoch + 1) % cfg["save_every"] == 0:
                 save(epoch + 1, 0, None, name=f"epoch_{epoch + 1:04d}.pt")
-            ddp.barrier(env)
+            torchrun.barrier(env)
         if env.is_main and start_epoch >= cfg["epochs"]:
             print(f"nothing to do: the checkpoint has finished {start_epoch} epochs; pass --epochs N to train longer", flush=True)
         elif env.is_main:
@@ -574,7 +575,7 @@ def _stop_requested(stop, env, device):
     if not env.distributed:
         return stop.signum is not None
     flag = torch.tensor([0.0 if stop.signum is None else float(stop.signum)], device=device)
-    ddp.all_reduce(flag, env, op="max")
+    torchrun.all_reduce(flag, env, op="max")
     if stop.signum is None and flag.item() > 0:
         stop.signum = int(flag.item())
     return flag.item() > 0

@@ -21,9 +21,10 @@ import torch
 from PIL import Image
 
 from lpjepa import eval as lp_eval
-from lpjepa import plot, reference, train
-from lpjepa.data import DataNotFound, load_splits
-from lpjepa.model import LpJEPA
+from lpjepa import reference, train
+from lpjepa.training import plot
+from lpjepa.training.data import DataNotFound, load_splits
+from lpjepa.training.model import LpJEPA
 
 TINY = ["--backbone", "resnet10t", "--image-size", "16", "--batch-size", "4", "--num-workers", "0",
         "--num-projections", "16", "--knn-k", "5", "--no-progress"]
@@ -329,7 +330,7 @@ def test_torchrun_two_cpu_processes_and_exact_resume(tiny_folder, tmp_path):
 def test_progress_off_a_terminal_prints_about_ten_plain_lines():
     import io
 
-    from lpjepa.runlog import Progress
+    from lpjepa.training.runlog import Progress
 
     stream = io.StringIO()
     progress = Progress(40, "epoch 1/3", stream=stream)

@@ -9,7 +9,7 @@ instead of 1x1.
 import timm
 import torch.nn as nn
 
-from .reference import Projector
+from ..reference import Projector
 
 STEMS = ("cifar", "imagenet")
 
