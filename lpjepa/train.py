@@ -10,231 +10,25 @@ sparsity metrics on the validation split, a row of ``metrics.csv`` and a checkpo
 Multi-GPU: ``torchrun --nproc_per_node N -m lpjepa.train ...`` (DDP; ``--batch-size``
 is the global batch, split over the processes).
 """
-import argparse
 import json
-import math
 import os
-import random
 import signal
 import sys
 import time
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
-from .training import torchrun
-from .training.data import (
-    AUGMENTATIONS,
-    DATASETS,
-    EpochSampler,
-    Transformed,
-    TwoViewDataset,
-    eval_transform,
-    load_splits,
-    make_loader,
-    num_classes,
-    train_transform,
-)
-from .eval import OnlineProbes, extract_features, knn_accuracy, sparsity_metrics
 from .loss import rectified_lpjepa_loss
-from .training.model import STEMS, LpJEPA
-from .training.runlog import MetricsCSV, Progress, TensorBoard
-
-DEFAULTS = {
-    "epochs": 100,
-    "batch_size": 256,
-    "lr": 1e-3,
-    "weight_decay": 1e-4,
-    "optimizer": "adamw",
-    "schedule": "constant",
-    "warmup_epochs": 0,
-    "lamb_inv": 25.0,
-    "lamb_reg": 125.0,
-    "p": 1.0,
-    "mu": 0.0,
-    "num_projections": 256,
-    "augmentation": "seed",
-    "dataset": "cifar100",
-    "data_dir": "./data",
-    "val_dir": None,
-    "image_size": 32,
-    "download": True,
-    "skip_data_check": False,
-    "backbone": "resnet18",
-    "stem": "cifar",
-    "num_workers": min(8, os.cpu_count() or 1),
-    "amp": True,
-    "out": None,
-    "device": "auto",
-    "seed": 0,
-    "probe_lr": 1e-3,
-    "knn_k": 200,
-    "knn_t": 0.07,
-    "eval_every": 1,
-    "save_every": 0,
-    "progress": True,
-}
-
-# The published CIFAR-100 recipe (the paper's solo-learn configuration).
-PRESETS = {
-    "seed": {},
-    "paper": {
-        "optimizer": "lars",
-        "lr": 0.03,
-        "schedule": "cosine",
-        "warmup_epochs": 10,
-        "epochs": 1000,
-        "num_projections": 8192,
-        "augmentation": "paper",
-        "lamb_reg": 250.0,
-    },
-}
-
-LARS_MOMENTUM, LARS_TRUST_COEFF = 0.9, 0.02
-
-# metrics.csv, one row per epoch; the evaluation columns are empty in epochs without evaluation.
-COLUMNS = (
-    "epoch", "step", "lr", "loss", "invariance", "regularizer", "train_zero_fraction", "probe_loss",
-    "probe_backbone_top1", "probe_backbone_top5", "probe_projector_top1", "probe_projector_top5",
-    "knn_top1", "knn_top5", "val_zero_fraction", "val_l0", "val_l1", "val_dead_units", "prior_zero_fraction",
-    "img_per_s", "data_wait", "epoch_time",
-)
-
-# Keys that define the model or the data a checkpoint was trained on; --resume refuses to change them.
-FIXED_ON_RESUME = ("backbone", "stem", "dataset", "image_size")
-
-
-def build_parser():
-    d = DEFAULTS
-    parser = argparse.ArgumentParser(
-        prog="python -m lpjepa.train",
-        description="Rectified LpJEPA pretraining with online linear probes, kNN and sparsity metrics every epoch.",
-        epilog="Flags left out take the --preset's value, then the default shown. "
-        "Multi-GPU: torchrun --nproc_per_node N -m lpjepa.train ...",
-    )
-    # Every default is None here so that a flag given explicitly can be told from a default (for presets and --resume).
-    add = parser.add_argument
-    add("--preset", choices=sorted(PRESETS), default=None, help="seed (default: the notebook's recipe) or paper (LARS, cosine, 1000 epochs, 8192 projections, strong augmentation, lamb_reg 250)")
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, help=f"(default {d['epochs']})")
-    g.add_argument("--batch-size", type=int, help=f"global batch, split over the processes (default {d['batch_size']})")
-    g.add_argument("--lr", type=float, help=f"(default {d['lr']})")
-    g.add_argument("--weight-decay", type=float, help=f"(default {d['weight_decay']})")
-    g.add_argument("--optimizer", choices=("adamw", "lars"), help=f"(default {d['optimizer']}; LARS is timm's)")
-    g.add_argument("--schedule", choices=("constant", "cosine"), help=f"learning rate per step (default {d['schedule']}; cosine is timm's)")
-    g.add_argument("--warmup-epochs", type=int, help="linear warm-up before the cosine (default 0)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="fp16 mixed precision on CUDA (default on; never on the CPU)")
-    g = parser.add_argument_group("loss")
-    g.add_argument("--lamb-inv", type=float, help=f"invariance weight (default {d['lamb_inv']})")
-    g.add_argument("--lamb-reg", type=float, help=f"RDMReg weight (default {d['lamb_reg']})")
-    g.add_argument("--p", type=float, help=f"shape of the Generalized Gaussian prior (default {d['p']})")
-    g.add_argument("--mu", type=float, help=f"mean shift of the prior; lower gives more zeros (default {d['mu']})")
-    g.add_argument("--num-projections", type=int, help=f"random directions of the sliced Wasserstein loss (default {d['num_projections']})")
-    g = parser.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, help=f"(default {d['dataset']})")
-    g.add_argument("--data-dir", help="folder holding cifar-100-python/ (or cifar-10-batches-py/), or the training image folder (default ./data)")
-    g.add_argument("--val-dir", help="validation image folder for --dataset imagefolder")
-    g.add_argument("--image-size", type=int, help="crop size of the views (default 32)")
-    g.add_argument("--augmentation", choices=AUGMENTATIONS, help="seed (default) or paper (stronger crop/jitter/grayscale/solarize)")
-    g.add_argument("--download", action=argparse.BooleanOptionalAction, help="download CIFAR when it is not in --data-dir (default on)")
-    g.add_argument("--skip-data-check", action="store_const", const=True, help="use a local CIFAR copy whose files do not match torchvision's md5 checksums")
-    g.add_argument("--num-workers", type=int, help=f"data loader processes (default {d['num_workers']} here)")
-    g = parser.add_argument_group("model")
-    g.add_argument("--backbone", help="any timm model name (default resnet18)")
-    g.add_argument("--stem", choices=STEMS, help="cifar (default: 3x3 stride-1 conv, no max-pool) or imagenet (the seed's model exactly)")
-    g = parser.add_argument_group("evaluation")
-    g.add_argument("--probe-lr", type=float, help="AdamW lr of the online linear probes (default 1e-3)")
-    g.add_argument("--knn-k", type=int, help="neighbours of the kNN classifier (default 200)")
-    g.add_argument("--knn-t", type=float, help="temperature of the kNN vote weights (default 0.07)")
-    g.add_argument("--eval-every", type=int, help="evaluate every N epochs, and after the last (default 1)")
-    g = parser.add_argument_group("run")
-    g.add_argument("--out", help="run folder (default runs/DATASET-BACKBONE-TIME; with --resume, the checkpoint's)")
-    g.add_argument("--resume", help="checkpoint to continue from, or a run folder (uses checkpoints/last.pt)")
-    g.add_argument("--save-every", type=int, help="also keep checkpoints/epoch_NNNN.pt every N epochs (default 0: only last.pt)")
-    g.add_argument("--device", help="auto (default: cuda if available), cpu, cuda, cuda:1")
-    g.add_argument("--seed", type=int, help="seeds the model, the data order and the augmentations (default 0)")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="per-step progress (default on)")
-    return parser
-
-
-def resolve_config(args):
-    """The run's config: defaults, then the preset, then the flags given (with --resume: the checkpoint's, then the flags)."""
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "preset")}
-    if args.resume:
-        checkpoint = load_checkpoint(checkpoint_path(args.resume))
-        cfg = dict(checkpoint["config"])
-        if args.preset is not None and args.preset != cfg["preset"]:
-            raise SystemExit(f"--resume: the checkpoint was trained with --preset {cfg['preset']}, not {args.preset}")
-        for key in FIXED_ON_RESUME:
-            if key in given and given[key] != cfg[key]:
-                raise SystemExit(f"--resume: the checkpoint was trained with --{key.replace('_', '-')} {cfg[key]}; it cannot change")
-        cfg.update(given)
-        return cfg, checkpoint
-    preset = args.preset or "seed"
-    cfg = {**DEFAULTS, **PRESETS[preset], **given, "preset": preset}
-    if cfg["schedule"] == "constant" and cfg["warmup_epochs"]:
-        raise SystemExit("--warmup-epochs needs --schedule cosine")
-    if cfg["out"] is None:
-        cfg["out"] = os.path.join("runs", f"{cfg['dataset']}-{cfg['backbone']}-{time.strftime('%Y%m%d-%H%M%S')}")
-    return cfg, None
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_path(path):
-    return os.path.join(path, "checkpoints", "last.pt") if os.path.isdir(path) else path
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise SystemExit(f"no checkpoint at {path}")
-    # Our own file, holding Python and numpy RNG states, so not weights_only.
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a reader never sees half a file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def rng_states(device):
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-    }
-
-
-def set_rng_states(states, device):
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if device.type == "cuda" and states["cuda"] is not None:
-        torch.cuda.set_rng_state(states["cuda"], device)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def load_model_for_eval(checkpoint, device="auto"):
-    """(model in eval mode, config with '_epoch', device) from a checkpoint written by this program."""
-    state = load_checkpoint(checkpoint_path(checkpoint))
-    cfg = dict(state["config"], _epoch=state["epoch"])
-    dev = torchrun.resolve_device(device)
-    model = LpJEPA(cfg["backbone"], cfg["stem"])
-    model.load_state_dict(state["model"])
-    return model.to(dev).eval(), cfg, dev
-
+from .training import torchrun
+from .training.checkpoint import rng_states, save_atomic, seed_everything, set_rng_states
+from .training.config import build_parser, resolve_config
+from .training.data import EpochSampler, TwoViewDataset, eval_loaders, make_loader, num_classes, run_splits, train_transform
+from .training.evaluation import OnlineProbes, evaluate_online
+from .training.model import LpJEPA
+from .training.optim import build_optimizer, build_probe_optimizer, build_scheduler
+from .training.runlog import COLUMNS, MetricsCSV, Progress, TensorBoard
 
 # ----------------------------------------------------------------------------- pieces
 
@@ -249,43 +43,6 @@ def ssl_loss(z1, z2, cfg, process_group=None):
     return rectified_lpjepa_loss(
         z1, z2, lamb_inv=cfg["lamb_inv"], lamb_reg=cfg["lamb_reg"], p=cfg["p"], mu=cfg["mu"],
         num_projections=cfg["num_projections"], process_group=process_group,
-    )
-
-
-def build_optimizer(model, cfg):
-    """AdamW over every parameter (the seed's), or timm's LARS without weight decay or adaptation on biases and norms."""
-    if cfg["optimizer"] == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    from timm.optim import create_optimizer_v2
-
-    return create_optimizer_v2(
-        model, opt="lars", lr=cfg["lr"], weight_decay=cfg["weight_decay"], momentum=LARS_MOMENTUM,
-        trust_coeff=LARS_TRUST_COEFF, trust_clip=True,
-    )
-
-
-def build_scheduler(optimizer, cfg, steps_per_epoch):
-    """timm's per-step cosine schedule after a linear warm-up; None for a constant learning rate."""
-    if cfg["schedule"] == "constant":
-        return None
-    from timm.scheduler import CosineLRScheduler
-
-    warmup = cfg["warmup_epochs"] * steps_per_epoch
-    return CosineLRScheduler(
-        optimizer, t_initial=max(1, cfg["epochs"] * steps_per_epoch - warmup), warmup_t=warmup,
-        warmup_prefix=True, warmup_lr_init=0.0, lr_min=0.0, t_in_epochs=False,
-    )
-
-
-def eval_loaders(cfg, batch_size, device, env=None):
-    """(train split without augmentation, validation split, number of classes) for kNN and probes."""
-    train, val = load_splits(cfg["dataset"], cfg["data_dir"], cfg["val_dir"], cfg["download"], cfg["skip_data_check"])
-    transform = eval_transform(cfg["image_size"], cfg["dataset"])
-    kwargs = dict(num_workers=cfg["num_workers"], pin_memory=device.type == "cuda")
-    return (
-        make_loader(Transformed(train, transform), batch_size, **kwargs),
-        make_loader(Transformed(val, transform), batch_size, **kwargs),
-        num_classes(train),
     )
 
 
@@ -379,10 +136,10 @@ def _train(cfg, checkpoint, env, device, on_step):
 
     # Data (rank 0 fetches a missing CIFAR first, so the processes do not download it together).
     if env.is_main:
-        train_base, val_base = load_splits(cfg["dataset"], cfg["data_dir"], cfg["val_dir"], cfg["download"], cfg["skip_data_check"])
+        train_base, val_base = run_splits(cfg)
     torchrun.barrier(env)
     if not env.is_main:
-        train_base, val_base = load_splits(cfg["dataset"], cfg["data_dir"], cfg["val_dir"], False, cfg["skip_data_check"])
+        train_base, val_base = run_splits(cfg, download=False)
     if len(train_base) < cfg["batch_size"]:
         raise SystemExit(f"the training set has {len(train_base)} images, fewer than one batch (--batch-size {cfg['batch_size']})")
     n_classes = num_classes(train_base)
@@ -392,16 +149,13 @@ def _train(cfg, checkpoint, env, device, on_step):
     loader = make_loader(views, local_batch, num_workers=cfg["num_workers"], pin_memory=pin, sampler=sampler, drop_last=True)
     steps_per_epoch = len(sampler) // local_batch
     if env.is_main:
-        transform = eval_transform(cfg["image_size"], cfg["dataset"])
-        kw = dict(num_workers=cfg["num_workers"], pin_memory=pin)
-        knn_loader = make_loader(Transformed(train_base, transform), 2 * local_batch, **kw)
-        val_loader = make_loader(Transformed(val_base, transform), 2 * local_batch, **kw)
+        knn_loader, val_loader = eval_loaders(cfg, train_base, val_base, 2 * local_batch, pin)
 
     # Model, probes, optimisers.
     model = LpJEPA(cfg["backbone"], cfg["stem"]).to(device)
     probes = OnlineProbes(model.feature_dim, model.feature_dim, n_classes).to(device)
     optimizer = build_optimizer(model, cfg)
-    probe_optimizer = torch.optim.AdamW(probes.parameters(), lr=cfg["probe_lr"], weight_decay=0.0)
+    probe_optimizer = build_probe_optimizer(probes, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     start_epoch, batches_done, global_step, stats_state = 0, 0, 0, None
@@ -528,7 +282,7 @@ def _train(cfg, checkpoint, env, device, on_step):
             row.update(stats.reduced(env, device))
             last = epoch + 1 == cfg["epochs"]
             if env.is_main and ((epoch + 1) % cfg["eval_every"] == 0 or last):
-                row.update(evaluate(model, probes, knn_loader, val_loader, n_classes, device, amp, cfg))
+                row.update(evaluate_online(model, probes, knn_loader, val_loader, n_classes, device, amp, cfg))
             row["epoch_time"] = seconds
             if env.is_main:
                 csv_log.append(row)
@@ -550,20 +304,6 @@ def _train(cfg, checkpoint, env, device, on_step):
     return row
 
 
-def evaluate(model, probes, knn_loader, val_loader, n_classes, device, amp, cfg):
-    """Online probe accuracy, kNN on backbone features and sparsity of the projector output, on the validation split."""
-    train_h, _, train_y = (t.to(device) for t in extract_features(model, knn_loader, device, amp))
-    val_h, val_z, val_y = extract_features(model, val_loader, device, amp)
-    probes.eval()
-    result = probes.accuracy(val_h, val_z, val_y)
-    probes.train()
-    result["knn_top1"], result["knn_top5"] = knn_accuracy(
-        train_h, train_y, val_h.to(device), val_y.to(device), n_classes, cfg["knn_k"], cfg["knn_t"]
-    )
-    result.update(sparsity_metrics(val_z, cfg["p"], cfg["mu"]))
-    return result
-
-
 def _in_main_thread():
     import threading
 
@@ -582,10 +322,7 @@ def _stop_requested(stop, env, device):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    cfg, checkpoint = resolve_config(args)
-    if not math.isfinite(cfg["lr"]) or cfg["lr"] <= 0:
-        raise SystemExit(f"--lr must be a positive number; got {cfg['lr']}")
+    cfg, checkpoint = resolve_config(build_parser().parse_args(argv))
     train(cfg, checkpoint)
 
 

@@ -246,6 +246,12 @@ def load_splits(dataset, data_dir, val_dir=None, download=True, skip_data_check=
     return train, load_cifar(dataset, data_dir, False, download, skip_data_check)
 
 
+def run_splits(cfg, download=None):
+    """``load_splits`` with a run config's data flags; ``download`` overrides its ``--download``."""
+    download = cfg["download"] if download is None else download
+    return load_splits(cfg["dataset"], cfg["data_dir"], cfg["val_dir"], download, cfg["skip_data_check"])
+
+
 class Transformed(Dataset):
     """A dataset of (PIL image, label) with a transform applied to the image."""
 
@@ -281,4 +287,13 @@ def make_loader(dataset, batch_size, *, num_workers, pin_memory, sampler=None, d
         persistent_workers=num_workers > 0,
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(0),
+    )
+
+
+def eval_loaders(cfg, train, val, batch_size, pin_memory):
+    """Loaders of the train split without augmentation (the kNN bank, the offline probes' data) and of the validation split."""
+    transform = eval_transform(cfg["image_size"], cfg["dataset"])
+    return tuple(
+        make_loader(Transformed(split, transform), batch_size, num_workers=cfg["num_workers"], pin_memory=pin_memory)
+        for split in (train, val)
     )
