@@ -22,7 +22,7 @@ from PIL import Image
 
 from lpjepa import eval as lp_eval
 from lpjepa import reference, train
-from lpjepa.training import evaluation, optim, plot, runlog
+from lpjepa.training import evaluation, loop, optim, plot, runlog
 from lpjepa.training.config import build_parser, resolve_config
 from lpjepa.training.data import DataNotFound, load_splits
 from lpjepa.training.model import LpJEPA
@@ -220,7 +220,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(straight_run, tiny_folder, 
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(SystemExit) as stopped:
-        train.train(cfg, on_step=terminate_at_step_two)
+        loop.train(cfg, on_step=terminate_at_step_two)
     assert stopped.value.code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
     state = load(out / "checkpoints" / "last.pt")

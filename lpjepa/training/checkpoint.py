@@ -66,3 +66,35 @@ def load_model_for_eval(checkpoint, device="auto"):
     model = LpJEPA(cfg["backbone"], cfg["stem"])
     model.load_state_dict(state["model"])
     return model.to(dev).eval(), cfg, dev
+
+
+def training_checkpoint(cfg, state, epoch, batches_done, epoch_stats, device):
+    """The checkpoint of a run that has finished ``epoch`` epochs and ``batches_done`` batches of the next.
+
+    ``state`` holds the model, the probes, their optimizers, the grad scaler and
+    ``global_step`` (a ``loop.TrainState``); ``epoch_stats`` the running sums of the
+    unfinished epoch, or None at an epoch's end. The RNG states are taken now.
+    """
+    return {
+        "config": cfg, "epoch": epoch, "batches_done": batches_done, "global_step": state.global_step,
+        "epoch_stats": epoch_stats,
+        "model": state.model.state_dict(), "probes": state.probes.state_dict(),
+        "optimizer": state.optimizer.state_dict(), "probe_optimizer": state.probe_optimizer.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "rng": rng_states(device),
+    }
+
+
+def restore_training_state(state, checkpoint, device):
+    """Load what ``training_checkpoint`` saved back into ``state`` and the RNGs.
+
+    Returns ``(epoch, batches_done, epoch_stats)``: where the run goes on.
+    """
+    state.model.load_state_dict(checkpoint["model"])
+    state.probes.load_state_dict(checkpoint["probes"])
+    state.optimizer.load_state_dict(checkpoint["optimizer"])
+    state.probe_optimizer.load_state_dict(checkpoint["probe_optimizer"])
+    state.scaler.load_state_dict(checkpoint["scaler"])
+    state.global_step = checkpoint["global_step"]
+    set_rng_states(checkpoint["rng"], device)
+    return checkpoint["epoch"], checkpoint["batches_done"], checkpoint["epoch_stats"]
