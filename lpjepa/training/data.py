@@ -31,6 +31,13 @@ CIFAR_CLASSES = {"cifar100": datasets.CIFAR100, "cifar10": datasets.CIFAR10}
 
 AUGMENTATIONS = ("seed", "paper")
 
+# Stride between the per-sample seeds of successive --seed values. Prime, so that one
+# image gets the same seed under two --seed values only when the dataset's length or
+# the difference of the epochs is a multiple of it.
+SAMPLE_SEED_STRIDE = 1_000_003
+# Per-sample seeds stay non-negative int64 values.
+SAMPLE_SEED_RANGE = 2**63
+
 
 def train_transform(augmentation="seed", image_size=32, dataset="cifar100"):
     """The view augmentation.
@@ -88,7 +95,7 @@ class TwoViewDataset(Dataset):
         self.seed = int(seed)
 
     def sample_seed(self, index, epoch):
-        return (self.seed * 1_000_003 + epoch * len(self.base_dataset) + index) % (2**63)
+        return (self.seed * SAMPLE_SEED_STRIDE + epoch * len(self.base_dataset) + index) % SAMPLE_SEED_RANGE
 
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, 0)

@@ -17,6 +17,10 @@ from .. import metrics, rgg
 from . import data
 from .checkpoint import load_model_for_eval
 
+# Floor of a feature's standard deviation in the offline probe's standardisation: a
+# dead unit (always 0) would otherwise divide by zero.
+MIN_FEATURE_STD = 1e-6
+
 
 @torch.no_grad()
 def extract_features(model, loader, device, amp=False):
@@ -122,7 +126,7 @@ def train_linear_probe(train_x, train_y, num_classes, *, epochs=100, lr=1e-3, we
     Returns a function mapping features to class scores.
     """
     generator = torch.Generator().manual_seed(seed)
-    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(MIN_FEATURE_STD)
     x = ((train_x - mean) / std).to(device)
     y = train_y.to(device)
     probe = nn.Linear(x.shape[1], num_classes).to(device)

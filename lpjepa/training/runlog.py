@@ -126,11 +126,13 @@ class RunLog:
 class Progress:
     """A tqdm bar per epoch on a terminal; plain lines (about ten per epoch) otherwise, so logs stay readable."""
 
+    PLAIN_LINES_PER_EPOCH = 10
+
     def __init__(self, total, desc, enabled=True, stream=None, initial=0):
         self.stream = stream or sys.stderr
         self.total, self.desc, self.enabled = total, desc, enabled
         self.done = initial
-        self.every = max(1, total // 10)
+        self.every = max(1, total // self.PLAIN_LINES_PER_EPOCH)
         self.bar = None
         if enabled and getattr(self.stream, "isatty", lambda: False)():
             self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=self.stream)
