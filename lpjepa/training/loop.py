@@ -2,9 +2,9 @@
 
 A ``TrainState`` holds what the steps change and a checkpoint saves: the model, the
 online probes, their optimizers, the grad scaler, the schedule and the step counter.
-A ``Trainer`` runs it over the data: ``step`` is one optimisation step, ``train_epoch``
-one pass over the data, ``end_epoch`` the reduction, evaluation, metrics row and
-checkpoint that close an epoch.
+``TrainState.step`` is one optimisation step. A ``Trainer`` runs the state over the
+data: ``train_epoch`` is one pass over it, ``end_epoch`` the reduction, evaluation,
+metrics row and checkpoint that close an epoch.
 
 Under torchrun every process runs the same loop on its share of the global batch;
 rank 0 alone evaluates, logs and saves.
@@ -98,23 +98,78 @@ def load_training_data(cfg, env, local_batch):
 
 
 class TrainState:
-    """What the steps change and a checkpoint saves (see ``checkpoint.training_checkpoint``).
+    """What the steps change and a checkpoint saves: model, probes, their optimizers, grad scaler, schedule, step count.
 
-    Built in a fixed order (model, then probes) so that the same seed gives the same weights.
+    Built in a fixed order (model, then probes) so that the same seed gives the same
+    weights. ``step`` is one optimisation step; ``distribute`` readies it for DDP.
     """
 
-    def __init__(self, cfg, device, n_classes, steps_per_epoch, amp):
+    def __init__(self, cfg, device, n_classes, steps_per_epoch):
+        self.cfg, self.device = cfg, device
+        self.amp = bool(cfg["amp"]) and device.type == "cuda"
         self.model = LpJEPA(cfg["backbone"], cfg["stem"]).to(device)
         self.probes = OnlineProbes(self.model.feature_dim, self.model.feature_dim, n_classes).to(device)
         self.optimizer = build_optimizer(self.model, cfg)
         self.probe_optimizer = build_probe_optimizer(self.probes, cfg)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.scheduler = build_scheduler(self.optimizer, cfg, steps_per_epoch)
         self.global_step = 0
+        # What a step calls: the modules themselves, or their DDP wrappers after ``distribute``.
+        self.train_model, self.train_probes, self.process_group = self.model, self.probes, None
 
     @property
     def lr(self):
         return self.optimizer.param_groups[0]["lr"]
+
+    def restore(self, checkpoint):
+        """Continue from a loaded checkpoint; returns ``(epoch, batches_done, epoch_stats)``, where the run goes on."""
+        position = restore_training_state(self, checkpoint, self.device)
+        if self.scheduler is not None:
+            # Not from a saved state: timm's cosine is a function of the step and the config
+            # alone, and a saved state would bring back the old length when --resume changes
+            # --epochs. The new length applies from the current step on.
+            self.scheduler.step_update(self.global_step)
+        return position
+
+    def distribute(self, env):
+        """Under DDP: wrappers that average the gradients over the processes, and the loss over the global batch."""
+        if not env.distributed:
+            return
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+        self.train_probes = DistributedDataParallel(self.probes, device_ids=ids)
+        self.process_group = torch.distributed.group.WORLD
+        # The global loss draws targets and directions from one seed stream, one draw per
+        # step. Tying it to the run's seed and step makes a resumed run draw what the
+        # uninterrupted one would have (single-process runs restore the RNG state instead).
+        stream = distributed.default_seed_stream(self.process_group)
+        stream.seed, stream.step = self.cfg["seed"], self.global_step
+
+    def step(self, x1, x2, y):
+        """One optimisation step of the model on a batch of two views, then one of the probes on its detached outputs.
+
+        Returns the step's numbers, in the keys of ``EpochStats``.
+        """
+        x1, x2, y = (t.to(self.device, non_blocking=True) for t in (x1, x2, y))
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            h1, z1 = self.train_model(x1, with_features=True)
+            h2, z2 = self.train_model(x2, with_features=True)
+            parts = ssl_loss(z1, z2, self.cfg, self.process_group)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(parts.loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.global_step += 1
+        if self.scheduler is not None:
+            self.scheduler.step_update(self.global_step)
+        probe_loss = self.train_probes(torch.cat([h1, h2]), torch.cat([z1, z2]), torch.cat([y, y]))
+        self.probe_optimizer.zero_grad(set_to_none=True)
+        probe_loss.backward()
+        self.probe_optimizer.step()
+        return {
+            "loss": parts.loss.item(), "invariance": parts.invariance.item(), "regularizer": parts.regularizer.item(),
+            "train_zero_fraction": (z1 == 0).float().mean().item(), "probe_loss": probe_loss.item(), "images": x1.shape[0],
+        }
 
 
 class EpochStats:
@@ -143,46 +198,25 @@ class EpochStats:
 
 
 class Trainer:
-    """One process's part of a run: its data, the ``TrainState``, the run folder, and where a resume starts."""
+    """One process's part of a run: its data, the ``TrainState``, the run folder, and where a resume starts.
+
+    ``train_epoch`` is one pass over the data, ``end_epoch`` what closes an epoch.
+    """
 
     def __init__(self, cfg, env, checkpoint=None):
         self.cfg, self.env, self.device = cfg, env, env.device
-        self.amp = bool(cfg["amp"]) and self.device.type == "cuda"
         if cfg["batch_size"] % env.world_size:
             raise SystemExit(f"--batch-size {cfg['batch_size']} must divide over {env.world_size} processes")
         self.local_batch = cfg["batch_size"] // env.world_size
         seed_everything(cfg["seed"])
         self.data = load_training_data(cfg, env, self.local_batch)
-        self.state = TrainState(cfg, self.device, self.data.num_classes, self.data.steps_per_epoch, self.amp)
+        self.state = TrainState(cfg, self.device, self.data.num_classes, self.data.steps_per_epoch)
         self.resumed = checkpoint is not None
         self.start_epoch, self.batches_done, self.epoch_stats = 0, 0, None
         if self.resumed:
-            self._resume(checkpoint)
-        self.train_model, self.train_probes = self._wrap_for_ddp()
-        self.process_group = torch.distributed.group.WORLD if env.distributed else None
-        if self.process_group is not None:
-            # The global loss draws targets and directions from one seed stream, one draw per
-            # step. Tying it to the run's seed and step makes a resumed run draw what the
-            # uninterrupted one would have (single-process runs restore the RNG state instead).
-            stream = distributed.default_seed_stream(self.process_group)
-            stream.seed, stream.step = cfg["seed"], self.state.global_step
+            self.start_epoch, self.batches_done, self.epoch_stats = self.state.restore(checkpoint)
+        self.state.distribute(env)
         self.log = RunLog(cfg["out"], enabled=env.is_main)
-
-    def _resume(self, checkpoint):
-        self.start_epoch, self.batches_done, self.epoch_stats = restore_training_state(self.state, checkpoint, self.device)
-        if self.state.scheduler is not None:
-            # Not from a saved state: timm's cosine is a function of the step and the config
-            # alone, and a saved state would bring back the old length when --resume changes
-            # --epochs. The new length applies from the current step on.
-            self.state.scheduler.step_update(self.state.global_step)
-
-    def _wrap_for_ddp(self):
-        """The modules the steps call: under DDP, wrappers that average the gradients over the processes."""
-        model, probes = self.state.model, self.state.probes
-        if not self.env.distributed:
-            return model, probes
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids), DistributedDataParallel(probes, device_ids=ids)
 
     def run(self, on_step=None):
         """Train from where the run stands to ``cfg['epochs']``; returns the last metrics row (None if none ran)."""
@@ -203,7 +237,7 @@ class Trainer:
         if not self.env.is_main:
             return
         cfg, env, data = self.cfg, self.env, self.data
-        resolved = dict(cfg, world_size=env.world_size, device=str(self.device), amp_active=self.amp,
+        resolved = dict(cfg, world_size=env.world_size, device=str(self.device), amp_active=self.state.amp,
                         steps_per_epoch=data.steps_per_epoch)
         self.log.open(resolved, keep_epochs=self.start_epoch)
         where = f"resuming at epoch {self.start_epoch + 1}, step {self.batches_done}" if self.resumed else "starting"
@@ -230,7 +264,7 @@ class Trainer:
         epoch_start = tick = time.perf_counter()
         for x1, x2, y in self.data.loader:
             data_time = time.perf_counter() - tick
-            values = self.step(x1, x2, y)
+            values = self.state.step(x1, x2, y)
             step_time = time.perf_counter() - tick
             stats.add(**values, steps=1, data_time=data_time, step_time=step_time)
             batch += 1
@@ -246,33 +280,6 @@ class Trainer:
             tick = time.perf_counter()
         progress.close()
         return stats, time.perf_counter() - epoch_start
-
-    def step(self, x1, x2, y):
-        """One optimisation step of the model on a batch of two views, then one of the probes on its detached outputs.
-
-        Returns the step's numbers, in the keys of ``EpochStats``.
-        """
-        state, device = self.state, self.device
-        x1, x2, y = (t.to(device, non_blocking=True) for t in (x1, x2, y))
-        with torch.autocast(device.type, dtype=torch.float16, enabled=self.amp):
-            h1, z1 = self.train_model(x1, with_features=True)
-            h2, z2 = self.train_model(x2, with_features=True)
-            parts = ssl_loss(z1, z2, self.cfg, self.process_group)
-        state.optimizer.zero_grad(set_to_none=True)
-        state.scaler.scale(parts.loss).backward()
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
-        state.global_step += 1
-        if state.scheduler is not None:
-            state.scheduler.step_update(state.global_step)
-        probe_loss = self.train_probes(torch.cat([h1, h2]), torch.cat([z1, z2]), torch.cat([y, y]))
-        state.probe_optimizer.zero_grad(set_to_none=True)
-        probe_loss.backward()
-        state.probe_optimizer.step()
-        return {
-            "loss": parts.loss.item(), "invariance": parts.invariance.item(), "regularizer": parts.regularizer.item(),
-            "train_zero_fraction": (z1 == 0).float().mean().item(), "probe_loss": probe_loss.item(), "images": x1.shape[0],
-        }
 
     def _progress_postfix(self, values, data_time, step_time):
         images_per_s = values["images"] * self.env.world_size / max(step_time, MIN_SECONDS)
@@ -311,7 +318,7 @@ class Trainer:
         data = self.data
         return evaluate_online(
             self.state.model, self.state.probes, data.knn_loader, data.val_loader, data.num_classes, self.device,
-            self.amp, self.cfg,
+            self.state.amp, self.cfg,
         )
 
     def save(self, epoch, batches_done, stats, name="last.pt"):
