@@ -21,9 +21,11 @@ import torch
 from PIL import Image
 
 from lpjepa import eval as lp_eval
-from lpjepa import plot, reference, train
-from lpjepa.data import DataNotFound, load_splits
-from lpjepa.model import LpJEPA
+from lpjepa import reference, train
+from lpjepa.training import evaluation, loop, optim, plot, runlog
+from lpjepa.training.config import build_parser, resolve_config
+from lpjepa.training.data import DataNotFound, load_splits
+from lpjepa.training.model import LpJEPA
 
 TINY = ["--backbone", "resnet10t", "--image-size", "16", "--batch-size", "4", "--num-workers", "0",
         "--num-projections", "16", "--knn-k", "5", "--no-progress"]
@@ -68,7 +70,7 @@ def run_args(data, out, *extra):
 
 
 def config(argv):
-    return train.resolve_config(train.build_parser().parse_args(argv))
+    return resolve_config(build_parser().parse_args(argv))
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +147,8 @@ def test_paper_optimizer_is_timm_lars_with_warmup_then_cosine():
 
     cfg, _ = config(["--preset", "paper", "--epochs", "4", "--warmup-epochs", "1"])
     model = torch.nn.Linear(3, 3)
-    optimizer = train.build_optimizer(model, cfg)
-    scheduler = train.build_scheduler(optimizer, cfg, steps_per_epoch=10)
+    optimizer = optim.build_optimizer(model, cfg)
+    scheduler = optim.build_scheduler(optimizer, cfg, steps_per_epoch=10)
     assert isinstance(optimizer, Lars)
     lrs = []
     for step in range(1, 41):
@@ -162,10 +164,10 @@ def test_paper_optimizer_is_timm_lars_with_warmup_then_cosine():
 def test_run_folder_eval_and_plot(straight_run, tiny_folder, capsys):
     cfg = json.load(open(straight_run / "config.json"))
     assert cfg["epochs"] == 2 and cfg["backbone"] == "resnet10t" and cfg["world_size"] == 1
-    rows = train.MetricsCSV(straight_run / "metrics.csv", train.COLUMNS).read()
+    rows = runlog.MetricsCSV(straight_run / "metrics.csv", runlog.COLUMNS).read()
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     for row in rows:
-        for key in train.COLUMNS:
+        for key in runlog.COLUMNS:
             assert math.isfinite(float(row[key])), key
         assert 0 <= float(row["probe_backbone_top1"]) <= 1 and float(row["prior_zero_fraction"]) == 0.5
     for name in ("last.pt", "final.pt"):
@@ -189,8 +191,8 @@ def test_resume_continues_exactly(straight_run, tiny_folder, tmp_path):
     assert load(out / "checkpoints" / "last.pt")["epoch"] == 1
     train.main(["--resume", str(out), "--epochs", "2", "--no-progress"])
     assert_same_state(load(straight_run / "checkpoints" / "final.pt"), load(out / "checkpoints" / "final.pt"))
-    straight = train.MetricsCSV(straight_run / "metrics.csv", train.COLUMNS).read()
-    resumed = train.MetricsCSV(out / "metrics.csv", train.COLUMNS).read()
+    straight = runlog.MetricsCSV(straight_run / "metrics.csv", runlog.COLUMNS).read()
+    resumed = runlog.MetricsCSV(out / "metrics.csv", runlog.COLUMNS).read()
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
 
 
@@ -198,11 +200,11 @@ def test_resume_with_more_epochs_follows_the_longer_cosine(tiny_folder, tmp_path
     out = tmp_path / "extended"
     train.main(run_args(tiny_folder, out, "--epochs", "1", "--schedule", "cosine"))
     train.main(["--resume", str(out), "--epochs", "3", "--no-progress"])
-    rows = train.MetricsCSV(out / "metrics.csv", train.COLUMNS).read()
+    rows = runlog.MetricsCSV(out / "metrics.csv", runlog.COLUMNS).read()
     assert [int(r["step"]) for r in rows] == [4, 8, 12]
     cfg, _ = config(run_args(tiny_folder, out, "--epochs", "3", "--schedule", "cosine"))
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg["lr"])
-    three_epochs = train.build_scheduler(optimizer, cfg, steps_per_epoch=4)
+    three_epochs = optim.build_scheduler(optimizer, cfg, steps_per_epoch=4)
     three_epochs.step_update(8)
     # The 1-epoch cosine had reached 0 at step 4; the run now follows the 3-epoch one.
     assert float(rows[0]["lr"]) == pytest.approx(0.0, abs=1e-12)
@@ -218,7 +220,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(straight_run, tiny_folder, 
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(SystemExit) as stopped:
-        train.train(cfg, on_step=terminate_at_step_two)
+        loop.train(cfg, on_step=terminate_at_step_two)
     assert stopped.value.code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
     state = load(out / "checkpoints" / "last.pt")
@@ -244,7 +246,7 @@ def test_cifar_format_folder_trains_with_skip_data_check(tmp_path, capsys):
     args[args.index("--image-size") + 1] = "32"
     train.main(args)
     assert "epoch 1/1 | loss" in capsys.readouterr().out
-    assert len(train.MetricsCSV(tmp_path / "run" / "metrics.csv", train.COLUMNS).read()) == 1
+    assert len(runlog.MetricsCSV(tmp_path / "run" / "metrics.csv", runlog.COLUMNS).read()) == 1
 
 
 def test_missing_cifar_says_where_and_how(tmp_path):
@@ -284,9 +286,9 @@ def test_knn_and_topk_on_separable_clusters():
     test_y = torch.arange(3).repeat(4)
     train_x = centers[train_y] + torch.randn(30, 8)
     test_x = centers[test_y] + torch.randn(12, 8)
-    assert lp_eval.knn_accuracy(train_x, train_y, test_x, test_y, 3, k=200) == [1.0, 1.0]
+    assert evaluation.knn_accuracy(train_x, train_y, test_x, test_y, 3, k=200) == [1.0, 1.0]
     scores = torch.tensor([[0.1, 0.9], [0.8, 0.2]])
-    assert lp_eval.topk_accuracy(scores, torch.tensor([0, 0])) == [0.5, 1.0]  # top-5 capped at 2 classes
+    assert evaluation.topk_accuracy(scores, torch.tensor([0, 0])) == [0.5, 1.0]  # top-5 capped at 2 classes
 
 
 # ----------------------------------------------------------------------------- DDP
@@ -313,7 +315,7 @@ def test_torchrun_two_cpu_processes_and_exact_resume(tiny_folder, tmp_path):
     assert result.stdout.count("epoch 1/1 | loss") == 1  # rank 0 alone logs
     cfg = json.load(open(out / "config.json"))
     assert cfg["world_size"] == 2
-    assert len(train.MetricsCSV(out / "metrics.csv", train.COLUMNS).read()) == 1
+    assert len(runlog.MetricsCSV(out / "metrics.csv", runlog.COLUMNS).read()) == 1
     assert load(out / "checkpoints" / "final.pt")["epoch"] == 1
 
     # Resumed for a second epoch, it ends where two uninterrupted epochs end: the global
@@ -329,7 +331,7 @@ def test_torchrun_two_cpu_processes_and_exact_resume(tiny_folder, tmp_path):
 def test_progress_off_a_terminal_prints_about_ten_plain_lines():
     import io
 
-    from lpjepa.runlog import Progress
+    from lpjepa.training.runlog import Progress
 
     stream = io.StringIO()
     progress = Progress(40, "epoch 1/3", stream=stream)

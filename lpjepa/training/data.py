@@ -31,6 +31,13 @@ CIFAR_CLASSES = {"cifar100": datasets.CIFAR100, "cifar10": datasets.CIFAR10}
 
 AUGMENTATIONS = ("seed", "paper")
 
+# Stride between the per-sample seeds of successive --seed values. Prime, so that one
+# image gets the same seed under two --seed values only when the dataset's length or
+# the difference of the epochs is a multiple of it.
+SAMPLE_SEED_STRIDE = 1_000_003
+# Per-sample seeds stay non-negative int64 values.
+SAMPLE_SEED_RANGE = 2**63
+
 
 def train_transform(augmentation="seed", image_size=32, dataset="cifar100"):
     """The view augmentation.
@@ -88,7 +95,7 @@ class TwoViewDataset(Dataset):
         self.seed = int(seed)
 
     def sample_seed(self, index, epoch):
-        return (self.seed * 1_000_003 + epoch * len(self.base_dataset) + index) % (2**63)
+        return (self.seed * SAMPLE_SEED_STRIDE + epoch * len(self.base_dataset) + index) % SAMPLE_SEED_RANGE
 
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
@@ -246,6 +253,12 @@ def load_splits(dataset, data_dir, val_dir=None, download=True, skip_data_check=
     return train, load_cifar(dataset, data_dir, False, download, skip_data_check)
 
 
+def run_splits(cfg, download=None):
+    """``load_splits`` with a run config's data flags; ``download`` overrides its ``--download``."""
+    download = cfg["download"] if download is None else download
+    return load_splits(cfg["dataset"], cfg["data_dir"], cfg["val_dir"], download, cfg["skip_data_check"])
+
+
 class Transformed(Dataset):
     """A dataset of (PIL image, label) with a transform applied to the image."""
 
@@ -281,4 +294,13 @@ def make_loader(dataset, batch_size, *, num_workers, pin_memory, sampler=None, d
         persistent_workers=num_workers > 0,
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(0),
+    )
+
+
+def eval_loaders(cfg, train, val, batch_size, pin_memory):
+    """Loaders of the train split without augmentation (the kNN bank, the offline probes' data) and of the validation split."""
+    transform = eval_transform(cfg["image_size"], cfg["dataset"])
+    return tuple(
+        make_loader(Transformed(split, transform), batch_size, num_workers=cfg["num_workers"], pin_memory=pin_memory)
+        for split in (train, val)
     )

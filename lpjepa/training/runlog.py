@@ -1,9 +1,18 @@
-"""What a run leaves to read: metrics.csv, TensorBoard events (when installed), progress bars."""
+"""What a run leaves to read: config.json, metrics.csv, TensorBoard events (when installed), progress bars, the epoch lines."""
 import csv
+import json
 import os
 import sys
 
 from tqdm import tqdm
+
+# metrics.csv, one row per epoch; the evaluation columns are empty in epochs without evaluation.
+COLUMNS = (
+    "epoch", "step", "lr", "loss", "invariance", "regularizer", "train_zero_fraction", "probe_loss",
+    "probe_backbone_top1", "probe_backbone_top5", "probe_projector_top1", "probe_projector_top5",
+    "knn_top1", "knn_top5", "val_zero_fraction", "val_l0", "val_l1", "val_dead_units", "prior_zero_fraction",
+    "img_per_s", "data_wait", "epoch_time",
+)
 
 
 class MetricsCSV:
@@ -76,14 +85,54 @@ class TensorBoard:
             self.writer.close()
 
 
+class RunLog:
+    """The run folder as rank 0 writes it while training: config.json, metrics.csv and TensorBoard events.
+
+    On the other processes (``enabled=False``) every method does nothing.
+    """
+
+    def __init__(self, out, enabled=True):
+        self.out, self.enabled = out, enabled
+        self.metrics = MetricsCSV(os.path.join(out, "metrics.csv"), COLUMNS)
+        self.tensorboard = None
+
+    def open(self, resolved_config, keep_epochs):
+        """Write config.json, keep the metrics rows of the first ``keep_epochs`` epochs, start TensorBoard.
+
+        A resume repeats the epochs after its checkpoint, so their old rows go.
+        """
+        if not self.enabled:
+            return
+        os.makedirs(self.out, exist_ok=True)
+        with open(os.path.join(self.out, "config.json"), "w") as f:
+            json.dump(resolved_config, f, indent=2, sort_keys=True)
+        self.metrics.truncate(keep_epochs)
+        self.tensorboard = TensorBoard(os.path.join(self.out, "tensorboard"))
+
+    def step(self, values, step):
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(values, step, "step/")
+
+    def epoch(self, row, epoch):
+        if self.enabled:
+            self.metrics.append(row)
+            self.tensorboard.scalars(row, epoch, "epoch/")
+
+    def close(self):
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
 class Progress:
     """A tqdm bar per epoch on a terminal; plain lines (about ten per epoch) otherwise, so logs stay readable."""
+
+    PLAIN_LINES_PER_EPOCH = 10
 
     def __init__(self, total, desc, enabled=True, stream=None, initial=0):
         self.stream = stream or sys.stderr
         self.total, self.desc, self.enabled = total, desc, enabled
         self.done = initial
-        self.every = max(1, total // 10)
+        self.every = max(1, total // self.PLAIN_LINES_PER_EPOCH)
         self.bar = None
         if enabled and getattr(self.stream, "isatty", lambda: False)():
             self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=self.stream)
@@ -100,3 +149,19 @@ class Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+def format_summary(epoch, epochs, row, seconds):
+    """The line printed at the end of an epoch; the evaluation part only when the row has it."""
+    text = (
+        f"epoch {epoch}/{epochs} | loss {row['loss']:.4f} (inv {row['invariance']:.4f}, reg {row['regularizer']:.5f})"
+        f" | zeros {row['train_zero_fraction']:.1%}"
+    )
+    if "val_zero_fraction" in row:
+        text += (
+            f" (val {row['val_zero_fraction']:.1%}, prior {row['prior_zero_fraction']:.1%}, l1 {row['val_l1']:.3f},"
+            f" dead {row['val_dead_units']})"
+            f" | probe top-1 backbone {row['probe_backbone_top1']:.1%} projector {row['probe_projector_top1']:.1%}"
+            f" | kNN top-1 {row['knn_top1']:.1%}"
+        )
+    return text + f" | {row['img_per_s']:.0f} img/s, data wait {row['data_wait']:.0%} | {seconds:.1f} s"

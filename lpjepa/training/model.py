@@ -1,7 +1,8 @@
 """The Rectified LpJEPA model for training: a timm backbone with a choice of stem, then the seed's projector.
 
-``LpJEPA(backbone_name, stem='imagenet')`` builds the seed's ``reference.RectifiedLpJEPA``
-exactly (same modules, same parameter names, same initialisation under the same seed).
+``LpJEPA(backbone_name, stem='imagenet')`` builds the seed's model exactly (the one
+``lpjepa.reference`` keeps as the tests' oracle): same modules, same parameter names,
+same initialisation under the same seed.
 ``stem='cifar'`` swaps the ResNet stem for the one used on 32x32 images: a 3x3 stride-1
 first convolution and no max-pool, so a 32x32 image reaches the last stage as 4x4
 instead of 1x1.
@@ -9,9 +10,29 @@ instead of 1x1.
 import timm
 import torch.nn as nn
 
-from .reference import Projector
-
 STEMS = ("cifar", "imagenet")
+
+
+def _linear_bn_relu(dim):
+    return [nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU()]
+
+
+class Projector(nn.Module):
+    """The seed's projector: two Linear-BatchNorm-ReLU blocks, then Linear and a final ReLU, all of width ``dim``.
+
+    The final ReLU is what makes the output non-negative and sparse. The layers sit in
+    one ``nn.Sequential`` named ``model`` and are created in the seed's order, so the
+    parameter names (``model.0`` ... ``model.6``) and the initial weights under a given
+    seed are the seed's.
+    """
+
+    def __init__(self, dim=512):
+        super().__init__()
+        blocks = _linear_bn_relu(dim) + _linear_bn_relu(dim)
+        self.model = nn.Sequential(*blocks, nn.Linear(dim, dim), nn.ReLU())
+
+    def forward(self, x):
+        return self.model(x)
 
 
 def cifar_stem(backbone):
@@ -57,7 +78,7 @@ class LpJEPA(nn.Module):
 
     def __init__(self, backbone_name="resnet18", stem="cifar"):
         super().__init__()
-        # Same construction order as reference.RectifiedLpJEPA, so the same seed gives the same weights.
+        # Backbone first, then projector: the seed's order, so the same seed gives the same weights.
         self.backbone = create_backbone(backbone_name, stem)
         self.projector = Projector(dim=self.backbone.num_features)
 

@@ -1,0 +1,100 @@
+"""Checkpoints of a training run: where they live, how they are written and read, and the RNG states they carry.
+
+A checkpoint is one ``torch.save`` dict with the keys ``config``, ``epoch``,
+``batches_done``, ``global_step``, ``epoch_stats``, ``model``, ``probes``,
+``optimizer``, ``probe_optimizer``, ``scaler`` and ``rng``; ``training_checkpoint``
+builds it and ``restore_training_state`` reads it back, so its format lives here alone.
+"""
+import os
+import random
+
+import numpy as np
+import torch
+
+from . import torchrun
+from .model import LpJEPA
+
+
+def checkpoint_path(path):
+    """A checkpoint file, or a run folder (its ``checkpoints/last.pt``)."""
+    return os.path.join(path, "checkpoints", "last.pt") if os.path.isdir(path) else path
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"no checkpoint at {path}")
+    # Our own file, holding Python and numpy RNG states, so not weights_only.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a reader never sees half a file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_states(device):
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def set_rng_states(states, device):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and states["cuda"] is not None:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_model_for_eval(checkpoint, device="auto"):
+    """(model in eval mode, config with '_epoch', device) from a checkpoint written by ``lpjepa.train``."""
+    state = load_checkpoint(checkpoint_path(checkpoint))
+    cfg = dict(state["config"], _epoch=state["epoch"])
+    dev = torchrun.resolve_device(device)
+    model = LpJEPA(cfg["backbone"], cfg["stem"])
+    model.load_state_dict(state["model"])
+    return model.to(dev).eval(), cfg, dev
+
+
+def training_checkpoint(cfg, state, epoch, batches_done, epoch_stats, device):
+    """The checkpoint of a run that has finished ``epoch`` epochs and ``batches_done`` batches of the next.
+
+    ``state`` holds the model, the probes, their optimizers, the grad scaler and
+    ``global_step`` (a ``loop.TrainState``); ``epoch_stats`` the running sums of the
+    unfinished epoch, or None at an epoch's end. The RNG states are taken now.
+    """
+    return {
+        "config": cfg, "epoch": epoch, "batches_done": batches_done, "global_step": state.global_step,
+        "epoch_stats": epoch_stats,
+        "model": state.model.state_dict(), "probes": state.probes.state_dict(),
+        "optimizer": state.optimizer.state_dict(), "probe_optimizer": state.probe_optimizer.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "rng": rng_states(device),
+    }
+
+
+def restore_training_state(state, checkpoint, device):
+    """Load what ``training_checkpoint`` saved back into ``state`` and the RNGs.
+
+    Returns ``(epoch, batches_done, epoch_stats)``: where the run goes on.
+    """
+    state.model.load_state_dict(checkpoint["model"])
+    state.probes.load_state_dict(checkpoint["probes"])
+    state.optimizer.load_state_dict(checkpoint["optimizer"])
+    state.probe_optimizer.load_state_dict(checkpoint["probe_optimizer"])
+    state.scaler.load_state_dict(checkpoint["scaler"])
+    state.global_step = checkpoint["global_step"]
+    set_rng_states(checkpoint["rng"], device)
+    return checkpoint["epoch"], checkpoint["batches_done"], checkpoint["epoch_stats"]

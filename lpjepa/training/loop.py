@@ -1,0 +1,340 @@
+"""The pretraining loop: ``train(cfg)`` runs, or continues, the run that ``cfg`` describes.
+
+A ``TrainState`` holds what the steps change and a checkpoint saves: the model, the
+online probes, their optimizers, the grad scaler, the schedule and the step counter.
+``TrainState.step`` is one optimisation step. A ``Trainer`` runs the state over the
+data: ``train_epoch`` is one pass over it, ``end_epoch`` the reduction, evaluation,
+metrics row and checkpoint that close an epoch.
+
+Under torchrun every process runs the same loop on its share of the global batch;
+rank 0 alone evaluates, logs and saves.
+"""
+import os
+import signal
+import time
+from typing import NamedTuple
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from .. import distributed
+from ..loss import rectified_lpjepa_loss
+from . import torchrun
+from .checkpoint import restore_training_state, save_atomic, seed_everything, training_checkpoint
+from .data import EpochSampler, TwoViewDataset, eval_loaders, make_loader, num_classes, run_splits, train_transform
+from .evaluation import OnlineProbes, evaluate_online
+from .interrupt import StopRequest
+from .model import LpJEPA
+from .optim import build_optimizer, build_probe_optimizer, build_scheduler
+from .runlog import Progress, RunLog, format_summary
+
+# Per-step TensorBoard scalars every this many steps: enough for a curve, without an event per step.
+TENSORBOARD_EVERY = 50
+# Smallest duration a rate divides by, so that a step faster than the clock's resolution gives no ZeroDivisionError.
+MIN_SECONDS = 1e-9
+# Evaluation runs without gradients, so twice the training batch fits in the same memory.
+EVAL_BATCH_FACTOR = 2
+
+
+def train(cfg, checkpoint=None, *, on_step=None):
+    """Run (or continue) a pretraining run described by ``cfg``; returns the last metrics row.
+
+    ``checkpoint``: a loaded checkpoint to continue from. ``on_step(epoch, batch)``: called
+    after every training step (tests use it to interrupt a run).
+    """
+    env = torchrun.setup(cfg["device"])
+    try:
+        return Trainer(cfg, env, checkpoint).run(on_step)
+    finally:
+        torchrun.cleanup()
+
+
+def ssl_loss(z1, z2, cfg, process_group=None):
+    """The one call of the loss in the training loop.
+
+    Under DDP ``process_group`` is the world: the regularizer then sorts the global
+    batch, exactly as one process would, and scales each rank's gradient so that DDP's
+    averaging gives the single-process gradient (see lpjepa.distributed).
+    """
+    return rectified_lpjepa_loss(
+        z1, z2, lamb_inv=cfg["lamb_inv"], lamb_reg=cfg["lamb_reg"], p=cfg["p"], mu=cfg["mu"],
+        num_projections=cfg["num_projections"], process_group=process_group,
+    )
+
+
+class TrainingData(NamedTuple):
+    """A run's data as one process sees it; the evaluation loaders only on rank 0 (None elsewhere)."""
+
+    train_set: object
+    val_set: object
+    num_classes: int
+    sampler: EpochSampler
+    loader: object
+    steps_per_epoch: int
+    knn_loader: object
+    val_loader: object
+
+
+def load_training_data(cfg, env, local_batch):
+    """The splits, this process's loader of two-view batches, and rank 0's evaluation loaders."""
+    # Rank 0 fetches a missing CIFAR first, so that the processes do not download it together.
+    if env.is_main:
+        train_set, val_set = run_splits(cfg)
+    torchrun.barrier(env)
+    if not env.is_main:
+        train_set, val_set = run_splits(cfg, download=False)
+    if len(train_set) < cfg["batch_size"]:
+        raise SystemExit(f"the training set has {len(train_set)} images, fewer than one batch (--batch-size {cfg['batch_size']})")
+    views = TwoViewDataset(train_set, train_transform(cfg["augmentation"], cfg["image_size"], cfg["dataset"]), cfg["seed"])
+    sampler = EpochSampler(views, num_replicas=env.world_size, rank=env.rank, seed=cfg["seed"])
+    pin = env.device.type == "cuda"
+    loader = make_loader(views, local_batch, num_workers=cfg["num_workers"], pin_memory=pin, sampler=sampler, drop_last=True)
+    knn_loader = val_loader = None
+    if env.is_main:
+        knn_loader, val_loader = eval_loaders(cfg, train_set, val_set, EVAL_BATCH_FACTOR * local_batch, pin)
+    return TrainingData(
+        train_set, val_set, num_classes(train_set), sampler, loader, len(sampler) // local_batch, knn_loader, val_loader
+    )
+
+
+class TrainState:
+    """What the steps change and a checkpoint saves: model, probes, their optimizers, grad scaler, schedule, step count.
+
+    Built in a fixed order (model, then probes) so that the same seed gives the same
+    weights. ``step`` is one optimisation step; ``distribute`` readies it for DDP.
+    """
+
+    def __init__(self, cfg, device, n_classes, steps_per_epoch):
+        self.cfg, self.device = cfg, device
+        self.amp = bool(cfg["amp"]) and device.type == "cuda"
+        self.model = LpJEPA(cfg["backbone"], cfg["stem"]).to(device)
+        self.probes = OnlineProbes(self.model.feature_dim, self.model.feature_dim, n_classes).to(device)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.probe_optimizer = build_probe_optimizer(self.probes, cfg)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.scheduler = build_scheduler(self.optimizer, cfg, steps_per_epoch)
+        self.global_step = 0
+        # What a step calls: the modules themselves, or their DDP wrappers after ``distribute``.
+        self.train_model, self.train_probes, self.process_group = self.model, self.probes, None
+
+    @property
+    def lr(self):
+        return self.optimizer.param_groups[0]["lr"]
+
+    def restore(self, checkpoint):
+        """Continue from a loaded checkpoint; returns ``(epoch, batches_done, epoch_stats)``, where the run goes on."""
+        position = restore_training_state(self, checkpoint, self.device)
+        if self.scheduler is not None:
+            # Not from a saved state: timm's cosine is a function of the step and the config
+            # alone, and a saved state would bring back the old length when --resume changes
+            # --epochs. The new length applies from the current step on.
+            self.scheduler.step_update(self.global_step)
+        return position
+
+    def distribute(self, env):
+        """Under DDP: wrappers that average the gradients over the processes, and the loss over the global batch."""
+        if not env.distributed:
+            return
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+        self.train_probes = DistributedDataParallel(self.probes, device_ids=ids)
+        self.process_group = torch.distributed.group.WORLD
+        # The global loss draws targets and directions from one seed stream, one draw per
+        # step. Tying it to the run's seed and step makes a resumed run draw what the
+        # uninterrupted one would have (single-process runs restore the RNG state instead).
+        stream = distributed.default_seed_stream(self.process_group)
+        stream.seed, stream.step = self.cfg["seed"], self.global_step
+
+    def step(self, x1, x2, y):
+        """One optimisation step of the model on a batch of two views, then one of the probes on its detached outputs.
+
+        Returns the step's numbers, in the keys of ``EpochStats``.
+        """
+        x1, x2, y = (t.to(self.device, non_blocking=True) for t in (x1, x2, y))
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            h1, z1 = self.train_model(x1, with_features=True)
+            h2, z2 = self.train_model(x2, with_features=True)
+            parts = ssl_loss(z1, z2, self.cfg, self.process_group)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(parts.loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.global_step += 1
+        if self.scheduler is not None:
+            self.scheduler.step_update(self.global_step)
+        probe_loss = self.train_probes(torch.cat([h1, h2]), torch.cat([z1, z2]), torch.cat([y, y]))
+        self.probe_optimizer.zero_grad(set_to_none=True)
+        probe_loss.backward()
+        self.probe_optimizer.step()
+        return {
+            "loss": parts.loss.item(), "invariance": parts.invariance.item(), "regularizer": parts.regularizer.item(),
+            "train_zero_fraction": (z1 == 0).float().mean().item(), "probe_loss": probe_loss.item(), "images": x1.shape[0],
+        }
+
+
+class EpochStats:
+    """Running sums of one epoch's training quantities (saved in a mid-epoch checkpoint)."""
+
+    KEYS = ("loss", "invariance", "regularizer", "train_zero_fraction", "probe_loss", "steps", "images", "data_time", "step_time")
+    MEANS = ("loss", "invariance", "regularizer", "train_zero_fraction", "probe_loss")
+
+    def __init__(self, state=None):
+        self.sums = dict.fromkeys(self.KEYS, 0.0) if state is None else dict(state)
+
+    def add(self, **values):
+        for key, value in values.items():
+            self.sums[key] += value
+
+    def reduced(self, env, device):
+        """Means over the steps of every process; images/s and data-wait share of the epoch."""
+        t = torch.tensor([self.sums[k] for k in self.KEYS], dtype=torch.float64, device=device)
+        s = dict(zip(self.KEYS, torchrun.all_reduce(t, env).tolist()))
+        steps = max(s["steps"], 1)
+        out = {k: s[k] / steps for k in self.MEANS}
+        # The processes step in parallel: the epoch's wall time is their summed step time over their number.
+        out["img_per_s"] = s["images"] / max(s["step_time"] / env.world_size, MIN_SECONDS)
+        out["data_wait"] = s["data_time"] / max(s["step_time"], MIN_SECONDS)
+        return out
+
+
+class Trainer:
+    """One process's part of a run: its data, the ``TrainState``, the run folder, and where a resume starts.
+
+    ``train_epoch`` is one pass over the data, ``end_epoch`` what closes an epoch.
+    """
+
+    def __init__(self, cfg, env, checkpoint=None):
+        self.cfg, self.env, self.device = cfg, env, env.device
+        if cfg["batch_size"] % env.world_size:
+            raise SystemExit(f"--batch-size {cfg['batch_size']} must divide over {env.world_size} processes")
+        self.local_batch = cfg["batch_size"] // env.world_size
+        seed_everything(cfg["seed"])
+        self.data = load_training_data(cfg, env, self.local_batch)
+        self.state = TrainState(cfg, self.device, self.data.num_classes, self.data.steps_per_epoch)
+        self.resumed = checkpoint is not None
+        self.start_epoch, self.batches_done, self.epoch_stats = 0, 0, None
+        if self.resumed:
+            self.start_epoch, self.batches_done, self.epoch_stats = self.state.restore(checkpoint)
+        self.state.distribute(env)
+        self.log = RunLog(cfg["out"], enabled=env.is_main)
+
+    def run(self, on_step=None):
+        """Train from where the run stands to ``cfg['epochs']``; returns the last metrics row (None if none ran)."""
+        self._open_run_folder()
+        stop = StopRequest()
+        row = None
+        try:
+            for epoch in range(self.start_epoch, self.cfg["epochs"]):
+                stats, seconds = self.train_epoch(epoch, stop, on_step)
+                row = self.end_epoch(epoch, stats, seconds)
+            self._finish()
+        finally:
+            stop.restore()
+            self.log.close()
+        return row
+
+    def _open_run_folder(self):
+        if not self.env.is_main:
+            return
+        cfg, env, data = self.cfg, self.env, self.data
+        resolved = dict(cfg, world_size=env.world_size, device=str(self.device), amp_active=self.state.amp,
+                        steps_per_epoch=data.steps_per_epoch)
+        self.log.open(resolved, keep_epochs=self.start_epoch)
+        where = f"resuming at epoch {self.start_epoch + 1}, step {self.batches_done}" if self.resumed else "starting"
+        print(
+            f"{where}: {cfg['dataset']} ({len(data.train_set)} train / {len(data.val_set)} val images, {data.num_classes} classes), "
+            f"{cfg['backbone']} ({cfg['stem']} stem), {env.world_size} process(es) on {self.device}, "
+            f"batch {cfg['batch_size']}, {data.steps_per_epoch} steps/epoch, run folder {cfg['out']}",
+            flush=True,
+        )
+
+    def train_epoch(self, epoch, stop, on_step=None):
+        """One pass over this process's share of the data (the rest of it, in the epoch a resume starts in).
+
+        Returns the epoch's ``EpochStats`` and its duration in seconds.
+        """
+        skip = self.batches_done if epoch == self.start_epoch else 0
+        self.data.sampler.set_epoch(epoch, skip=skip * self.local_batch)
+        stats = EpochStats(self.epoch_stats if skip else None)
+        self.state.model.train()
+        self.state.probes.train()
+        show = self.env.is_main and self.cfg["progress"]
+        progress = Progress(self.data.steps_per_epoch, f"epoch {epoch + 1}/{self.cfg['epochs']}", show, initial=skip)
+        batch = skip
+        epoch_start = tick = time.perf_counter()
+        for x1, x2, y in self.data.loader:
+            data_time = time.perf_counter() - tick
+            values = self.state.step(x1, x2, y)
+            step_time = time.perf_counter() - tick
+            stats.add(**values, steps=1, data_time=data_time, step_time=step_time)
+            batch += 1
+            progress.update(self._progress_postfix(values, data_time, step_time))
+            if self.state.global_step % TENSORBOARD_EVERY == 0:
+                step_values = {"loss": values["loss"], "zero_fraction": values["train_zero_fraction"], "lr": self.state.lr}
+                self.log.step(step_values, self.state.global_step)
+            if on_step is not None:
+                on_step(epoch, batch)
+            if stop.requested(self.env, self.device):
+                progress.close()
+                self._save_and_exit(epoch, batch, stats, stop.signum or signal.SIGTERM)
+            tick = time.perf_counter()
+        progress.close()
+        return stats, time.perf_counter() - epoch_start
+
+    def _progress_postfix(self, values, data_time, step_time):
+        images_per_s = values["images"] * self.env.world_size / max(step_time, MIN_SECONDS)
+        return {
+            "loss": f"{values['loss']:.4f}", "zeros": f"{values['train_zero_fraction']:.1%}",
+            "img/s": f"{images_per_s:.0f}", "data": f"{data_time / max(step_time, MIN_SECONDS):.0%}",
+        }
+
+    def _save_and_exit(self, epoch, batch, stats, signum):
+        """After a stop request: a mid-epoch checkpoint (a resume skips the batches done and ends the epoch as usual)."""
+        self.save(epoch, batch, stats)
+        out = self.cfg["out"]
+        if self.env.is_main:
+            print(f"stopped by {signal.Signals(signum).name}; saved {out}/checkpoints/last.pt; "
+                  f"continue with: python -m lpjepa.train --resume {out}", flush=True)
+        raise SystemExit(128 + signum)
+
+    def end_epoch(self, epoch, stats, seconds):
+        """Reduce the epoch's sums over the processes, evaluate when due, log the row, save; returns the row."""
+        cfg, env, done = self.cfg, self.env, epoch + 1
+        row = {"epoch": done, "step": self.state.global_step, "lr": self.state.lr}
+        row.update(stats.reduced(env, self.device))
+        if env.is_main and (done % cfg["eval_every"] == 0 or done == cfg["epochs"]):
+            row.update(self.evaluate())
+        row["epoch_time"] = seconds
+        if env.is_main:
+            self.log.epoch(row, done)
+            print(format_summary(done, cfg["epochs"], row, seconds), flush=True)
+        self.save(done, 0, None)
+        if env.is_main and cfg["save_every"] and done % cfg["save_every"] == 0:
+            self.save(done, 0, None, name=f"epoch_{done:04d}.pt")
+        torchrun.barrier(env)
+        return row
+
+    def evaluate(self):
+        data = self.data
+        return evaluate_online(
+            self.state.model, self.state.probes, data.knn_loader, data.val_loader, data.num_classes, self.device,
+            self.state.amp, self.cfg,
+        )
+
+    def save(self, epoch, batches_done, stats, name="last.pt"):
+        """Rank 0 writes ``checkpoints/NAME`` atomically; ``stats`` is the unfinished epoch's, or None."""
+        if not self.env.is_main:
+            return
+        sums = None if stats is None else stats.sums
+        state = training_checkpoint(self.cfg, self.state, epoch, batches_done, sums, self.device)
+        save_atomic(state, os.path.join(self.cfg["out"], "checkpoints", name))
+
+    def _finish(self):
+        if not self.env.is_main:
+            return
+        epochs, out = self.cfg["epochs"], self.cfg["out"]
+        if self.start_epoch >= epochs:
+            print(f"nothing to do: the checkpoint has finished {self.start_epoch} epochs; pass --epochs N to train longer", flush=True)
+        else:
+            self.save(epochs, 0, None, name="final.pt")
+            print(f"done: {out}/checkpoints/final.pt, metrics in {out}/metrics.csv; plot with: python -m lpjepa.plot {out}", flush=True)
