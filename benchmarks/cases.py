@@ -5,11 +5,15 @@ An operation is what a user calls; a provider is who computes it:
 - ``reference``: the seed's math (``lpjepa.reference``), the baseline of every speedup;
 - ``compiled_reference``: ``torch.compile`` of that same code, where it compiles;
 - ``torch``: our torch backend (``backend='torch'``);
-- ``triton``: our Triton kernels (``backend='triton'``), on CUDA only.
+- ``triton``: our Triton kernels (``backend='triton'``), on CUDA only;
+- ``official``: the official recipe's algorithm in plain PyTorch (``official_rdmreg``):
+  directions drawn in the features' dtype, a GPU Laplace sampler, ``torch.sort``, and a
+  fresh target and directions per view.
 
 Every provider of one operation does the same work on the same inputs, including
 drawing its own random projections (and targets, for the step) each call, as the
-seed does.
+seed does. On CUDA the step of ``compiled_reference`` draws the seed's Gamma variates on
+the GPU (``gpu_seed_sample_rgg``), so that torch.compile is not timed waiting on the CPU.
 """
 import time
 from typing import Callable, NamedTuple
@@ -47,7 +51,7 @@ OPERATIONS = {
     "step": "regularizer step: sample + 2 views, fwd + bwd",
 }
 
-PROVIDERS = ("reference", "compiled_reference", "torch", "triton")
+PROVIDERS = ("reference", "compiled_reference", "torch", "triton", "official")
 
 
 class Unavailable(Exception):
@@ -67,9 +71,10 @@ def default_providers(device, quick):
     On the CPU, ``--quick`` leaves ``torch.compile`` out (each compile costs several
     seconds there) and Triton never runs on the CPU (its interpreter is ~1000x slower).
     """
-    providers = ["reference", "compiled_reference", "torch", "triton"]
+    providers = list(PROVIDERS)
     if device == "cpu":
         providers.remove("triton")
+        providers.remove("official")
         if quick:
             providers.remove("compiled_reference")
     return providers
@@ -79,6 +84,8 @@ def skip_reason(provider, device, quick):
     """Why ``provider`` is left out of a default run on ``device``, or None."""
     if provider == "triton" and device == "cpu":
         return "Triton runs on CUDA only (its CPU interpreter is ~1000x slower)"
+    if provider == "official" and device == "cpu":
+        return "the official recipe's provider is a GPU baseline (pass --providers to run it on the CPU)"
     if provider == "compiled_reference" and device == "cpu" and quick:
         return "torch.compile is left out of --quick on the CPU (several seconds of compiling per case)"
     return None
@@ -132,15 +139,42 @@ def _inputs(shape, device, requires_grad):
     return z1.requires_grad_(requires_grad), z2.requires_grad_(requires_grad), target
 
 
-def reference_step_loss(z1, z2, num_projections):
+def reference_step_loss(z1, z2, num_projections, sampler=reference.sample_rgg):
     """The seed's regularizer, exactly as its training loop writes it."""
-    target = reference.sample_rgg(z1.shape, device=z1.device)
+    target = sampler(z1.shape, device=z1.device)
     return (reference.rdmreg_loss(z1, target, num_projections) + reference.rdmreg_loss(z2, target, num_projections)) / 2
+
+
+def gpu_seed_sample_rgg(shape, p=1.0, mu=0.0, device="cpu"):
+    """The seed's sample_rgg with its Gamma variates drawn on ``device`` instead of the CPU."""
+    sigma = reference.sigma_gn(p)
+    sign = torch.empty(shape, device=device).bernoulli_(0.5) * 2 - 1
+    concentration = torch.full(shape, 1.0 / p, device=device)
+    g = torch._standard_gamma(concentration)
+    return torch.relu(mu + sigma * sign * (p * g).pow(1.0 / p))
+
+
+def official_rdmreg(z, num_projections, p_scale=reference.sigma_gn(1.0), mu=0.0):
+    """The official recipe's RDMReg of one view, in plain PyTorch: a fresh Laplace target and directions per call.
+
+    Directions are drawn in z's dtype and normalised; the rectified Laplace target is
+    drawn on z's device (torch.distributions.Laplace) in z's dtype; both are projected and
+    sorted with torch.sort along the batch.
+    """
+    projections = torch.randn(num_projections, z.shape[1], device=z.device, dtype=z.dtype)
+    projections = projections / projections.norm(dim=1, keepdim=True)
+    laplace = torch.distributions.Laplace(torch.tensor(0.0, device=z.device), torch.tensor(p_scale, device=z.device))
+    target = torch.relu(mu + laplace.sample(z.shape)).to(z.dtype)
+    proj_z = torch.sort(z @ projections.T, dim=0).values
+    proj_t = torch.sort(target @ projections.T, dim=0).values
+    return torch.mean((proj_z - proj_t).float() ** 2)
 
 
 def _reference_work(op, shape, device, compiled):
     wrap = (lambda f: torch.compile(f, dynamic=False)) if compiled else (lambda f: f)
-    sample, loss, step_loss = wrap(reference.sample_rgg), wrap(reference.rdmreg_loss), wrap(reference_step_loss)
+    sample, loss = wrap(reference.sample_rgg), wrap(reference.rdmreg_loss)
+    sampler = gpu_seed_sample_rgg if compiled and torch.device(device).type == "cuda" else reference.sample_rgg
+    step_loss = wrap(lambda z1, z2, k: reference_step_loss(z1, z2, k, sampler))
     z1, z2, target = _inputs(shape, device, requires_grad=op != "forward")
     K = shape.K
     if op == "sample":
@@ -165,6 +199,20 @@ def _lpjepa_work(op, shape, device, backend):
     return (lambda: regularizer(z1, z2).backward()), (z1, z2)
 
 
+def _official_work(op, shape, device):
+    z1, z2, _ = _inputs(shape, device, requires_grad=op != "forward")
+    K = shape.K
+    if op == "sample":
+        scale = reference.sigma_gn(1.0)
+        laplace = torch.distributions.Laplace(torch.tensor(0.0, device=device), torch.tensor(scale, device=device))
+        return (lambda: torch.relu(laplace.sample((shape.B, shape.D)))), ()
+    if op == "forward":
+        return (lambda: official_rdmreg(z1, K)), ()
+    if op == "forward_backward":
+        return (lambda: official_rdmreg(z1, K).backward()), (z1,)
+    return (lambda: ((official_rdmreg(z1, K) + official_rdmreg(z2, K)) / 2).backward()), (z1, z2)
+
+
 def build(op, provider, shape, device):
     """A warm ``Case``, or ``Unavailable`` when ``provider`` cannot run ``op`` on ``device``."""
     if op not in OPERATIONS or provider not in PROVIDERS:
@@ -174,9 +222,11 @@ def build(op, provider, shape, device):
         raise Unavailable("Triton runs on CUDA only (its CPU interpreter is ~1000x slower)")
     if provider in ("reference", "compiled_reference"):
         fn, leaves = _reference_work(op, shape, device, compiled=provider == "compiled_reference")
+    elif provider == "official":
+        fn, leaves = _official_work(op, shape, device)
     else:
         fn, leaves = _lpjepa_work(op, shape, device, backend=provider)
-    if provider in ("reference", "torch"):
+    if provider in ("reference", "torch", "official"):
         return Case(op, provider, shape, device, fn, leaves)
     try:  # the first call compiles (torch.compile) or finds the Triton backend missing
         return Case(op, provider, shape, device, fn, leaves)
@@ -208,3 +258,31 @@ def floor_case(op, shape, device):
             r.T @ P
 
     return Case(op, "matmul floor", shape, device, matmuls)
+
+
+def model_bound_ms(op, shape, dtype=torch.float32, allow_tf32=None):
+    """The static model's lower bound for ``op`` on an H100, in ms (lpjepa.kernels.perf_model), or None.
+
+    The best of the Triton backend's paths: one view (forward, forward + backward) or
+    two views against a shared target (the step, with the target's and the directions'
+    draws as memory writes). A bound, not a prediction: measured times are above it.
+    """
+    from lpjepa.kernels import perf_model as pm
+    from lpjepa.kernels.sliced_wasserstein import PROJECTION_PATHS, SORT_PATHS, register_sort_max_batch
+
+    gpu = pm.GPUS["H100"]
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32 if allow_tf32 is None else allow_tf32
+    model_shape = pm.Shape(shape.name, shape.B, shape.D, shape.K)
+    if op == "sample":
+        return 1e-3 * pm.kernel_bound_us(pm.KernelCost("sample", 0, 0.0, "lanes", shape.B * shape.D * 4), gpu)
+    views = 2 if op == "step" else 1
+    bounds = []
+    for path in ((p, s) for p in PROJECTION_PATHS for s in SORT_PATHS):
+        if path[1] == "registers" and shape.B > register_sort_max_batch():
+            continue
+        costs = pm.path_costs(model_shape, path, dtype=dtype, allow_tf32=allow_tf32, views=views,
+                              with_backward=op != "forward")
+        if op == "step":
+            costs.append(pm.KernelCost("draws", 0, 0.0, "lanes", (shape.B + shape.K) * shape.D * 4))
+        bounds.append(pm.total_bound_us(costs, gpu)[0])
+    return 1e-3 * min(bounds)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU check, on a machine with CUDA: the GPU-only tests (pytest -m cuda), the fused-vs-fallback
-# sweep (benchmarks/swd_paths.py), then the benchmark report on the GPU, ending with the
-# summary. Sized for under 5 minutes on one H100-class GPU (not yet run on one).
+# GPU check, on a machine with CUDA, in one go for a short GPU window: the GPU-only tests
+# (pytest -m cuda), the path sweep that fills the self-tuning cache (benchmarks/swd_paths.py),
+# the benchmark report of the loss (forward + backward and the regularizer step; every provider,
+# the official recipe's included, each time beside the static model's bound), then a summary
+# short enough to paste into a note. Sized for under 5 minutes on one H100 (not yet run on one).
 # Works from a fresh checkout where torch, triton and the package's other dependencies are
 # installed: it installs this checkout without dependencies and downloads nothing.
 #
@@ -12,6 +14,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 OUT=${1:-bench_out/gpu}
 mkdir -p "$OUT"
+# The sweep's decisions go with the report: the report's Triton provider then runs the chosen paths.
+export LPJEPA_CACHE_DIR=${LPJEPA_CACHE_DIR:-$OUT/cache}
 
 "$PYTHON" - <<'PY' || exit 1
 import importlib.util, sys
@@ -31,28 +35,42 @@ if ! "$PYTHON" -c "import lpjepa, lpjepa.kernels, pathlib, sys; sys.exit(pathlib
 fi
 
 echo "== GPU-only tests: pytest -m cuda tests"
-"$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests
-tests_rc=$?
+"$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee "$OUT/tests.log" | tail -n 15
+tests_rc=${PIPESTATUS[0]}
 if [ "$tests_rc" -eq 5 ]; then
     echo "(no GPU-only tests were collected)"
     tests_rc=0
 fi
 
-echo "== fused kernel vs fallback: python -m benchmarks.swd_paths --out $OUT (the data for FUSED_MAX_BATCH)"
-"$PYTHON" -m benchmarks.swd_paths --out "$OUT" 2> "$OUT/paths.log"
+echo "== path sweep: python -m benchmarks.swd_paths --out $OUT (fills $LPJEPA_CACHE_DIR)"
+"$PYTHON" -m benchmarks.swd_paths --out "$OUT" > "$OUT/paths.log" 2>&1
 paths_rc=$?
 if [ "$paths_rc" -ne 0 ]; then tail -n 30 "$OUT/paths.log"; fi
 
-echo "== benchmark report: python -m benchmarks.report --device cuda --budget 1 --out $OUT (progress below, table at the end)"
-"$PYTHON" -m benchmarks.report --device cuda --budget 1 --out "$OUT" > "$OUT/report.log"
+echo "== benchmark report: python -m benchmarks.report --device cuda --ops forward_backward,step --budget 1 --out $OUT"
+"$PYTHON" -m benchmarks.report --device cuda --ops forward_backward,step --budget 1 --out "$OUT" > "$OUT/report.log" 2>&1
 report_rc=$?
 
 echo
 echo "== summary"
-if [ "$tests_rc" -eq 0 ]; then echo "GPU-only tests: passed"; else echo "GPU-only tests: FAILED (exit $tests_rc)"; fi
-if [ "$paths_rc" -eq 0 ]; then cat "$OUT/paths.md"; else echo "fused vs fallback: FAILED (exit $paths_rc)"; fi
+if [ "$tests_rc" -eq 0 ]; then echo "GPU-only tests: passed ($(tail -n 1 "$OUT/tests.log"))"; else echo "GPU-only tests: FAILED (exit $tests_rc; $OUT/tests.log)"; fi
+if [ "$paths_rc" -eq 0 ]; then
+    echo "Chosen paths (ms; model bound ms):"
+    grep "| yes |" "$OUT/paths.md" | awk -F'|' '{printf "  %s %s V=%s %s: %s, %s ms (bound %s)\n", $2, $3, $4, $5, $6, $7, $8}'
+else
+    echo "path sweep: FAILED (exit $paths_rc; $OUT/paths.log)"
+fi
 if [ "$report_rc" -eq 0 ]; then
-    cat "$OUT/table.md"
+    "$PYTHON" - "$OUT/results.json" <<'PY'
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+print("Loss times (median ms; x model bound):")
+for r in rows:
+    if r["provider"] in ("compiled_reference", "official", "triton", "reference"):
+        bound = f", {r['x_bound']:.1f}x bound" if r.get("x_bound") else ""
+        print(f"  {r['shape']:<9} {r['op']:<17} {r['provider']:<19} {r['median_ms']:.4g} ms{bound}")
+PY
+    sed -n '/^GPU targets:/,/^$/p' "$OUT/table.md"
 else
     echo "benchmark report: FAILED (exit $report_rc)"
     tail -n 30 "$OUT/report.log"

@@ -6,8 +6,9 @@ For each shape and operation it builds every provider (``benchmarks.cases``), ti
 alternately in this one process, then measures each one's memory peak
 (``benchmarks.measure``), and prints a Markdown table: median time, min-max, speedup
 over the reference, peak memory and its ratio to the reference's (on CUDA also the
-matmul floor and our time as a multiple of it). It writes ``table.md``,
-``results.json`` and ``speedup.png`` to ``--out``.
+matmul floor, the static model's H100 lower bound for the Triton backend's best path,
+and each time as a multiple of both). It writes ``table.md``, ``results.json`` and
+``speedup.png`` to ``--out``.
 """
 import argparse
 import json
@@ -134,6 +135,7 @@ def run(args, log=print):
             timed = dict(built, **({"matmul floor": floor} if floor else {}))
             times = measure.time_alternating(timed, min_rounds=min_rounds, budget_s=budget)
             floor_ms = measure.summary_ms(times.pop("matmul floor"))[0] if floor else None
+            bound_ms = bench_cases.model_bound_ms(op, shape) if device == "cuda" else None
             group = []
             for provider, case in built.items():
                 median, low, high = measure.summary_ms(times[provider])
@@ -141,7 +143,7 @@ def run(args, log=print):
                     dict(
                         shape=shape_name, B=shape.B, D=shape.D, K=shape.K, op=op, provider=provider,
                         median_ms=median, min_ms=low, max_ms=high, rounds=len(times[provider]),
-                        first_call_s=case.first_call_s, floor_ms=floor_ms,
+                        first_call_s=case.first_call_s, floor_ms=floor_ms, bound_ms=bound_ms,
                     )
                 )
                 kept.append((rows[-1], case))
@@ -184,6 +186,7 @@ def _add_ratios(rows):
         peak, ref_peak = row.get("peak_bytes"), ref and ref.get("peak_bytes")
         row["memory_ratio"] = peak / ref_peak if peak is not None and ref_peak else None
         row["x_floor"] = row["median_ms"] / row["floor_ms"] if row.get("floor_ms") else None
+        row["x_bound"] = row["median_ms"] / row["bound_ms"] if row.get("bound_ms") else None
 
 
 def _ms(value):
@@ -193,8 +196,11 @@ def _ms(value):
 def markdown_table(rows):
     with_floor = any(r.get("floor_ms") for r in rows)
     header = ["shape (B, D, K)", "operation", "provider", "median ms", "min–max ms", "speedup", "peak MB", "memory vs ref"]
+    with_bound = any(r.get("bound_ms") for r in rows)
     if with_floor:
         header += ["matmul floor ms", "× floor"]
+    if with_bound:
+        header += ["model bound ms", "× bound"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
     for r in rows:
         peak = r.get("peak_bytes")
@@ -210,14 +216,44 @@ def markdown_table(rows):
         ]
         if with_floor:
             cells += [_ms(r["floor_ms"]) if r.get("floor_ms") else "–", f"{r['x_floor']:.1f}×" if r.get("x_floor") else "–"]
+        if with_bound:
+            cells += [_ms(r["bound_ms"]) if r.get("bound_ms") else "–", f"{r['x_bound']:.1f}×" if r.get("x_bound") else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _verdict(met):
+    return "met" if met else "MISSED"
+
+
+def gpu_target_lines(rows):
+    """The GPU targets: fwd + bwd >= 3x torch.compile of the seed, <= 1.5x the model's bound at the
+    official shape, and never slower than the official recipe's provider."""
+    found = {(r["shape"], r["op"], r["provider"]): r for r in rows}
+    lines = []
+    for (shape, op, provider), row in found.items():
+        if provider != "triton":
+            continue
+        compiled = found.get((shape, op, "compiled_reference"))
+        if op == "forward_backward" and compiled:
+            ratio = compiled["median_ms"] / row["median_ms"]
+            lines.append(f"- {_verdict(ratio >= 3.0)}: triton {bench_cases.OPERATIONS[op]} at {shape}: "
+                         f"{ratio:.2f}x faster than torch.compile of the seed (>= 3x)")
+        if op == "forward_backward" and shape == "official" and row.get("x_bound"):
+            lines.append(f"- {_verdict(row['x_bound'] <= 1.5)}: triton {bench_cases.OPERATIONS[op]} at {shape}: "
+                         f"{row['x_bound']:.2f}x the model's lower bound (<= 1.5x)")
+        official = found.get((shape, op, "official"))
+        if official:
+            ratio = official["median_ms"] / row["median_ms"]
+            lines.append(f"- {_verdict(ratio >= 1.0)}: triton {bench_cases.OPERATIONS[op]} at {shape}: "
+                         f"{ratio:.2f}x the speed of the official recipe's provider (>= 1x)")
+    return lines
 
 
 def target_lines(rows, device):
     """The issue's CPU targets, met or missed, for the torch backend at the seed's and official shapes."""
     if device != "cpu":
-        return []
+        return gpu_target_lines(rows)
     found = {(r["shape"], r["op"]): r for r in rows if r["provider"] == "torch"}
     lines = []
     for op, metric, threshold in CPU_TARGETS:
@@ -232,7 +268,7 @@ def target_lines(rows, device):
             else:
                 met, want = value <= threshold, f"<= {threshold:g}x the reference's peak memory"
                 miss = f", missed by {value / threshold:.2f}x" if not met else ""
-            verdict = "met" if met else "MISSED"
+            verdict = _verdict(met)
             lines.append(f"- {verdict}: torch {bench_cases.OPERATIONS[op]} at {shape}: {value:.2f}x ({want}{miss})")
     return lines
 
@@ -287,7 +323,8 @@ def main(argv=None):
     targets = target_lines(rows, args.device)
     text = [f"Machine: {machine_line}", f"Command: `{command.strip()}`", "", table, ""]
     if targets:
-        text += ["CPU targets (torch backend vs the seed's reference):", *targets, ""]
+        title = "CPU targets (torch backend vs the seed's reference):" if args.device == "cpu" else "GPU targets:"
+        text += [title, *targets, ""]
     text += ["Notes:", *[f"- {note}" for note in notes]]
     text = "\n".join(text) + "\n"
 

@@ -2,21 +2,23 @@
 
 Usage::
 
-    python -m lpjepa.kernels.compile_report [--arch 80 90] [--quick]
+    python -m lpjepa.kernels.compile_report [--arch 80 90] [--quick] [--model]
 
 No GPU is needed: Triton compiles for a ``GPUTarget`` without one. The launches are
-the ones the launchers really make: ``rgg_launch`` and ``swd_forward_plan`` are called
-on ``meta``-device tensors, and every launch is specialised the way Triton's JIT would
-specialise it (argument types, ``== 1`` constants, 16-byte divisibility) before being
-compiled. Shapes: B in {256, 1024, 4096}, D in {512, 2048}, K = 256, fp32 and bf16
-inputs, with and without the target residual, plus B = ``FUSED_MAX_BATCH`` (the
-largest fused batch). ``--quick``: B in {256, 4096} (fused and fallback), D = 512,
-fp32, the Gamma sampler only.
+the ones the launchers really make: ``rgg_launch``, ``project_plan`` and
+``sort_residual_plan`` are called on ``meta``-device tensors, and every launch is
+specialised the way Triton's JIT would specialise it (argument types, ``== 1``
+constants, 16-byte divisibility) before being compiled. Shapes: B in {256, 1024, 4096,
+``REGISTER_SORT_MAX_BATCH``}, D in {512, 2048}, K in {256, 8192}, fp32 (IEEE and TF32), fp16
+and bf16 inputs, two views against a shared target, with and without the target residual.
+``--quick``: B in {256, 4096}, D = 512, K = 256, fp32 IEEE, the Gamma sampler only.
 
 One row per kernel, arch and shape: registers per thread, ptxas spill stores / loads
 (bytes), stack frame and local memory (bytes, cuobjdump), static and dynamic shared
-memory (bytes). Exits 1 on any spill or local memory, or when static + dynamic shared
-memory is over the architecture's per-block limit; 2 when cuobjdump is missing.
+memory (bytes), and the tensor-core instructions in its SASS (HMMA / HGMMA). Exits 1 on
+any spill or local memory, or when static + dynamic shared memory is over the
+architecture's per-block limit; 2 when cuobjdump is missing. ``--model`` adds the static
+performance model of ``lpjepa.kernels.perf_model`` (a roofline lower bound per path).
 
 The compile must not run under the Triton interpreter (``TRITON_INTERPRET=1`` turns
 every ``@triton.jit`` into an interpreted function when the kernel modules are
@@ -36,9 +38,10 @@ import tempfile
 # Largest static + dynamic shared memory one block may use (opt-in), in bytes.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
-REPORT_BATCHES = (256, 1024, 4096)  # plus the fused path's threshold, FUSED_MAX_BATCH
+REPORT_BATCHES = (256, 1024, 4096)  # plus the register sort's largest batch, REGISTER_SORT_MAX_BATCH
 REPORT_DIMS = (512, 2048)
-REPORT_PROJECTIONS = 256
+REPORT_PROJECTIONS = (256, 8192)
+REPORT_VIEWS = 2
 
 _WORKER_FLAG = "--_worker"
 
@@ -51,36 +54,56 @@ def _cuobjdump():
 
 
 def _report_cases(quick):
-    """(label, shape text, KernelLaunch) for every launch the report compiles."""
+    """(label, shape text, KernelLaunch) for every launch the report compiles, each kernel specialisation once."""
     import torch
 
     from lpjepa.kernels.rgg_sample import rgg_launch
-    from lpjepa.kernels.sliced_wasserstein import FUSED_MAX_BATCH, swd_forward_plan
+    from lpjepa.kernels.sliced_wasserstein import (
+        REGISTER_SORT_MAX_BATCH,
+        project_plan,
+        register_sort_max_batch,
+        sort_residual_plan,
+    )
 
-    dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
-    batches = (256, 4096) if quick else sorted({*REPORT_BATCHES, FUSED_MAX_BATCH})
+    modes = ((torch.float32, False),) if quick else (
+        (torch.float32, False), (torch.float32, True), (torch.float16, False), (torch.bfloat16, False)
+    )
+    batches = (256, 4096) if quick else sorted({*REPORT_BATCHES, REGISTER_SORT_MAX_BATCH})
     dims = (512,) if quick else REPORT_DIMS
+    projection_counts = REPORT_PROJECTIONS[:1] if quick else REPORT_PROJECTIONS
     sampler_ps = (1.5,) if quick else (1.0, 2.0, 1.5)
     seed, offset = 2**62 + 12345, 2**33  # 64-bit values: the JIT's i64 specialisation
     cases = []
-    for dtype in dtypes:
-        dname = str(dtype).replace("torch.", "")
+    meta = dict(device="meta")
+    for dtype, allow_tf32 in modes:
+        dname = str(dtype).replace("torch.", "") + (" tf32" if allow_tf32 else "")
         for batch in batches:
             for dim in dims:
-                shape = f"B={batch} D={dim} {dname}"
-                for p in sampler_ps:
-                    out = torch.empty((batch, dim), dtype=dtype, device="meta")
-                    launch = rgg_launch(out, p=p, mu=0.0, sigma=1.0, seed=seed, offset=offset)
-                    cases.append((f"rgg p={p:g}", shape, launch))
-                z = torch.empty((batch, dim), dtype=dtype, device="meta")
-                projections = torch.empty((REPORT_PROJECTIONS, dim), dtype=dtype, device="meta")
+                if not allow_tf32:
+                    for p in sampler_ps:
+                        out = torch.empty((batch, dim), dtype=dtype, **meta)
+                        launch = rgg_launch(out, p=p, mu=0.0, sigma=1.0, seed=seed, offset=offset)
+                        cases.append((f"rgg p={p:g}", f"B={batch} D={dim} {dname}", launch))
+                for k in projection_counts:
+                    views = torch.empty((REPORT_VIEWS, batch, dim), dtype=dtype, **meta)
+                    _, launches = project_plan(views, torch.empty((k, dim), dtype=dtype, **meta), allow_tf32=allow_tf32)
+                    cases.append(("_project_kernel", f"B={batch} D={dim} K={k} {dname}", launches[0]))
+        for batch in batches:
+            for k in projection_counts:
+                if allow_tf32 or dtype != torch.float32:
+                    continue  # the sort reads fp32 projections whatever the features were
+                proj = torch.empty((REPORT_VIEWS, k, batch), dtype=torch.float32, **meta)
+                proj_t = torch.empty((1, k, batch), dtype=torch.float32, **meta)
+                shape = f"V={REPORT_VIEWS} B={batch} K={k}"
                 for need_target in (False, True):
-                    _, launches = swd_forward_plan(z, z, projections, need_target_residual=need_target)
                     suffix = " +target" if need_target else ""
-                    for launch in launches:
-                        if need_target and launch.kernel.__name__ == "_mean_of_partials_kernel":
-                            continue  # the same launch as without the target residual
-                        cases.append((launch.kernel.__name__ + suffix, f"{shape} K={REPORT_PROJECTIONS}", launch))
+                    fits = batch <= register_sort_max_batch(need_target)
+                    paths = ("registers", "torch_sort") if fits else ("torch_sort",)
+                    for path in paths:
+                        _, launches = sort_residual_plan(proj, proj_t, need_target_residual=need_target, path=path)
+                        cases.append((launches[0].kernel.__name__ + suffix, shape, launches[0]))
+                        if not need_target and path == "registers":
+                            cases.append((launches[1].kernel.__name__, shape, launches[1]))
     return cases
 
 
@@ -112,7 +135,9 @@ def _compile_and_measure(launch, specialisation, target, cuobjdump, workdir):
         f.write(compiled.asm["cubin"])
     usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True, check=True)
     fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage.stdout))
+    sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
     return dict(
+        mma=len(re.findall(r"\bH(?:G)?MMA\b", sass)),
         regs=int(fields["REG"]),
         spill_st=int(spills.group(1)),
         spill_ld=int(spills.group(2)),
@@ -134,10 +159,108 @@ def report_problems(measure, arch):
     return problems
 
 
-def _run_worker(arches, quick):
+class _Compiler:
+    """Compiles launches for one arch at a time, each distinct specialisation once."""
+
+    def __init__(self, cuobjdump, workdir):
+        self.cuobjdump, self.workdir = cuobjdump, workdir
+        self.memo = {}
+
+    def measure(self, launch, arch):
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+
+        target = GPUTarget("cuda", arch, 32)
+        specialisation = _specialise(launch, make_backend(target))
+        # Shapes that specialise alike compile to the same binary: compile it once.
+        key = (arch, launch.kernel.__name__, repr(specialisation[:3]), repr(specialisation[3].__dict__))
+        if key not in self.memo:
+            self.memo[key] = _compile_and_measure(launch, specialisation, target, self.cuobjdump, self.workdir)
+        return self.memo[key]
+
+
+def _resource_table(compiler, arches, quick):
+    """Prints the resource row of every case; returns the number of failing rows."""
+    cases = _report_cases(quick)
+    header = (f"{'kernel':<34} {'arch':>5} {'shape':<28} {'warps':>5} {'regs':>4} {'spill st/ld':>11} "
+              f"{'stack':>5} {'local':>5} {'smem static+dyn':>15} {'mma':>4}  verdict")
+    print(header)
+    print("-" * len(header))
+    failures = 0
+    for arch in arches:
+        for label, shape, launch in cases:
+            m = compiler.measure(launch, arch)
+            problems = report_problems(m, arch)
+            failures += bool(problems)
+            print(f"{label:<34} {'sm_' + str(arch):>5} {shape:<28} {m['num_warps']:>5} {m['regs']:>4} "
+                  f"{m['spill_st']:>5}/{m['spill_ld']:<5} {m['stack']:>5} {m['local']:>5} "
+                  f"{m['smem_static']:>6}+{m['smem_dynamic']:<8} {m['mma']:>4}  {' '.join(problems) or 'ok'}", flush=True)
+    print(f"{len(cases) * len(arches)} rows, {failures} failing; "
+          f"shared limits: " + ", ".join(f"sm_{a} {SHARED_LIMIT[a]} B" for a in arches))
+    return failures
+
+
+def _model_launches(shape, dtype, allow_tf32, views=REPORT_VIEWS):
+    """{kernel name: the KernelLaunch the launchers make} at ``shape``, on meta tensors (both sort paths)."""
+    import torch
+
+    from lpjepa.kernels.sliced_wasserstein import project_plan, register_sort_max_batch, sort_residual_plan
+
+    meta = dict(device="meta")
+    x = torch.empty((views, shape.B, shape.D), dtype=dtype, **meta)
+    launches = {"_project_kernel": project_plan(x, torch.empty((shape.K, shape.D), dtype=dtype, **meta),
+                                                allow_tf32=allow_tf32)[1][0]}
+    proj = torch.empty((views, shape.K, shape.B), **meta)
+    proj_t = torch.empty((1, shape.K, shape.B), **meta)
+    paths = ("registers", "torch_sort") if shape.B <= register_sort_max_batch() else ("torch_sort",)
+    for path in paths:
+        main, mean = sort_residual_plan(proj, proj_t, path=path)[1]
+        launches[main.kernel.__name__] = main
+        launches[mean.kernel.__name__] = mean
+    return launches
+
+
+def _model_report(compiler, dtype_names):
+    """Prints the static performance model (lpjepa.kernels.perf_model) for H100 and A100."""
+    import torch
+
+    from lpjepa.kernels import perf_model as pm
+    from lpjepa.kernels.sliced_wasserstein import PROJECTION_PATHS, SORT_PATHS, register_sort_max_batch
+
+    modes = {"bf16": (torch.bfloat16, False), "fp32-tf32": (torch.float32, True), "fp32": (torch.float32, False)}
+    print("\nStatic performance model: a roofline LOWER BOUND per path (datasheet peaks), not a measurement.")
+    print("Two views against one shared target, forward + backward of the loss (the sampler excluded).\n")
+    print(f"{'gpu':<10} {'shape':<9} {'mode':<10} {'path':<22} {'kernel':<26} {'programs':>8} {'res/SM':>6} "
+          f"{'waves':>5} {'mma':>4} {'GFLOP':>8} {'MB':>8} {'bound us':>9}")
+    for gpu in pm.GPUS.values():
+        for shape in pm.MODEL_SHAPES:
+            for mode in dtype_names:
+                dtype, allow_tf32 = modes[mode]
+                launches = _model_launches(shape, dtype, allow_tf32)
+                for path in ((p, s) for p in PROJECTION_PATHS for s in SORT_PATHS):
+                    if path[1] == "registers" and shape.B > register_sort_max_batch():
+                        continue
+                    costs = pm.path_costs(shape, path, dtype=dtype, allow_tf32=allow_tf32)
+                    for cost in costs:
+                        resident = waves = mma = "-"
+                        if cost.name in launches:
+                            m = compiler.measure(launches[cost.name], gpu.arch)
+                            res = pm.residency(m["regs"], m["num_warps"], m["smem_static"] + m["smem_dynamic"], gpu)
+                            resident, mma = res, m["mma"]
+                            waves = -(-cost.programs // max(1, gpu.sms * res))
+                        print(f"{gpu.name[:10]:<10} {shape.name:<9} {mode:<10} {'/'.join(path):<22} {cost.name:<26} "
+                              f"{cost.programs or '-':>8} {resident:>6} {waves:>5} {mma:>4} {cost.flops / 1e9:>8.3f} "
+                              f"{cost.dram_bytes / 1e6:>8.2f} {pm.kernel_bound_us(cost, gpu):>9.2f}")
+                    bound, launched, floor = pm.total_bound_us(costs, gpu)
+                    print(f"{gpu.name[:10]:<10} {shape.name:<9} {mode:<10} {'/'.join(path):<22} {'= path total':<26} "
+                          f"{launched:>8} launches, launch floor {floor:.0f} us, bound {bound:.2f} us", flush=True)
+            seed_bound, launched, floor = pm.total_bound_us(pm.seed_costs(shape), gpu)
+            print(f"{gpu.name[:10]:<10} {shape.name:<9} {'fp16 amp':<10} {'seed sequence':<22} {'= total':<26} "
+                  f"{launched:>8} launches, launch floor {floor:.0f} us, bound {seed_bound:.2f} us", flush=True)
+
+
+def _run_worker(arches, quick, model):
     from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
 
     cuobjdump = _cuobjdump()
     if cuobjdump is None:
@@ -145,31 +268,11 @@ def _run_worker(arches, quick):
         return 2
     knobs.compilation.always_compile = True
     knobs.nvidia.dump_ptxas_log = True
-    cases = _report_cases(quick)
-    header = (f"{'kernel':<34} {'arch':>5} {'shape':<28} {'warps':>5} {'regs':>4} {'spill st/ld':>11} "
-              f"{'stack':>5} {'local':>5} {'smem static+dyn':>15}  verdict")
-    print(header)
-    print("-" * len(header))
-    failures = 0
-    memo = {}
     with tempfile.TemporaryDirectory() as workdir:
-        for arch in arches:
-            target = GPUTarget("cuda", arch, 32)
-            backend = make_backend(target)
-            for label, shape, launch in cases:
-                specialisation = _specialise(launch, backend)
-                # Shapes that specialise alike compile to the same binary: compile it once.
-                key = (arch, launch.kernel.__name__, repr(specialisation[:3]), repr(specialisation[3].__dict__))
-                if key not in memo:
-                    memo[key] = _compile_and_measure(launch, specialisation, target, cuobjdump, workdir)
-                m = memo[key]
-                problems = report_problems(m, arch)
-                failures += bool(problems)
-                print(f"{label:<34} {'sm_' + str(arch):>5} {shape:<28} {m['num_warps']:>5} {m['regs']:>4} "
-                      f"{m['spill_st']:>5}/{m['spill_ld']:<5} {m['stack']:>5} {m['local']:>5} "
-                      f"{m['smem_static']:>6}+{m['smem_dynamic']:<8}  {' '.join(problems) or 'ok'}", flush=True)
-    print(f"{len(cases) * len(arches)} rows, {failures} failing; "
-          f"shared limits: " + ", ".join(f"sm_{a} {SHARED_LIMIT[a]} B" for a in arches))
+        compiler = _Compiler(cuobjdump, workdir)
+        failures = _resource_table(compiler, arches, quick)
+        if model:
+            _model_report(compiler, ("bf16",) if quick else ("bf16", "fp32-tf32", "fp32"))
     return 1 if failures else 0
 
 
@@ -178,10 +281,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m lpjepa.kernels.compile_report", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_LIMIT))
     parser.add_argument("--quick", action="store_true", help="a small subset, for CI")
+    parser.add_argument("--model", action="store_true", help="add the static performance model (H100, A100)")
     parser.add_argument(_WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._worker:
-        return _run_worker(args.arch, args.quick)
+        return _run_worker(args.arch, args.quick, args.model)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     child = [sys.executable, "-m", "lpjepa.kernels.compile_report", _WORKER_FLAG, *[a for a in argv if a != _WORKER_FLAG]]
     return subprocess.run(child, env=env).returncode

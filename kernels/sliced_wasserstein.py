@@ -1,41 +1,40 @@
-"""Sliced-Wasserstein forward of the RDMReg loss: Triton kernels and their launcher.
+"""Sliced-Wasserstein forward of the RDMReg loss: Triton kernels and their launchers.
 
-For features ``z`` (B, D), target samples ``target`` (B, D) and unit directions
-``projections`` (K, D) the loss is the seed's ``rdmreg_loss``::
+For V views of B features (V, B, D), T target batches (T, B, D) (T = 1: one target shared
+by the views; T = V: a target per view) and K unit directions P (K, D), the loss is the
+mean over views of the seed's ``rdmreg_loss``::
 
-    loss = mean over b, k of (sort(z @ P.T)[:, k] - sort(target @ P.T)[:, k]) ** 2
+    loss = mean over v, k, b of (sort(P z_v^T)[k, b] - sort(P t_v^T)[k, b]) ** 2
 
-and the launcher also returns the residuals the backward needs, scattered back to the
-batch's original row order:
+computed in two steps, each with two implementations (a *path*) that a caller picks:
 
-    residual_z[k, b] = proj_z[b, k] - sorted(proj_target[:, k])[rank of b in proj_z[:, k]]
+1. **Projection**, ``project_plan``: (S, B, D) rows and (K, D) directions -> (S, K, B)
+   fp32 projections, direction-major so that each later sort reads one contiguous row.
+   ``'triton'``: ``_project_kernel``, a tiled ``tl.dot`` (tensor cores: fp16 / bf16 inputs,
+   and fp32 inputs as TF32 when ``allow_tf32``; IEEE fp32 on the FMA units otherwise)
+   accumulating in fp32. ``'cublas'``: torch's batched matmul with an fp32 output.
+2. **Sort and residual**, ``sort_residual_plan``: (V, K, B) view projections against
+   (T, K, B) target projections -> the loss, and the residuals the backward needs, in
+   the batch's original row order::
 
-so that ``d loss / d z = (2 / (B * K)) * residual_z.T @ projections`` (one matmul).
+       residual[v, k, b] = proj[v, k, b] - sorted(proj_t[v or 0, k])[rank of b in proj[v, k]]
 
-Two paths, chosen by :func:`swd_forward` from the batch size:
+   so that d loss / d proj = 2 / (V K B) * residual. ``'registers'``:
+   ``_sort_residual_kernel``, one program per ``ROWS`` directions that sorts each
+   direction's target once in registers and every view against it (``tl.sort`` on int64
+   keys: an order-preserving int32 image of the fp32 value in the high word, the row
+   index in the low word, so the sort is an argsort), for B up to ``REGISTER_SORT_MAX_BATCH``
+   (half that with the target's residual).
+   ``'torch_sort'``: ``torch.sort`` (stable, with indices) and ``_residual_kernel``, any B.
 
-* fused (``B <= fused_max_batch``, default ``FUSED_MAX_BATCH``): one program per ``BLOCK_K`` = 16 directions. It
-  projects the targets and the features over D in chunks with ``tl.dot`` (fp32, IEEE)
-  into a program-private scratch buffer (L2-resident), then for each of its directions
-  sorts both projections along the batch in registers (``tl.sort`` on int64 keys: an
-  order-preserving int32 image of the fp32 value in the high word, the row index in
-  the low word, so the sort is an argsort), and writes the residuals and one partial
-  sum of squares.
-* fallback (larger B): projections by torch matmul, ``torch.sort`` (stable, with
-  indices) along the batch, then a Triton kernel for the residuals and partial sums.
-  The matmul follows torch's fp32 matmul precision setting (TF32 if the caller
-  enabled it); the fused path is always IEEE fp32.
+Either way each program writes one partial sum of squares, which ``_mean_of_partials_kernel``
+reduces in a fixed order (one program), so the same inputs give a bit-identical loss.
+The batch is padded to a power of two with keys that sort after every real value (NaN
+included), and padded positions never reach the loss or the residuals. Ties are broken
+by row index (registers) or stably (torch_sort); the loss does not depend on it.
 
-The fused path runs cdiv(K, 16) programs (16 for K = 256), fewer than the SMs of an
-A100/H100; whether it beats the fallback at a given B is for a GPU benchmark to say
-(``python -m benchmarks.swd_paths``), and ``fused_max_batch`` is where to act on the answer.
-
-Either way the partial sums are reduced in a fixed order by a one-program kernel, so
-the same inputs give a bit-identical loss. Everything is computed in fp32 whatever the
-input dtype. The batch is padded to a power of two with keys that sort after every real
-value (NaN included), and padded positions never reach the loss or the residuals.
-Ties are broken by row index (fused) or stably (fallback); the loss does not depend
-on it.
+Which path is fastest depends on the GPU and the shape; ``lpjepa.ops.path_choice`` times
+them on first use, and ``default_paths`` is the choice without a measurement.
 """
 import torch
 import triton
@@ -43,17 +42,157 @@ import triton.language as tl
 
 from .launch import KernelLaunch, check_kernel_dtype
 
-# Largest batch the fused kernel sorts in registers, one direction at a time: the default
-# of every launcher's ``fused_max_batch``. At B_PAD = 2048 the int64 keys of both sorts
-# fit 8 warps without spilling on sm_80 and sm_90 (`python -m lpjepa.kernels.compile_report`);
-# B_PAD = 4096 needs 16 warps, whose 128-register cap spills.
-FUSED_MAX_BATCH = 2048
+PROJECTION_PATHS = ("triton", "cublas")
+SORT_PATHS = ("registers", "torch_sort")
 
-# tl.dot needs every dimension >= 16; this is also the narrowest direction block.
+# Keys of the (ROWS, B_PAD) sort block per thread: enough work per thread to hide latency,
+# few enough registers never to spill under the 128-register cap of 16 warps. With the
+# target's residual the sorted target, its rows and its summed residual stay live across
+# the views, so a thread holds half as many keys. Checked by
+# `python -m lpjepa.kernels.compile_report` on sm_80 and sm_90.
+_SORT_KEYS_PER_THREAD = 8
+_SORT_KEYS_PER_THREAD_WITH_TARGET_RESIDUAL = 4
+_SORT_MAX_WARPS = 16
+
+# Largest batch the register sort takes (one direction per program, 16 warps); larger
+# batches take torch.sort. The largest without the target's residual is the default.
+REGISTER_SORT_MAX_BATCH = 32 * _SORT_MAX_WARPS * _SORT_KEYS_PER_THREAD
+# Programs the sort grid aims for before packing several directions into one program:
+# two per SM of an H100 (132 SMs), so that every SM has work from the seed's K = 256 up.
+_SORT_MIN_PROGRAMS = 264
+
+# tl.dot needs every dimension >= 16.
 _MIN_DOT = 16
 
 # High word of the key of a padded row: above the image of every float, +NaN included.
 _PAD_HIGH = tl.constexpr(0x7FFFFFFF)
+
+
+# --- Projection -------------------------------------------------------------------------
+
+
+@triton.jit
+def _project_kernel(
+    x_ptr,  # (S, B, D) fp32 / fp16 / bf16, any strides
+    p_ptr,  # (S, K, D) in x's dtype, any strides (stride 0 along S: one set of directions for every source)
+    out_ptr,  # (S, K, B) fp32 contiguous, written
+    B, D, K,
+    stride_xs, stride_xb, stride_xd, stride_ps, stride_pk, stride_pd,
+    BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """out[s, k, b] = P[s, k] . x[s, b] for one (BLOCK_K, BLOCK_B) tile of one source s."""
+    pid = tl.program_id(0)
+    source = tl.program_id(1).to(tl.int64)
+    tiles_b = tl.cdiv(B, BLOCK_B)
+    # Consecutive programs share a block of directions, so its P tile stays in L2.
+    dirs = (pid // tiles_b) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows = (pid % tiles_b) * BLOCK_B + tl.arange(0, BLOCK_B)
+    dir_ok = dirs < K
+    row_ok = rows < B
+    x_rows = x_ptr + source * stride_xs + rows[:, None].to(tl.int64) * stride_xb
+    p_rows = p_ptr + source * stride_ps + dirs[:, None].to(tl.int64) * stride_pk
+    acc = tl.zeros((BLOCK_K, BLOCK_B), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        p = tl.load(p_rows + cols[None, :] * stride_pd, mask=dir_ok[:, None] & col_ok[None, :], other=0.0)
+        x = tl.load(x_rows + cols[None, :] * stride_xd, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(p, tl.trans(x), acc, input_precision=INPUT_PRECISION)
+    out = out_ptr + source * K * B + dirs[:, None].to(tl.int64) * B + rows[None, :]
+    tl.store(out, acc, mask=dir_ok[:, None] & row_ok[None, :])
+
+
+def input_precision(dtype, allow_tf32):
+    """The tl.dot input precision for operands of ``dtype``: TF32 only for fp32 with ``allow_tf32``."""
+    return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
+
+
+def project_config(sources, batch, dim, num_projections, dtype, allow_tf32):
+    """Meta-parameters of _project_kernel: dict(BLOCK_K, BLOCK_B, BLOCK_D, INPUT_PRECISION, num_warps, num_stages).
+
+    Tensor-core tiles of 128 x 128 (64 x 64 when 128 x 128 would leave fewer programs than
+    half an H100's SMs, or when the batch or K is small), a D step of 64 fp16 / bf16 or 32
+    fp32 (TF32) elements, 8 warps, 3 pipeline stages. IEEE fp32 runs on the FMA units, whose
+    operand registers grow with every dimension of the tile: 64 x 64 x 16 on 4 warps.
+    """
+    precision = input_precision(dtype, allow_tf32)
+    if dtype == torch.float32 and precision == "ieee":
+        block_k = block_b = 64
+        block_d, num_warps = _MIN_DOT, 4
+    else:
+        block_k = block_b = 128
+        tiles = triton.cdiv(num_projections, 128) * triton.cdiv(batch, 128) * sources
+        if tiles < _SORT_MIN_PROGRAMS // 2 or min(batch, num_projections) <= 64:
+            block_k = block_b = 64
+        # 8 warps at either tile size: with 4, sm_80's 64 x 64 tile spills (compile_report).
+        block_d, num_warps = (32 if dtype == torch.float32 else 64), 8
+    block_k = min(block_k, max(_MIN_DOT, triton.next_power_of_2(num_projections)))
+    block_b = min(block_b, max(_MIN_DOT, triton.next_power_of_2(batch)))
+    block_d = min(block_d, max(_MIN_DOT, triton.next_power_of_2(dim)))
+    return dict(BLOCK_K=block_k, BLOCK_B=block_b, BLOCK_D=block_d, INPUT_PRECISION=precision,
+                num_warps=num_warps, num_stages=3)
+
+
+def _check_projection_inputs(x, projections):
+    shared = projections.dim() == 2
+    if x.dim() != 3 or projections.dim() not in (2, 3) or projections.shape[-1] != x.shape[2] or (
+        not shared and projections.shape[0] != x.shape[0]
+    ):
+        raise ValueError(
+            f"x must be (S, B, D) and projections (K, D) or (S, K, D); got {tuple(x.shape)} and {tuple(projections.shape)}"
+        )
+    if min(x.shape) < 1 or projections.shape[-2] < 1:
+        raise ValueError("S, B, D and K must all be >= 1")
+    check_kernel_dtype("x", x)
+    if projections.dtype != x.dtype or projections.device != x.device:
+        raise ValueError(f"projections must be {x.dtype} on {x.device} like x; got {projections.dtype} on {projections.device}")
+
+
+def _as_per_source(x, projections):
+    """(S, K, D) directions: a shared (K, D) set expanded without a copy (stride 0 along S)."""
+    return projections.expand(x.shape[0], -1, -1) if projections.dim() == 2 else projections
+
+
+def _cublas_projection(x, projections):
+    """(S, K, B) fp32 = P[s] @ x[s]^T by torch: TF32 per torch's setting for fp32, fp32 output for fp16 / bf16."""
+    P = _as_per_source(x, projections)
+    if x.dtype == torch.float32:
+        return torch.bmm(P, x.transpose(1, 2))
+    if x.device.type == "cuda" or x.device.type == "meta":
+        return torch.bmm(P, x.transpose(1, 2), out_dtype=torch.float32)
+    # No fp16 -> fp32 bmm off CUDA: the fp16 / bf16 products are exact in fp32, so this is
+    # the same sum (the Triton interpreter's tests use it as the cuBLAS path's stand-in).
+    return torch.bmm(P.float(), x.float().transpose(1, 2))
+
+
+def project_plan(x, projections, *, path="triton", allow_tf32=False):
+    """The (S, K, B) fp32 projections of ``x`` (S, B, D) onto ``projections``, and the launches that fill them.
+
+    projections: (K, D), shared by the S sources, or (S, K, D), a set per source. Both in one dtype (fp32, fp16 or bf16; the caller rounds the directions to the
+    features' dtype, as autocast does). path: 'triton' (the kernel) or 'cublas' (torch's
+    matmul, computed here; no launch). Works on ``meta`` tensors, for the compile report.
+    Returns ``(out, [KernelLaunch, ...])``.
+    """
+    _check_projection_inputs(x, projections)
+    if path not in PROJECTION_PATHS:
+        raise ValueError(f"path must be one of {PROJECTION_PATHS}; got {path!r}")
+    sources, batch, dim = x.shape
+    num_projections = projections.shape[-2]
+    if path == "cublas":
+        return _cublas_projection(x, projections), []
+    out = torch.empty((sources, num_projections, batch), dtype=torch.float32, device=x.device)
+    cfg = project_config(sources, batch, dim, num_projections, x.dtype, allow_tf32)
+    grid = (triton.cdiv(num_projections, cfg["BLOCK_K"]) * triton.cdiv(batch, cfg["BLOCK_B"]), sources)
+    P = _as_per_source(x, projections)
+    args = (x, P, out, batch, dim, num_projections,
+            x.stride(0), x.stride(1), x.stride(2), P.stride(0), P.stride(1), P.stride(2))
+    return out, [KernelLaunch(_project_kernel, grid, args, cfg)]
+
+
+# --- Sort and residual ------------------------------------------------------------------
 
 
 @triton.jit
@@ -73,122 +212,116 @@ def _from_orderable(key32):
 
 
 @triton.jit
-def _argsort(values, rows, row_ok):
-    """Sorts a (B_PAD,) fp32 block; returns (sorted values, the row each came from).
+def _argsort_rows(values, cols, valid):
+    """Sorts each row of a (ROWS, B_PAD) fp32 block; returns (sorted values, the column each came from).
 
-    Padded rows (row_ok False) sort last. The key is (orderable value, row), so ties
-    go to the lower row.
+    Padded columns (valid False) sort last. The key is (orderable value, column), so
+    ties go to the lower column.
     """
-    high = tl.where(row_ok, _orderable(values), _PAD_HIGH)
-    keys = tl.sort((high.to(tl.int64) << 32) | rows.to(tl.int64))
-    # int64 -> int32 truncation keeps the low word, the row.
+    high = tl.where(valid, _orderable(values), _PAD_HIGH)
+    keys = tl.sort((high.to(tl.int64) << 32) | cols[None, :].to(tl.int64))
+    # int64 -> int32 truncation keeps the low word, the column.
     return _from_orderable((keys >> 32).to(tl.int32)), keys.to(tl.int32)
 
 
 @triton.jit
-def _project_to_scratch(x_ptr, stride_xb, stride_xd, p_ptr, stride_pk, stride_pd, dirs, dir_ok, scratch, B, D,
-                        B_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    """scratch[j, b] = P[dirs[j]] . x[b] for b < B, as a (BLOCK_K, B_PAD) fp32 row-major block."""
-    for b0 in range(0, B, BLOCK_B):
-        rows = b0 + tl.arange(0, BLOCK_B)
-        row_ok = rows < B
-        acc = tl.zeros((BLOCK_K, BLOCK_B), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            col_ok = cols < D
-            p = tl.load(p_ptr + dirs[:, None] * stride_pk + cols[None, :] * stride_pd,
-                        mask=dir_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            # Rows loaded transposed, (BLOCK_D, BLOCK_B), so products come out direction-major.
-            x = tl.load(x_ptr + rows[None, :] * stride_xb + cols[:, None] * stride_xd,
-                        mask=row_ok[None, :] & col_ok[:, None], other=0.0).to(tl.float32)
-            acc = tl.dot(p, x, acc, input_precision="ieee")
-        tl.store(scratch + tl.arange(0, BLOCK_K)[:, None] * B_PAD + rows[None, :], acc, mask=row_ok[None, :])
+def _sort_target(t_ptrs, cols, valid, NEED_TARGET_RESIDUAL: tl.constexpr):
+    """(sorted values, source columns) of a block of target projections; the columns only when needed."""
+    proj_t = tl.load(t_ptrs, mask=valid, other=0.0)
+    if NEED_TARGET_RESIDUAL:
+        t_sorted, t_cols = _argsort_rows(proj_t, cols, valid)
+    else:
+        t_sorted = _from_orderable(tl.sort(tl.where(valid, _orderable(proj_t), _PAD_HIGH)))
+        t_cols = cols[None, :]  # unused
+    return t_sorted, t_cols
 
 
 @triton.jit
-def _swd_fused_kernel(
-    z_ptr, t_ptr, p_ptr,  # (B, D), (B, D), (K, D); fp32 / fp16 / bf16, any strides
-    res_z_ptr,  # (K, B) fp32 contiguous, written
-    res_t_ptr,  # (K, B) fp32 contiguous, written when NEED_TARGET_RESIDUAL
-    partial_ptr,  # (cdiv(K, BLOCK_K),) fp32: each program's sum of squared residuals
-    scratch_ptr,  # (cdiv(K, BLOCK_K), 2, BLOCK_K, B_PAD) fp32: projections, program-private
-    B, D, K,
-    stride_zb, stride_zd, stride_tb, stride_td, stride_pk, stride_pd,
+def _sort_residual_kernel(
+    proj_ptr,  # (V, K, B) fp32 contiguous: the views' projections
+    proj_t_ptr,  # (T, K, B) fp32 contiguous: the targets' projections, T = 1 (shared) or V
+    res_ptr,  # (V, K, B) fp32, written
+    res_t_ptr,  # (T, K, B) fp32, written when NEED_TARGET_RESIDUAL
+    partial_ptr,  # (cdiv(K, ROWS),) fp32: each program's sum of squared residuals
+    B, K, V,
+    ROWS: tl.constexpr,
     B_PAD: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    SHARED_TARGET: tl.constexpr,
     NEED_TARGET_RESIDUAL: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    dirs = pid * BLOCK_K + tl.arange(0, BLOCK_K)
-    dir_ok = dirs < K
-    t_scratch = scratch_ptr + pid.to(tl.int64) * (2 * BLOCK_K * B_PAD)
-    z_scratch = t_scratch + BLOCK_K * B_PAD
-
-    # Phase 1: project into the program's scratch (L2-resident), targets then features,
-    # one accumulator at a time to keep registers for the FMA dot. Sorting the whole
-    # (BLOCK_K, B_PAD) tile in registers would spill beyond B_PAD = 256; one direction
-    # at a time sorts up to FUSED_MAX_BATCH.
-    _project_to_scratch(t_ptr, stride_tb, stride_td, p_ptr, stride_pk, stride_pd, dirs, dir_ok, t_scratch, B, D,
-                        B_PAD, BLOCK_K, BLOCK_B, BLOCK_D)
-    _project_to_scratch(z_ptr, stride_zb, stride_zd, p_ptr, stride_pk, stride_pd, dirs, dir_ok, z_scratch, B, D,
-                        B_PAD, BLOCK_K, BLOCK_B, BLOCK_D)
-    # Phase 2 reads scratch written by other threads of this program.
-    tl.debug_barrier()
-
-    # Phase 2: per direction, sort both projections along the batch and match ranks.
-    rows = tl.arange(0, B_PAD)
-    row_ok = rows < B
-    sum_sq = tl.zeros((B_PAD,), dtype=tl.float32)
-    for j in range(0, tl.minimum(BLOCK_K, K - pid * BLOCK_K)):
-        # Sorted position r < B holds a real row on both sides: padding sorts last.
-        valid = row_ok
-        proj_t = tl.load(t_scratch + j * B_PAD + rows, mask=row_ok, other=0.0)
+    dirs = pid * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, B_PAD)
+    # Sorted position < B holds a real row on both sides: padding sorts last.
+    valid = (dirs < K)[:, None] & (cols < B)[None, :]
+    row_starts = dirs[:, None].to(tl.int64) * B
+    plane = tl.cast(K, tl.int64) * B
+    sum_sq = tl.zeros((), dtype=tl.float32)
+    if SHARED_TARGET:
+        # One sort of the target serves every view.
+        t_sorted, t_cols = _sort_target(proj_t_ptr + row_starts + cols[None, :], cols, valid, NEED_TARGET_RESIDUAL)
+        t_residual = tl.zeros((ROWS, B_PAD), dtype=tl.float32)
+    for v in range(V):
+        if not SHARED_TARGET:
+            t_sorted, t_cols = _sort_target(proj_t_ptr + v * plane + row_starts + cols[None, :], cols, valid,
+                                            NEED_TARGET_RESIDUAL)
+        proj = tl.load(proj_ptr + v * plane + row_starts + cols[None, :], mask=valid, other=0.0)
+        z_sorted, z_cols = _argsort_rows(proj, cols, valid)
+        diff = tl.where(valid, z_sorted - t_sorted, 0.0)
+        tl.store(res_ptr + v * plane + row_starts + z_cols, diff, mask=valid)
         if NEED_TARGET_RESIDUAL:
-            t_sorted, t_rows = _argsort(proj_t, rows, row_ok)
-        else:
-            t_sorted = _from_orderable(tl.sort(tl.where(row_ok, _orderable(proj_t), _PAD_HIGH)))
-        proj_z = tl.load(z_scratch + j * B_PAD + rows, mask=row_ok, other=0.0)
-        z_sorted, z_rows = _argsort(proj_z, rows, row_ok)
-        residual = tl.where(valid, z_sorted - t_sorted, 0.0)
-        out_row = (pid * BLOCK_K + j).to(tl.int64) * B
-        tl.store(res_z_ptr + out_row + z_rows, residual, mask=valid)
-        if NEED_TARGET_RESIDUAL:
-            tl.store(res_t_ptr + out_row + t_rows, -residual, mask=valid)
-        sum_sq += residual * residual
-    tl.store(partial_ptr + pid, tl.sum(sum_sq, axis=0))
+            if SHARED_TARGET:
+                t_residual -= diff
+            else:
+                tl.store(res_t_ptr + v * plane + row_starts + t_cols, -diff, mask=valid)
+        sum_sq += tl.sum(tl.sum(diff * diff, axis=1), axis=0)
+    if NEED_TARGET_RESIDUAL and SHARED_TARGET:
+        tl.store(res_t_ptr + row_starts + t_cols, t_residual, mask=valid)
+    tl.store(partial_ptr + pid, sum_sq)
 
 
 @triton.jit
-def _swd_residual_kernel(
-    z_sorted_ptr, z_cols_ptr,  # (K, B) fp32, (K, B) int64: z projections sorted along B
-    t_sorted_ptr, t_cols_ptr,  # (K, B) fp32, (K, B) int64 (read when NEED_TARGET_RESIDUAL)
-    res_z_ptr, res_t_ptr,  # (K, B) fp32, written
+def _residual_kernel(
+    sorted_ptr, cols_ptr,  # (V, K, B) fp32, (V, K, B) int64: the views' projections sorted along B
+    t_sorted_ptr, t_cols_ptr,  # (T, K, B) fp32, (T, K, B) int64 (the columns read when NEED_TARGET_RESIDUAL)
+    res_ptr, res_t_ptr,  # (V, K, B), (T, K, B) fp32, written
     partial_ptr,  # (cdiv(K, BLOCK_K) * cdiv(B, BLOCK_B),) fp32
-    B, K,
+    B, K, V,
     BLOCK_K: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    SHARED_TARGET: tl.constexpr,
     NEED_TARGET_RESIDUAL: tl.constexpr,
 ):
+    """The torch_sort path's residuals: sorted positions of a (BLOCK_K, BLOCK_B) tile, every view."""
     pid_k = tl.program_id(0)
     pid_b = tl.program_id(1)
     dirs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     pos = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     valid = (dirs < K)[:, None] & (pos < B)[None, :]
-    out_rows = dirs.to(tl.int64)[:, None] * B
-    offs = out_rows + pos[None, :]
-
-    z_sorted = tl.load(z_sorted_ptr + offs, mask=valid, other=0.0)
-    t_sorted = tl.load(t_sorted_ptr + offs, mask=valid, other=0.0)
-    residual = z_sorted - t_sorted
-    z_cols = tl.load(z_cols_ptr + offs, mask=valid, other=0)
-    tl.store(res_z_ptr + out_rows + z_cols, residual, mask=valid)
-    if NEED_TARGET_RESIDUAL:
+    row_starts = dirs[:, None].to(tl.int64) * B
+    offs = row_starts + pos[None, :]
+    plane = tl.cast(K, tl.int64) * B
+    sum_sq = tl.zeros((), dtype=tl.float32)
+    if SHARED_TARGET:
+        t_sorted = tl.load(t_sorted_ptr + offs, mask=valid, other=0.0)
+        t_residual = tl.zeros((BLOCK_K, BLOCK_B), dtype=tl.float32)
+    for v in range(V):
+        if not SHARED_TARGET:
+            t_sorted = tl.load(t_sorted_ptr + v * plane + offs, mask=valid, other=0.0)
+        diff = tl.load(sorted_ptr + v * plane + offs, mask=valid, other=0.0) - t_sorted
+        z_cols = tl.load(cols_ptr + v * plane + offs, mask=valid, other=0)
+        tl.store(res_ptr + v * plane + row_starts + z_cols, diff, mask=valid)
+        if NEED_TARGET_RESIDUAL:
+            if SHARED_TARGET:
+                t_residual -= diff
+            else:
+                t_cols = tl.load(t_cols_ptr + v * plane + offs, mask=valid, other=0)
+                tl.store(res_t_ptr + v * plane + row_starts + t_cols, -diff, mask=valid)
+        sum_sq += tl.sum(tl.sum(diff * diff, axis=1), axis=0)
+    if NEED_TARGET_RESIDUAL and SHARED_TARGET:
         t_cols = tl.load(t_cols_ptr + offs, mask=valid, other=0)
-        tl.store(res_t_ptr + out_rows + t_cols, -residual, mask=valid)
-    tl.store(partial_ptr + pid_k * tl.num_programs(1) + pid_b,
-             tl.sum(tl.sum(residual * residual, axis=1), axis=0))
+        tl.store(res_t_ptr + row_starts + t_cols, t_residual, mask=valid)
+    tl.store(partial_ptr + pid_k * tl.num_programs(1) + pid_b, sum_sq)
 
 
 @triton.jit
@@ -201,26 +334,32 @@ def _mean_of_partials_kernel(partial_ptr, out_ptr, n_partials, count, BLOCK: tl.
     tl.store(out_ptr, tl.sum(acc, axis=0) / count)
 
 
-def swd_use_fused(batch, fused_max_batch=FUSED_MAX_BATCH):
-    """Whether swd_forward takes the fused path for this batch size."""
-    return batch <= fused_max_batch
+def register_sort_max_batch(need_target_residual=False):
+    """The largest batch the register sort takes: 16 warps of 32 threads, each holding its share of keys."""
+    keys = _SORT_KEYS_PER_THREAD_WITH_TARGET_RESIDUAL if need_target_residual else _SORT_KEYS_PER_THREAD
+    return 32 * _SORT_MAX_WARPS * keys
 
 
-def swd_fused_config(batch, dim):
-    """Meta-parameters of _swd_fused_kernel: dict(B_PAD, BLOCK_K, BLOCK_B, BLOCK_D, num_warps, num_stages).
+def sort_config(batch, num_projections, need_target_residual=False):
+    """Meta-parameters of _sort_residual_kernel: dict(ROWS, B_PAD, num_warps).
 
-    Shared by swd_forward and the compile report. BLOCK_K and BLOCK_D stay at the
-    tl.dot minimum of 16: the fp32 (IEEE) dot runs on FMA units, whose operand
-    registers grow with BLOCK_D, and K = 256 still makes 16 programs. 8 warps hold
-    B_PAD = 2048 int64 sort keys (8 a thread) without spilling; 16 warps would cap
-    registers at 128 a thread, which B_PAD = 4096 overflows.
+    One direction per program while that leaves fewer than ``_SORT_MIN_PROGRAMS``
+    programs (the seed's K = 256 gives 256); with more directions, small batches pack
+    several directions into a program, as many as 16 warps hold. Warps give each thread
+    its share of keys (1 to 16 warps).
     """
+    keys = _SORT_KEYS_PER_THREAD_WITH_TARGET_RESIDUAL if need_target_residual else _SORT_KEYS_PER_THREAD
+    block_max = register_sort_max_batch(need_target_residual)
     b_pad = max(_MIN_DOT, triton.next_power_of_2(batch))
-    return dict(B_PAD=b_pad, BLOCK_K=_MIN_DOT, BLOCK_B=min(128, b_pad), BLOCK_D=_MIN_DOT, num_warps=8, num_stages=2)
+    rows = max(1, block_max // b_pad)
+    while rows > 1 and triton.cdiv(num_projections, rows) < _SORT_MIN_PROGRAMS:
+        rows //= 2
+    num_warps = max(1, min(_SORT_MAX_WARPS, rows * b_pad // (32 * keys)))
+    return dict(ROWS=rows, B_PAD=b_pad, num_warps=num_warps)
 
 
-def swd_residual_config(batch, num_projections):
-    """Meta-parameters of _swd_residual_kernel: dict(BLOCK_K, BLOCK_B, num_warps)."""
+def residual_config(batch, num_projections):
+    """Meta-parameters of _residual_kernel: dict(BLOCK_K, BLOCK_B, num_warps)."""
     block_b = max(16, min(1024, triton.next_power_of_2(batch)))
     block_k = max(1, min(16, 2048 // block_b))
     return dict(BLOCK_K=block_k, BLOCK_B=block_b, num_warps=4)
@@ -234,97 +373,87 @@ def _mean_launch(partials, count, loss):
                         dict(BLOCK=_MEAN_BLOCK, num_warps=4))
 
 
-def _check_inputs(z, target, projections):
-    """What the kernels' memory accesses rely on; the meaning of the inputs is checked by lpjepa."""
-    if z.dim() != 2 or target.shape != z.shape or projections.dim() != 2 or projections.shape[1] != z.shape[1]:
-        raise ValueError(
-            f"z and target must both be (B, D) and projections (K, D); got {tuple(z.shape)}, "
-            f"{tuple(target.shape)} and {tuple(projections.shape)}"
-        )
-    if min(z.shape[0], z.shape[1], projections.shape[0]) < 1:
-        raise ValueError("B, D and K must all be >= 1")
-    if z.shape[0] >= 2**31:
+def _check_sort_inputs(proj, proj_t):
+    if proj.dim() != 3 or proj_t.dim() != 3 or proj_t.shape[1:] != proj.shape[1:]:
+        raise ValueError(f"proj must be (V, K, B) and proj_t (T, K, B); got {tuple(proj.shape)} and {tuple(proj_t.shape)}")
+    if proj_t.shape[0] not in (1, proj.shape[0]) or min(proj.shape) < 1:
+        raise ValueError(f"proj_t must hold 1 or V = {proj.shape[0]} targets and V, K, B >= 1; got {tuple(proj_t.shape)}")
+    if proj.shape[2] >= 2**31:
         raise ValueError("the sort key holds the row index in 32 bits: B must be < 2**31")
-    for name, tensor in (("z", z), ("target", target), ("projections", projections)):
-        check_kernel_dtype(name, tensor)
-        if tensor.device != z.device:
-            raise ValueError(f"{name} is on {tensor.device}, z on {z.device}")
+    for name, t in (("proj", proj), ("proj_t", proj_t)):
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.device != proj.device:
+            raise ValueError(f"{name} must be a contiguous fp32 tensor on {proj.device}")
 
 
-def swd_forward_plan(z, target, projections, *, need_target_residual=False, fused_max_batch=FUSED_MAX_BATCH):
-    """The outputs of :func:`swd_forward`, allocated, and the kernel launches that fill them.
+def sort_residual_plan(proj, proj_t, *, need_target_residual=False, path="registers"):
+    """The loss and residuals of ``proj`` (V, K, B) against ``proj_t`` (T, K, B), and the launches that fill them.
 
-    Works on ``meta`` tensors too (the fallback's matmul and torch.sort included), which
-    is how the compile report sees the launches the dispatcher really makes. Batches of
-    up to ``fused_max_batch`` rows take the fused path (0 always takes the fallback).
-    Returns ``((loss, residual_z, residual_target), [KernelLaunch, ...])``.
+    Both fp32 and contiguous (what ``project_plan`` writes). path: 'registers' (B up to
+    ``register_sort_max_batch(need_target_residual)``) or 'torch_sort' (any B; torch.sort runs here). Returns
+    ``((loss, residual, residual_target), [KernelLaunch, ...])``: loss a 0-dim fp32 tensor,
+    the mean over V, K, B of the squared residual; residual (V, K, B) fp32 in the views'
+    row order; residual_target (T, K, B) fp32 in the targets' row order with the sign of
+    its gradient (for a shared target, summed over the views), or None unless asked for.
+    Works on ``meta`` tensors too.
     """
-    _check_inputs(z, target, projections)
-    batch, dim = z.shape
-    num_projections = projections.shape[0]
-    device = z.device
+    _check_sort_inputs(proj, proj_t)
+    if path not in SORT_PATHS:
+        raise ValueError(f"path must be one of {SORT_PATHS}; got {path!r}")
+    views, num_projections, batch = proj.shape
+    if path == "registers" and batch > register_sort_max_batch(need_target_residual):
+        raise ValueError(
+            f"the register sort takes B <= {register_sort_max_batch(need_target_residual)}"
+            f"{' with the target residual' if need_target_residual else ''}; got B = {batch}: use path='torch_sort'"
+        )
+    device = proj.device
+    shared = proj_t.shape[0] == 1
     loss = torch.empty((), dtype=torch.float32, device=device)
-    residual_z = torch.empty((num_projections, batch), dtype=torch.float32, device=device)
-    residual_t = torch.empty_like(residual_z) if need_target_residual else None
-    # Never written unless needed. A buffer of its own, not residual_z: under torch.compile
+    residual = torch.empty_like(proj)
+    residual_t = torch.empty_like(proj_t) if need_target_residual else None
+    # Never written unless needed. A buffer of its own, not residual: under torch.compile
     # two kernel arguments aliasing one tensor confuse the functionalized launch.
     residual_t_arg = residual_t if need_target_residual else torch.empty(1, dtype=torch.float32, device=device)
-
-    if swd_use_fused(batch, fused_max_batch):
-        cfg = swd_fused_config(batch, dim)
-        n_programs = triton.cdiv(num_projections, cfg["BLOCK_K"])
-        partials = torch.empty(n_programs, dtype=torch.float32, device=device)
-        scratch = torch.empty(n_programs * 2 * cfg["BLOCK_K"] * cfg["B_PAD"], dtype=torch.float32, device=device)
-        main = KernelLaunch(
-            _swd_fused_kernel,
-            (n_programs,),
-            (z, target, projections, residual_z, residual_t_arg, partials, scratch,
-             batch, dim, num_projections,
-             z.stride(0), z.stride(1), target.stride(0), target.stride(1),
-             projections.stride(0), projections.stride(1)),
-            dict(NEED_TARGET_RESIDUAL=need_target_residual, **cfg),
-        )
+    flags = dict(SHARED_TARGET=shared, NEED_TARGET_RESIDUAL=need_target_residual)
+    if path == "registers":
+        cfg = sort_config(batch, num_projections, need_target_residual)
+        grid = (triton.cdiv(num_projections, cfg["ROWS"]),)
+        partials = torch.empty(grid[0], dtype=torch.float32, device=device)
+        args = (proj, proj_t, residual, residual_t_arg, partials, batch, num_projections, views)
+        main = KernelLaunch(_sort_residual_kernel, grid, args, dict(cfg, **flags))
     else:
-        p32 = projections.float()
-        # (K, B) directly, so the sort runs along contiguous rows; stable for determinism.
-        z_sorted, z_cols = torch.sort(p32 @ z.float().T, dim=1, stable=True)
-        t_sorted, t_cols = torch.sort(p32 @ target.float().T, dim=1, stable=True)
-        cfg = swd_residual_config(batch, num_projections)
+        # Stable, so ties keep their order and repeated calls give the same residual.
+        z_sorted, z_cols = torch.sort(proj, dim=2, stable=True)
+        t_sorted, t_cols = torch.sort(proj_t, dim=2, stable=True)
+        cfg = residual_config(batch, num_projections)
         grid = (triton.cdiv(num_projections, cfg["BLOCK_K"]), triton.cdiv(batch, cfg["BLOCK_B"]))
         partials = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=device)
-        main = KernelLaunch(
-            _swd_residual_kernel,
-            grid,
-            (z_sorted, z_cols, t_sorted, t_cols, residual_z, residual_t_arg, partials, batch, num_projections),
-            dict(NEED_TARGET_RESIDUAL=need_target_residual, **cfg),
-        )
-    launches = [main, _mean_launch(partials, batch * num_projections, loss)]
-    return (loss, residual_z, residual_t), launches
+        args = (z_sorted, z_cols, t_sorted, t_cols, residual, residual_t_arg, partials, batch, num_projections, views)
+        main = KernelLaunch(_residual_kernel, grid, args, dict(cfg, **flags))
+    launches = [main, _mean_launch(partials, views * num_projections * batch, loss)]
+    return (loss, residual, residual_t), launches
 
 
-def swd_forward(z, target, projections, *, need_target_residual=False, fused_max_batch=FUSED_MAX_BATCH):
-    """Sliced-Wasserstein loss and residuals (see the module docstring).
+def default_paths(batch, need_target_residual=False):
+    """(projection path, sort path) without a measurement: the Triton kernels wherever the register sort fits."""
+    fits = batch <= register_sort_max_batch(need_target_residual)
+    return "triton", "registers" if fits else "torch_sort"
 
-    Args:
-        z: (B, D) features, fp32 / fp16 / bf16, any strides.
-        target: (B, D) target samples, same constraints (dtypes may differ).
-        projections: (K, D) directions (unit norm expected, not checked).
-        need_target_residual: also return the residual of ``target``.
-        fused_max_batch: the largest batch the fused kernel takes (default FUSED_MAX_BATCH).
 
-    Returns:
-        ``(loss, residual_z, residual_target)``: ``loss`` a 0-dim fp32 tensor, the mean
-        of squared residuals over B and K; ``residual_z`` (K, B) fp32 contiguous, in
-        z's row order; ``residual_target`` (K, B) fp32 in target's row order with the
-        sign flipped (``sorted_target - sorted_z``), or None unless asked for.
+def sliced_wasserstein_forward(views, targets, projections, *, need_target_residual=False, allow_tf32=False,
+                               paths=None):
+    """The loss of ``views`` (V, B, D) against ``targets`` (T, B, D) along ``projections`` (K, D), eagerly.
 
-    Batches of up to ``fused_max_batch`` rows run the fused kernel (one launch plus the
-    reduction); larger ones the fallback: two fp32 matmuls, two stable ``torch.sort``
-    with indices, the Triton residual kernel and the reduction.
+    A convenience over ``project_plan`` and ``sort_residual_plan`` for tests and
+    benchmarks: everything in one dtype, ``paths`` = (projection path, sort path)
+    (default ``default_paths(B)``). Returns ``(loss, residual, residual_target)`` as
+    ``sort_residual_plan`` does.
     """
-    outputs, launches = swd_forward_plan(
-        z, target, projections, need_target_residual=need_target_residual, fused_max_batch=fused_max_batch
-    )
+    project_path, sort_path = paths or default_paths(views.shape[1], need_target_residual)
+    proj, launches = project_plan(views, projections, path=project_path, allow_tf32=allow_tf32)
+    proj_t, target_launches = project_plan(targets, projections, path=project_path, allow_tf32=allow_tf32)
+    for launch in launches + target_launches:
+        launch()
+    outputs, launches = sort_residual_plan(proj, proj_t, need_target_residual=need_target_residual, path=sort_path)
     for launch in launches:
         launch()
     return outputs

@@ -23,44 +23,45 @@ from .sampling import sample_rgg
 def _views_loss(views, target, projections, backend):
     """The mean of the views' sliced-Wasserstein losses against one target, on one process.
 
-    On the torch backend, when neither the target nor the directions need a gradient,
-    the target is projected and sorted once for all views.
+    The target is projected and sorted once for all views: on the Triton backend always,
+    on the torch backend when neither the target nor the directions need a gradient.
     """
     first = views[0]
-    triton_ops = triton_module("sliced_wasserstein", backend, first.device)
+    dtype = torch_ops.compute_dtype(*views, target, projections)
+    triton_ops = triton_module("sliced_wasserstein", backend, first.device, dtype)
     if triton_ops is not None:
-        losses = [triton_ops.sliced_wasserstein(view, target, projections) for view in views]
-    else:
-        target_sorted = None
-        if len(views) > 1 and not torch_ops.needs_target_residual(target, projections):
-            dtype = torch_ops.compute_dtype(first, target, projections)
-            target_sorted = torch_ops.sorted_projections(target, projections, dtype)
-        losses = [torch_ops.sliced_wasserstein(view, target, projections, target_sorted) for view in views]
+        return triton_ops.views_loss(views, target, projections)
+    target_sorted = None
+    if len(views) > 1 and not torch_ops.needs_target_residual(target, projections):
+        target_sorted = torch_ops.sorted_projections(target, projections, dtype)
+    losses = [torch_ops.sliced_wasserstein(view, target, projections, target_sorted) for view in views]
     return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
 
-def _global_loss(views, target, projections, group, sizes, gather, scale):
+def _global_loss(views, target, projections, backend, group, sizes, gather, scale):
     """The loss of the global batch, the local views concatenated over ``group`` in rank order.
 
     views: this rank's (b, D) views; target: the global (sum of sizes, D) target and
     projections (K, D), the same on every rank. Whichever of the projected rows or the
     features moves fewer bytes is all-gathered (``distributed.gathers_features``); the
-    sort and residual then run on the gathered (views * K, global batch) projections.
-    Each rank's backward receives the gradient of its own rows, times ``scale``.
+    sort and residual then run on the gathered (V, K, global batch) projections, with the
+    backend's ops. Each rank's backward receives the gradient of its own rows, times ``scale``.
     """
     first = views[0]
-    total, dim = target.shape
     dtype = torch_ops.compute_dtype(*views, target, projections)
+    triton_ops = triton_module("sliced_wasserstein", backend, first.device, dtype)
+    if triton_ops is None:
+        ops, projected_dtype = torch_ops, dtype
+    else:  # the operands in the features' dtype, the projections fp32
+        ops, dtype, projected_dtype = triton_ops, triton_ops.operand_dtype(first), torch.float32
     with torch.autocast(first.device.type, enabled=False):
-        P = projections.to(dtype)
-        target_sorted = torch_ops.sorted_projections(target, P, dtype)  # (K, B), alike on every rank
-        if distributed.gathers_features(gather, P.shape[0], dim, dtype, first.dtype):
-            global_views = distributed.gather_batch(torch.stack(views), sizes, group, dim=1, scale=scale)  # (V, B, D)
-            proj = P @ global_views.to(dtype).transpose(1, 2)
+        stacked = torch.stack([view.to(dtype) for view in views])  # (V, b, D)
+        if distributed.gathers_features(gather, projections.shape[0], target.shape[1], projected_dtype, first.dtype):
+            proj = ops.project(distributed.gather_batch(stacked, sizes, group, dim=1, scale=scale), projections, dtype)
         else:
-            local_proj = torch.stack([P @ view.to(dtype).T for view in views])  # (V, K, b)
-            proj = distributed.gather_batch(local_proj, sizes, group, dim=2, scale=scale)
-        return torch_ops.projected_sliced_wasserstein(proj.reshape(-1, total), target_sorted)
+            proj = distributed.gather_batch(ops.project(stacked, projections, dtype), sizes, group, dim=2, scale=scale)
+        proj_t = ops.project(target[None], projections, dtype)
+        return ops.projected_sliced_wasserstein(proj, proj_t)
 
 
 def rdmreg_loss(z, target_samples, num_projections=256, *, projections=None, generator=None, backend="auto"):
@@ -165,7 +166,7 @@ class RDMReg(nn.Module):
         if group is None:
             return _views_loss(views, target, projections, self.backend)
         scale = distributed.grad_scale(group, self.scale_grad_by_world_size)
-        return _global_loss(views, target, projections, group, sizes, self.gather, scale)
+        return _global_loss(views, target, projections, self.backend, group, sizes, self.gather, scale)
 
 
 class LossParts(NamedTuple):

@@ -5,12 +5,17 @@ when Triton is first imported, so the variable must be set here, before any test
 module imports ``lpjepa`` (which imports the kernels).
 """
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The Triton backend remembers its fastest paths in a cache file; tests keep theirs apart
+# from the user's (lpjepa.ops.path_choice).
+os.environ["LPJEPA_CACHE_DIR"] = tempfile.mkdtemp(prefix="lpjepa-test-cache-")
 
 HAS_CUDA = torch.cuda.is_available()
 

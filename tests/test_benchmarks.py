@@ -16,8 +16,8 @@ from conftest import requires_cuda
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*args, timeout=300):
-    env = dict(os.environ)
+def _run(*args, timeout=300, env=None):
+    env = dict(os.environ, **(env or {}))
     env.pop("TRITON_INTERPRET", None)  # the benchmarks never run Triton's interpreter
     result = subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
@@ -72,25 +72,21 @@ def test_report_on_cuda(tmp_path):
     assert all(r["peak_bytes"] is not None and (r["floor_ms"] is None) == (r["op"] == "sample") for r in rows)
 
 
-def test_fused_vs_fallback_sweep_runs_on_the_interpreter(tmp_path):
-    # The interpreter times nothing useful; this checks the script that tunes FUSED_MAX_BATCH on a GPU.
+def test_path_sweep_runs_on_the_interpreter(tmp_path):
+    # The interpreter times nothing useful; this checks the script that fills the path cache on a GPU.
+    env = {"LPJEPA_CACHE_DIR": str(tmp_path / "cache")}
     stdout = _run(
-        "-m", "benchmarks.swd_paths", "--device", "cpu", "--batches", "4,9", "--projections", "16", "--dim", "4",
-        "--reps", "1", "--rounds", "1", "--out", str(tmp_path),
+        "-m", "benchmarks.swd_paths", "--device", "cpu", "--shapes", "tiny", "--dtypes", "float32", "--views", "1,2",
+        "--out", str(tmp_path), env=env,
     )
     rows = json.loads((tmp_path / "paths.json").read_text())["rows"]
-    assert [(r["B"], r["K"]) for r in rows] == [(4, 16), (9, 16)]
-    assert all(r["fused_ms"] > 0 and r["fallback_ms"] > 0 for r in rows)
-    assert "| 9 | 16 | 4 | float32 |" in stdout and "- K = 16: " in stdout
-
-
-def test_fused_threshold_is_the_last_batch_of_an_unbroken_win():
-    from benchmarks.swd_paths import thresholds
-
-    def row(B, K, fused, fallback):
-        return dict(B=B, K=K, fused_ms=fused, fallback_ms=fallback)
-
-    rows = [row(64, 256, 1, 2), row(256, 256, 1, 2), row(1024, 256, 3, 2), row(2048, 256, 1, 2),
-            row(64, 8192, 3, 2), row(256, 8192, 1, 2)]
-    # A loss at 1024 ends the run for K = 256 even though 2048 wins again; a first loss means never.
-    assert thresholds(rows) == {256: 256, 8192: 0}
+    steps = {(r["views"], r["step"]) for r in rows}
+    assert steps == {(1, "project views"), (1, "sort"), (2, "project views"), (2, "sort")}
+    for views, step in steps:
+        timed = [r for r in rows if (r["views"], r["step"]) == (views, step)]
+        assert len(timed) == 2 and sum(r["chosen"] for r in timed) == 1
+        assert all(r["ms"] > 0 and r["bound_us"] > 0 for r in timed)
+    decisions = json.loads((tmp_path / "cache" / "paths.json").read_text())
+    # A projection and a sort decision per number of views (the target's projection at V = 2 is V = 1's).
+    assert len(decisions) == 4
+    assert "| tiny (32, 16, 8) | float32 | 2 | sort |" in stdout

@@ -116,7 +116,7 @@ _GPU_REGISTRATION_TRACE = textwrap.dedent(
     net = torch.nn.Linear(8, 16)
 
     def step(x, target, projections):
-        return 3.0 * triton_ops.sliced_wasserstein(net(x), target, projections)
+        return 3.0 * triton_ops.views_loss([net(x)], target, projections)
 
     batch = int(sys.argv[1])
     x, target = torch.randn(batch, 8), torch.rand(batch, 16)
@@ -131,33 +131,36 @@ _GPU_REGISTRATION_TRACE = textwrap.dedent(
         if "triton_kernel_wrapper" in str(node.target):
             name = kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__
             print("kernel", name, "writes", ",".join(node.kwargs["tensors_to_clone"]))
-        elif node.target in (torch.ops.aten.mm.default, torch.ops.aten.sort.stable):
+        elif node.target in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.sort.stable):
             print("op", node.target.__name__)
     """
 )
 
 
-@pytest.mark.parametrize("path,batch", [("fused", 20), ("fallback", 2100)])
-def test_gpu_registration_is_traced_into_its_kernels(path, batch):
+@pytest.mark.parametrize("sort_path", ["registers", "torch_sort"])
+def test_gpu_registration_is_traced_into_its_kernels(sort_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["LPJEPA_SORT_PATH"] = sort_path
     result = subprocess.run(
-        [sys.executable, "-c", _GPU_REGISTRATION_TRACE, str(batch)], env=env, capture_output=True, text=True,
-        timeout=300,
+        [sys.executable, "-c", _GPU_REGISTRATION_TRACE, "20"], env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.split("\n")
     # The forward's kernels, visible to Inductor, each writing its outputs only (the inputs
-    # are not copied); the backward (z's gradient through the Linear) is plain matmuls.
-    main_kernel = {
-        "fused": "kernel _swd_fused_kernel writes res_z_ptr,partial_ptr,scratch_ptr",
-        "fallback": "kernel _swd_residual_kernel writes res_z_ptr,partial_ptr",
-    }[path]
+    # are not copied): the projections of the view and of the target, the sort and residual,
+    # the reduction. The backward (z's gradient through the Linear) is plain matmuls.
+    sort_kernel = {
+        "registers": "kernel _sort_residual_kernel writes res_ptr,partial_ptr",
+        "torch_sort": "kernel _residual_kernel writes res_ptr,partial_ptr",
+    }[sort_path]
     assert [line for line in lines if line.startswith("kernel")] == [
-        main_kernel,
+        "kernel _project_kernel writes out_ptr",
+        "kernel _project_kernel writes out_ptr",
+        sort_kernel,
         "kernel _mean_of_partials_kernel writes out_ptr",
     ]
-    assert "op mm.default" in lines
-    assert ("op sort.stable" in lines) == (path == "fallback")
+    assert "op mm.default" in lines or "op bmm.default" in lines
+    assert ("op sort.stable" in lines) == (sort_path == "torch_sort")
 
 
 @requires_cuda

@@ -1,172 +1,192 @@
-"""The sliced-Wasserstein forward (fused kernel and fallback) against a plain fp64 oracle.
+"""The sliced-Wasserstein kernels (projection, sort and residual, both paths each) against a plain fp64 oracle.
 
-The interpreter runs the fused kernel's per-direction sorts in Python, so shapes stay
-small: at most 16 directions and B_PAD = 512 (B = 257 with 4 directions).
+The interpreter runs the register sort in Python, so shapes stay small: at most a few
+dozen directions and B_PAD = 512 (B = 257).
 """
-from typing import NamedTuple
-
 import pytest
 import torch
 
-import lpjepa.kernels.sliced_wasserstein as swd
 from conftest import requires_cuda, tolerance
-from lpjepa.kernels.sliced_wasserstein import swd_forward, swd_forward_plan
+from lpjepa.kernels import sliced_wasserstein as swd
+
+ALL_PATHS = [(p, s) for p in swd.PROJECTION_PATHS for s in swd.SORT_PATHS]
 
 
-def oracle(z, target, projections):
-    """fp64 (loss, residual_z, residual_target) from torch.matmul and a stable torch.sort."""
-    proj_z = z.double() @ projections.double().T  # (B, K)
-    proj_t = target.double() @ projections.double().T
-    z_sorted, z_rows = torch.sort(proj_z, dim=0, stable=True)
-    t_sorted, t_rows = torch.sort(proj_t, dim=0, stable=True)
-    diff = z_sorted - t_sorted
-    residual_z = torch.empty_like(diff.T).scatter_(1, z_rows.T, diff.T)
-    residual_t = torch.empty_like(diff.T).scatter_(1, t_rows.T, -diff.T)
-    return (diff**2).mean(), residual_z, residual_t
+def oracle(views, targets, projections):
+    """fp64 (loss, residual, residual_target) from einsum and a stable torch.sort."""
+    proj = torch.einsum("kd,vbd->vkb", projections.double(), views.double())
+    proj_t = torch.einsum("kd,tbd->tkb", projections.double(), targets.double())
+    z_sorted, z_cols = torch.sort(proj, dim=2, stable=True)
+    t_sorted, t_cols = torch.sort(proj_t, dim=2, stable=True)
+    diff = z_sorted - t_sorted.expand_as(z_sorted)
+    residual = torch.empty_like(diff).scatter_(2, z_cols, diff)
+    target_diff = diff.sum(0, keepdim=True) if proj_t.shape[0] == 1 else diff
+    residual_t = torch.empty_like(proj_t).scatter_(2, t_cols, -target_diff)
+    return (diff**2).mean(), residual, residual_t
 
 
-def make_inputs(batch, dim, num_projections, dtype=torch.float32, seed=0):
+def make_inputs(views, targets, batch, dim, num_projections, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(batch, dim, generator=g).to(dtype)
-    target = torch.relu(torch.randn(batch, dim, generator=g) + 0.3).to(dtype)
+    x = torch.randn(views, batch, dim, generator=g).to(dtype)
+    t = torch.relu(torch.randn(targets, batch, dim, generator=g) + 0.3).to(dtype)
     projections = torch.randn(num_projections, dim, generator=g)
     projections = (projections / projections.norm(dim=1, keepdim=True)).to(dtype)
-    return z, target, projections
+    return x, t, projections
 
 
-class Path(NamedTuple):
-    name: str
-    options: dict  # the launcher keywords that force the path
-
-
-@pytest.fixture(params=["fused", "fallback"])
-def path(request):
-    """Runs a test on both paths; the fallback is forced by a zero batch threshold."""
-    return Path(request.param, {} if request.param == "fused" else dict(fused_max_batch=0))
-
-
-def check(z, target, projections, path):
-    (loss, residual_z, residual_t), launches = swd_forward_plan(
-        z, target, projections, need_target_residual=True, **path.options
+def check(views, targets, projections, paths, dtype=None, allow_tf32=False):
+    loss, residual, residual_t = swd.sliced_wasserstein_forward(
+        views, targets, projections, need_target_residual=True, paths=paths, allow_tf32=allow_tf32
     )
-    expected_kernel = "_swd_fused_kernel" if path.name == "fused" else "_swd_residual_kernel"
-    assert launches[0].kernel.__name__ == expected_kernel
-    for launch in launches:
-        launch()
-    want_loss, want_z, want_t = oracle(z, target, projections)
-    atol, rtol = tolerance(z.dtype)
-    batch, num_projections = z.shape[0], projections.shape[0]
+    want_loss, want_residual, want_t = oracle(views, targets, projections)
+    atol, rtol = tolerance(dtype or views.dtype)
     assert loss.shape == () and loss.dtype == torch.float32
-    assert residual_z.shape == residual_t.shape == (num_projections, batch)
-    assert residual_z.dtype == residual_t.dtype == torch.float32
+    assert residual.shape == views.shape[:1] + (projections.shape[0], views.shape[1])
+    assert residual_t.shape == (targets.shape[0], projections.shape[0], views.shape[1])
+    assert residual.dtype == residual_t.dtype == torch.float32
     torch.testing.assert_close(loss.double(), want_loss, atol=atol, rtol=rtol)
-    torch.testing.assert_close(residual_z.double(), want_z, atol=atol, rtol=rtol)
+    torch.testing.assert_close(residual.double(), want_residual, atol=atol, rtol=rtol)
     torch.testing.assert_close(residual_t.double(), want_t, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("paths", ALL_PATHS)
 @pytest.mark.parametrize(
-    "batch, dim, num_projections",
+    "views, targets, batch, dim, num_projections",
     [
-        (2, 7, 3),  # smallest batch
-        (3, 1, 5),  # D = 1
-        (17, 40, 20),  # D not a multiple of BLOCK_D, K over one direction block
-        (64, 33, 16),
-        (255, 24, 8),  # odd, pads to 256
-        (257, 18, 4),  # odd, pads to 512
+        (1, 1, 2, 7, 3),  # smallest batch
+        (1, 1, 3, 1, 5),  # D = 1
+        (2, 1, 17, 40, 20),  # two views, one shared target; D not a multiple of the D step
+        (2, 2, 64, 33, 17),  # a target per view
+        (1, 1, 255, 24, 8),  # odd, pads to 256
+        (2, 1, 257, 18, 4),  # odd, pads to 512
     ],
 )
-def test_matches_oracle(batch, dim, num_projections, path):
-    check(*make_inputs(batch, dim, num_projections, seed=batch), path)
+def test_matches_oracle(views, targets, batch, dim, num_projections, paths):
+    check(*make_inputs(views, targets, batch, dim, num_projections, seed=batch), paths)
 
 
+@pytest.mark.parametrize("paths", ALL_PATHS)
+def test_several_directions_per_program(paths):
+    # 600 directions of a batch of 8 pack 2 directions into each register-sort program.
+    assert swd.sort_config(8, 600)["ROWS"] == 2
+    check(*make_inputs(2, 1, 8, 6, 600, seed=1), paths)
+
+
+@pytest.mark.parametrize("paths", ALL_PATHS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_input_dtypes(dtype, path):
-    check(*make_inputs(33, 20, 7, dtype=dtype, seed=5), path)
+def test_input_dtypes(dtype, paths):
+    check(*make_inputs(2, 1, 33, 20, 7, dtype=dtype, seed=5), paths)
 
 
-def test_mixed_input_dtypes(path):
-    z, target, projections = make_inputs(9, 12, 6, seed=8)
-    check(z.half(), target, projections.half(), path)
+def test_tf32_mode_on_the_interpreter():
+    # The interpreter multiplies in fp32, so this checks the plumbing; a GPU rounds to TF32.
+    inputs = make_inputs(1, 1, 40, 24, 16, seed=3)
+    assert swd.project_config(1, 40, 24, 16, torch.float32, True)["INPUT_PRECISION"] == "tf32"
+    check(*inputs, ("triton", "registers"), allow_tf32=True)
 
 
 @requires_cuda  # the Triton interpreter mishandles bf16
-def test_bf16_inputs_on_gpu(path):
-    z, target, projections = (t.bfloat16().cuda() for t in make_inputs(300, 64, 32, seed=4))
-    (loss, residual_z, residual_t), launches = swd_forward_plan(
-        z, target, projections, need_target_residual=True, **path.options
-    )
-    for launch in launches:
-        launch()
-    want_loss, want_z, want_t = oracle(z.cpu(), target.cpu(), projections.cpu())
+@pytest.mark.parametrize("paths", ALL_PATHS)
+def test_bf16_inputs_on_gpu(paths):
+    views, targets, projections = (t.bfloat16().cuda() for t in make_inputs(2, 1, 300, 64, 32, seed=4))
+    loss, residual, _ = swd.sliced_wasserstein_forward(views, targets, projections, paths=paths)
+    want_loss, want_residual, _ = oracle(views.cpu(), targets.cpu(), projections.cpu())
     atol, rtol = tolerance(torch.bfloat16)
     torch.testing.assert_close(loss.double().cpu(), want_loss, atol=atol, rtol=rtol)
-    torch.testing.assert_close(residual_z.double().cpu(), want_z, atol=atol, rtol=rtol)
+    torch.testing.assert_close(residual.double().cpu(), want_residual, atol=atol, rtol=rtol)
 
 
-def test_non_contiguous_inputs(path):
+@pytest.mark.parametrize("paths", ALL_PATHS)
+def test_non_contiguous_inputs(paths):
     g = torch.Generator().manual_seed(3)
-    z = torch.randn(21, 30, generator=g)[:, ::2]  # row stride 30, column stride 2
-    target = torch.randn(15, 21, generator=g).T  # transposed: row stride 1
+    views = torch.randn(2, 21, 30, generator=g)[:, :, ::2]  # column stride 2
+    targets = torch.randn(1, 15, 21, generator=g).transpose(1, 2)  # row stride 1
     projections = torch.randn(24, 15, generator=g)
     projections = (projections / projections.norm(dim=1, keepdim=True))[::2]  # row stride 30
-    assert not (z.is_contiguous() or target.is_contiguous() or projections.is_contiguous())
-    check(z, target, projections, path)
+    assert not (views.is_contiguous() or targets.is_contiguous() or projections.is_contiguous())
+    check(views, targets, projections, paths)
 
 
-def test_ties_break_consistently(path):
+@pytest.mark.parametrize("paths", ALL_PATHS)
+def test_ties_break_consistently(paths):
     # Repeated rows make tied projections; the stable oracle agrees with either path.
-    z, target, projections = make_inputs(12, 10, 5, seed=11)
-    z[6:] = z[:6]
-    target[1::2] = target[::2]
-    check(z, target, projections, path)
+    views, targets, projections = make_inputs(1, 1, 12, 10, 5, seed=11)
+    views[:, 6:] = views[:, :6]
+    targets[:, 1::2] = targets[:, ::2]
+    check(views, targets, projections, paths)
 
 
-def test_without_target_residual(path):
-    z, target, projections = make_inputs(20, 16, 9, seed=2)
-    loss, residual_z, residual_t = swd_forward(z, target, projections, **path.options)
+@pytest.mark.parametrize("paths", ALL_PATHS)
+def test_without_target_residual(paths):
+    inputs = make_inputs(2, 1, 20, 16, 9, seed=2)
+    loss, residual, residual_t = swd.sliced_wasserstein_forward(*inputs, paths=paths)
     assert residual_t is None
-    want_loss, want_z, _ = oracle(z, target, projections)
+    want_loss, want_residual, _ = oracle(*inputs)
     atol, rtol = tolerance(torch.float32)
     torch.testing.assert_close(loss.double(), want_loss, atol=atol, rtol=rtol)
-    torch.testing.assert_close(residual_z.double(), want_z, atol=atol, rtol=rtol)
+    torch.testing.assert_close(residual.double(), want_residual, atol=atol, rtol=rtol)
 
 
-def test_deterministic(path):
-    inputs = make_inputs(50, 24, 6, seed=6)
-    first = swd_forward(*inputs, need_target_residual=True, **path.options)
-    second = swd_forward(*inputs, need_target_residual=True, **path.options)
+@pytest.mark.parametrize("paths", ALL_PATHS)
+def test_deterministic(paths):
+    inputs = make_inputs(2, 1, 50, 24, 6, seed=6)
+    first = swd.sliced_wasserstein_forward(*inputs, need_target_residual=True, paths=paths)
+    second = swd.sliced_wasserstein_forward(*inputs, need_target_residual=True, paths=paths)
     assert first[0].view(torch.int32) == second[0].view(torch.int32)  # bit-identical loss
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
 
 
-@pytest.mark.parametrize("which", ["z", "target"])
-def test_nan_input_gives_nan_loss(which, path):
-    z, target, projections = make_inputs(10, 6, 3, seed=9)
-    (z if which == "z" else target)[4, 2] = float("nan")
-    loss, residual_z, _ = swd_forward(z, target, projections, **path.options)
+@pytest.mark.parametrize("paths", ALL_PATHS)
+@pytest.mark.parametrize("which", ["views", "targets"])
+def test_nan_input_gives_nan_loss(which, paths):
+    views, targets, projections = make_inputs(1, 1, 10, 6, 3, seed=9)
+    (views if which == "views" else targets)[0, 4, 2] = float("nan")
+    loss, residual, _ = swd.sliced_wasserstein_forward(views, targets, projections, paths=paths)
     assert torch.isnan(loss)
-    assert torch.isnan(residual_z).any()
+    assert torch.isnan(residual).any()
 
 
-def test_threshold_picks_the_path():
-    inputs = make_inputs(8, 4, 2)
-    assert swd_forward_plan(*inputs)[1][0].kernel.__name__ == "_swd_fused_kernel"
-    assert swd_forward_plan(*inputs, fused_max_batch=7)[1][0].kernel.__name__ == "_swd_residual_kernel"
-    batch = swd.FUSED_MAX_BATCH + 1
-    assert not swd.swd_use_fused(batch)
+def test_default_paths_follow_the_register_sort_limit():
+    limit = swd.register_sort_max_batch()
+    assert swd.default_paths(limit) == ("triton", "registers")
+    assert swd.default_paths(limit + 1) == ("triton", "torch_sort")
+    assert swd.default_paths(limit, need_target_residual=True) == ("triton", "torch_sort")
+    proj = torch.empty((1, 4, limit + 1), device="meta")
+    with pytest.raises(ValueError, match="register sort takes B <="):
+        swd.sort_residual_plan(proj, proj, path="registers")
+
+
+@pytest.mark.parametrize("batch, num_projections", [(256, 256), (256, 8192), (1024, 8192), (4096, 4096)])
+def test_sorts_spread_over_every_sm(batch, num_projections):
+    # The seed's, the official recipe's and a large shape: at least one program per H100 SM.
+    cfg = swd.sort_config(batch, num_projections)
+    assert -(-num_projections // cfg["ROWS"]) >= 132
 
 
 @pytest.mark.parametrize(
     "shapes",
-    [((4, 3), (5, 3), (2, 3)), ((4, 3), (4, 3), (2, 4)), ((4,), (4,), (2, 4)), ((0, 3), (0, 3), (2, 3))],
+    [((2, 4, 3), (1, 5, 3), (2, 3)), ((1, 4, 3), (1, 4, 3), (2, 4)), ((4, 3), (4, 3), (2, 3)),
+     ((1, 0, 3), (1, 0, 3), (2, 3)), ((3, 4, 3), (2, 4, 3), (2, 3))],
 )
 def test_rejects_bad_shapes(shapes):
-    z, target, projections = (torch.randn(s) for s in shapes)
+    views, targets, projections = (torch.randn(s) for s in shapes)
     with pytest.raises(ValueError):
-        swd_forward(z, target, projections)
+        swd.sliced_wasserstein_forward(views, targets, projections)
 
 
 def test_rejects_float64():
-    z, target, projections = make_inputs(4, 3, 2)
+    views, targets, projections = make_inputs(1, 1, 4, 3, 2)
     with pytest.raises(ValueError):
-        swd_forward(z.double(), target, projections)
+        swd.sliced_wasserstein_forward(views.double(), targets.double(), projections.double())
+
+
+@pytest.mark.parametrize("path", swd.PROJECTION_PATHS)
+def test_a_set_of_directions_per_source(path):
+    views, _, _ = make_inputs(3, 1, 20, 12, 5, seed=12)
+    g = torch.Generator().manual_seed(13)
+    projections = torch.nn.functional.normalize(torch.randn(3, 9, 12, generator=g), dim=2)
+    out, launches = swd.project_plan(views, projections, path=path)
+    for launch in launches:
+        launch()
+    want = torch.einsum("skd,sbd->skb", projections.double(), views.double())
+    torch.testing.assert_close(out.double(), want, **dict(zip(("atol", "rtol"), tolerance(torch.float32))))

@@ -11,13 +11,33 @@ from pathlib import Path
 TESTS = Path(__file__).parent
 
 
+def _is_cuda_string(node):
+    return isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("cuda")
+
+
 def _mentions_cuda(node):
+    """A CUDA condition: HAS_CUDA, torch.cuda.is_available(), or a 'cuda' device string."""
     return any(
-        (isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.startswith("cuda"))
+        _is_cuda_string(n)
         or (isinstance(n, ast.Name) and n.id == "HAS_CUDA")
-        or (isinstance(n, ast.Attribute) and n.attr in ("cuda", "is_available"))
+        or (isinstance(n, ast.Attribute) and n.attr == "is_available")
         for n in ast.walk(node)
     )
+
+
+def _puts_tensors_on_cuda(node):
+    """x.cuda(), x.to('cuda'), device='cuda...', torch.Generator('cuda'), or a 'cuda' device as a positional argument."""
+    for n in ast.walk(node):
+        if not isinstance(n, ast.Call):
+            continue
+        name = ast.unparse(n.func)
+        if name.endswith(".cuda"):
+            return True
+        if any(k.arg == "device" and _is_cuda_string(k.value) for k in n.keywords):
+            return True
+        if (name.endswith(".to") or name.endswith("Generator")) and n.args and _is_cuda_string(n.args[0]):
+            return True
+    return False
 
 
 def _is_cuda_marked(function, module_marks):
@@ -36,9 +56,10 @@ def _gpu_tests_without_marker(path):
         skipif_on_cuda = [d for d in function.decorator_list if "skipif" in ast.unparse(d) and _mentions_cuda(d)]
         skip_calls = [
             n for n in ast.walk(function)
-            if isinstance(n, ast.Call) and ast.unparse(n.func) == "pytest.skip" and _mentions_cuda(n)
+            if isinstance(n, ast.If) and _mentions_cuda(n.test)
+            and any(isinstance(c, ast.Call) and ast.unparse(c.func) == "pytest.skip" for c in ast.walk(n))
         ]
-        uses_cuda = any(_mentions_cuda(statement) for statement in function.body)
+        uses_cuda = any(_puts_tensors_on_cuda(statement) for statement in function.body)
         if skipif_on_cuda or skip_calls:
             problems.append(f"{path.name}::{function.name} skips itself for CUDA: mark it requires_cuda instead")
         elif uses_cuda and not _is_cuda_marked(function, module_marks):

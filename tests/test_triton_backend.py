@@ -106,3 +106,98 @@ def test_triton_sampler_through_the_api(p, mu):
         active, lambda y: (law.cdf((y - mu) / sigma) - law.cdf(start)) / law.sf(start)
     ).pvalue
     assert pvalue > 1e-3
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """The Triton kernels the loss's ops launch, as (kernel name, meta, args), in order."""
+    from lpjepa.ops import sliced_wasserstein_triton as triton_ops
+
+    calls = []
+    real = triton_ops._launch
+
+    def counting(launch):
+        calls.append((launch.kernel.__name__, launch.meta, launch.args))
+        real(launch)
+
+    monkeypatch.setattr(triton_ops, "_launch", counting)
+    return calls
+
+
+@pytest.mark.parametrize("sort_path", ["registers", "torch_sort"])
+def test_views_share_one_projected_and_sorted_target(launched, monkeypatch, sort_path):
+    monkeypatch.setenv("LPJEPA_SORT_PATH", sort_path)
+    gen = torch.Generator().manual_seed(8)
+    views = [torch.randn(24, 10, generator=gen, requires_grad=True) for _ in range(2)]
+    target = torch.rand(24, 10, generator=gen)
+    projections = reference.random_projections(16, 10, generator=gen)
+    loss = lpjepa.RDMReg(num_projections=16, backend="triton")(*views, target=target, projections=projections)
+    grads = torch.autograd.grad(loss, views)
+    sort_kernel = "_sort_residual_kernel" if sort_path == "registers" else "_residual_kernel"
+    # Both views projected in one launch, the target in one, one sort-and-residual launch for both views.
+    assert [name for name, _, _ in launched] == ["_project_kernel", "_project_kernel", sort_kernel,
+                                                 "_mean_of_partials_kernel"]
+    _, meta, args = launched[2]
+    assert meta["SHARED_TARGET"] and args[-1] == 2  # V = 2 views against one target
+    ref_views = [v.detach().double().requires_grad_() for v in views]
+    ref = sum(reference.rdmreg_loss(v, target.double(), projections=projections.double()) for v in ref_views) / 2
+    ref_grads = torch.autograd.grad(ref, ref_views)
+    atol, rtol = tolerance(torch.float32)
+    torch.testing.assert_close(loss.double(), ref, atol=atol, rtol=rtol)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize(
+    "mode,dtype,allow_tf32",
+    [("fp32 IEEE", torch.float32, False), ("fp32 TF32", torch.float32, True), ("fp16", torch.float16, False)],
+)
+def test_every_precision_mode_matches_the_fp64_reference(mode, dtype, allow_tf32, monkeypatch):
+    # bf16 runs on a GPU only (the interpreter mishandles it): test_triton_loss_under_bf16_autocast_on_gpu.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(40, 24, generator=gen).to(dtype).requires_grad_()
+    target = torch.rand(40, 24, generator=gen).to(dtype)
+    projections = reference.random_projections(32, 24, generator=gen).requires_grad_()
+    loss = lpjepa.rdmreg_loss(z, target, projections=projections, backend="triton")
+    grads = torch.autograd.grad(loss, [z, projections])
+    ref_leaves = [z.detach().double().requires_grad_(), projections.detach().double().requires_grad_()]
+    ref = reference.rdmreg_loss(ref_leaves[0], target.double(), projections=ref_leaves[1])
+    ref_grads = torch.autograd.grad(ref, ref_leaves)
+    # fp16 rounds the directions and target to fp16 too (the precision policy); TF32 keeps
+    # 10 mantissa bits, as fp16 does.
+    atol, rtol = tolerance(torch.float16 if mode != "fp32 IEEE" else torch.float32)
+    torch.testing.assert_close(loss.double(), ref, atol=atol, rtol=rtol, msg=mode)
+    for name, g, r in zip(("z", "projections"), grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=atol, rtol=rtol, msg=f"{mode}: gradient of {name}")
+
+
+def test_fp64_stays_on_the_torch_backend_under_auto():
+    from lpjepa.ops.backend import triton_module
+
+    assert triton_module("sliced_wasserstein", "auto", "cuda", torch.float64) is None
+    assert triton_module("sliced_wasserstein", "auto", "cuda", torch.float32) is not None
+    assert triton_module("sliced_wasserstein", "triton", "cpu", torch.float64) is not None
+
+
+def test_per_view_directions_and_targets_on_both_backends():
+    # Two views, each with its own directions and its own target: both backends' ops agree
+    # with the fp64 reference, value and gradients.
+    from lpjepa.ops import sliced_wasserstein as torch_ops
+    from lpjepa.ops import sliced_wasserstein_triton as triton_ops
+
+    gen = torch.Generator().manual_seed(21)
+    views = torch.randn(2, 30, 8, generator=gen)
+    targets = torch.rand(2, 30, 8, generator=gen)
+    projections = torch.nn.functional.normalize(torch.randn(2, 16, 8, generator=gen), dim=2)
+    ref_views = views.double().requires_grad_()
+    ref = sum(reference.rdmreg_loss(ref_views[v], targets[v].double(), projections=projections[v].double())
+              for v in range(2)) / 2
+    ref_grad, = torch.autograd.grad(ref, ref_views)
+    atol, rtol = tolerance(torch.float32)
+    for ops in (torch_ops, triton_ops):
+        leaf = views.clone().requires_grad_()
+        loss = ops.projected_sliced_wasserstein(ops.project(leaf, projections), ops.project(targets, projections))
+        grad, = torch.autograd.grad(loss, leaf)
+        torch.testing.assert_close(loss.double(), ref, atol=atol, rtol=rtol, msg=ops.__name__)
+        torch.testing.assert_close(grad.double(), ref_grad, atol=atol, rtol=rtol, msg=ops.__name__)

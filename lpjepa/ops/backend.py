@@ -32,17 +32,18 @@ def _load_triton_ops():
     return _LOADED["ops"]
 
 
-def triton_module(op, backend, device):
+def triton_module(op, backend, device, dtype=None):
     """The Triton module of ``op`` ('sliced_wasserstein' or 'rgg_sample') when ``backend`` picks Triton, else None.
 
-    'auto' picks Triton for CUDA tensors when it loads, and torch otherwise; 'triton'
-    insists, and explains what is missing when it cannot run; 'torch' never loads it.
+    'auto' picks Triton for CUDA tensors when it loads, and torch otherwise, and keeps
+    float64 (``dtype``) on torch, since the kernels compute in fp32; 'triton' insists, and
+    explains what is missing when it cannot run; 'torch' never loads it.
     """
     check_backend(backend)
     if backend == "torch":
         return None
     device = torch.device(device)
-    if backend == "auto" and device.type != "cuda":
+    if backend == "auto" and (device.type != "cuda" or dtype == torch.float64):
         return None
     modules, reason = _load_triton_ops()
     if backend == "auto":

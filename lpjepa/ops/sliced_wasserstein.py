@@ -10,18 +10,20 @@ projected feature minus the target quantile of its rank, in the batch's original
     residual_z[k, b] = (P z^T)[k, b] - sorted((P target^T)[k])[rank of b in (P z^T)[k]]
 
 and the backward is one matmul, d loss / d z = 2 / (B K) * residual_z^T @ P (likewise
-for the target, with the sign of its side, and for P). ``save_residuals`` and
-``residual_gradients`` are that formula; ``lpjepa.ops.sliced_wasserstein_triton``
-registers the Triton forward with the same two functions.
+for the target, with the sign of its side, and for P). On projected values the
+gradient is the residual itself, 2 / numel * residual: ``save_projected_residuals`` and
+``projected_gradients``, which ``lpjepa.ops.sliced_wasserstein_triton`` registers for
+its op too.
 
 Two ops, each a ``torch.library.custom_op`` so that ``torch.compile`` sees one opaque
 node instead of tracing a sort:
 
 * ``lpjepa::sliced_wasserstein``: one view, from features, target and directions; the
   target's sorted projections may be passed in when several views share them.
-* ``lpjepa::projected_sliced_wasserstein``: values already projected, (R, B) for R / K
-  stacked views against the (K, B) sorted target; the sort and residual only. The
-  global-batch loss under ``torch.distributed`` runs it on the gathered projections.
+* ``lpjepa::projected_sliced_wasserstein``: values already projected, (V, K, B) for V
+  views against (T, K, B) target projections (T = 1 shared, or V); the sort and residual
+  only. The global-batch loss under ``torch.distributed`` runs it on the gathered
+  projections; ``project`` is the matmul before it.
 
 All arithmetic is float32 (float64 when an input is float64), whatever the input dtype.
 """
@@ -65,16 +67,18 @@ def sorted_projections(x, projections, dtype=None):
     return sort_rows(projections.to(dtype) @ x.to(dtype).T)
 
 
-def residual_in_batch_order(proj, quantiles):
+def residual_in_batch_order(proj, quantiles, out=None):
     """(residual, order) for projected values proj (R, B) and sorted quantiles (R, B).
 
     residual[r, b] = proj[r, b] - quantiles[r, rank of b in row r]: each quantile is
     placed at the row holding its rank, so the residual comes out in the batch's
     original order without sorting proj's values. The residual takes the quantiles'
-    scattered buffer, so proj is left as it is and no third (R, B) buffer is made.
+    scattered buffer (``out`` when given), so proj is left as it is and no third (R, B)
+    buffer is made.
     """
     order = argsort_rows(proj)
-    quantile_of_rank = torch.empty_like(proj).scatter_(1, order, quantiles.to(proj.dtype))
+    quantile_of_rank = torch.empty_like(proj) if out is None else out
+    quantile_of_rank.scatter_(1, order, quantiles.to(proj.dtype))
     return torch.sub(proj, quantile_of_rank, out=quantile_of_rank), order
 
 
@@ -202,42 +206,77 @@ def sliced_wasserstein(z, target, projections, target_sorted=None):
 # --- The op on projected values ------------------------------------------------------------
 
 
+def project(x, projections, dtype=None):
+    """(S, K, B) projections of x (S, B, D) onto projections (K, D) or (S, K, D), in ``dtype`` (default: the compute dtype).
+
+    A single source (S = 1) with (V, K, D) directions is projected onto each set (S = V).
+    """
+    dtype = compute_dtype(x, projections) if dtype is None else dtype
+    return torch.matmul(projections.to(dtype), x.to(dtype).transpose(1, 2))
+
+
+def _sorted_with_order(proj_t, need_order):
+    """(each row of proj_t (K, B) sorted, the order that sorts it or None)."""
+    if not need_order:
+        return sort_rows(proj_t), None
+    order = argsort_rows(proj_t)
+    return torch.gather(proj_t, 1, order), order
+
+
 @torch.library.custom_op("lpjepa::projected_sliced_wasserstein", mutates_args=())
 def projected_sliced_wasserstein_forward(
-    proj: torch.Tensor, target_sorted: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(loss, residual) for proj (R, B), R / K stacked views, against target_sorted (K, B).
+    proj: torch.Tensor, proj_t: torch.Tensor, need_target_residual: bool
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, residual, residual_target) of view projections (V, K, B) against target projections (T, K, B).
 
-    Row r of proj is matched with row r % K of target_sorted; the loss is the mean over
-    all R * B entries of the squared residual (for several views, the mean of their
-    losses), in proj's dtype.
+    T = 1: one target shared by the views, sorted once per direction; T = V: a target
+    per view. The loss is the mean over all V * K * B entries of the squared residual
+    (the mean of the views' losses); residual (V, K, B) as in the module doc;
+    residual_target (T, K, B), the targets' residual with the sign of their gradient
+    (summed over the views for a shared target), or empty unless asked for. In proj's
+    dtype.
     """
     with torch.autocast(proj.device.type, enabled=False):
-        views = proj.shape[0] // target_sorted.shape[0]
-        residual, _ = residual_in_batch_order(proj, target_sorted.repeat(views, 1))
-        return mean_square(residual), residual
+        proj_t = proj_t.to(proj.dtype)
+        shared = proj_t.shape[0] == 1
+        residual = torch.empty_like(proj)
+        residual_t = torch.zeros_like(proj_t) if need_target_residual else proj.new_empty(0)
+        if shared:
+            t_sorted, t_order = _sorted_with_order(proj_t[0], need_target_residual)
+        for v in range(proj.shape[0]):
+            if not shared:
+                t_sorted, t_order = _sorted_with_order(proj_t[v], need_target_residual)
+            _, order = residual_in_batch_order(proj[v], t_sorted, out=residual[v])
+            if need_target_residual:
+                # Each row's order is a permutation, so the sum over views is deterministic.
+                residual_t[0 if shared else v].scatter_add_(1, t_order, -torch.gather(residual[v], 1, order))
+        return mean_square(residual), residual, residual_t
 
 
 @projected_sliced_wasserstein_forward.register_fake
-def _(proj, target_sorted):
-    return proj.new_empty(()), proj.new_empty(proj.shape)
+def _(proj, proj_t, need_target_residual):
+    return proj.new_empty(()), proj.new_empty(proj.shape), proj.new_empty(proj_t.shape if need_target_residual else (0,))
 
 
-def _projected_setup_context(ctx, inputs, output):
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1])
+def save_projected_residuals(ctx, inputs, output):
+    """setup_context of a projected sliced-Wasserstein op returning (loss, residual, residual_target)."""
+    _, residual, residual_t = output
+    ctx.mark_non_differentiable(residual, residual_t)
+    ctx.save_for_backward(residual, residual_t)
 
 
-def _projected_backward(ctx, grad_loss, _grad_residual):
-    (residual,) = ctx.saved_tensors
-    return residual * loss_gradient_scale(grad_loss, residual), None
+def projected_gradients(ctx, grad_loss, _grad_residual, _grad_residual_t):
+    """(grad_proj, grad_proj_t, None): 2 / numel * residual, for either backend's projected op."""
+    residual, residual_t = ctx.saved_tensors
+    scale = loss_gradient_scale(grad_loss, residual)
+    grad_t = residual_t * scale if ctx.needs_input_grad[1] and residual_t.numel() else None
+    return residual * scale, grad_t, None
 
 
-projected_sliced_wasserstein_forward.register_autograd(
-    _projected_backward, setup_context=_projected_setup_context
-)
+projected_sliced_wasserstein_forward.register_autograd(projected_gradients, setup_context=save_projected_residuals)
 
 
-def projected_sliced_wasserstein(proj, target_sorted):
-    """The loss on projected values (see the op); differentiable in proj, target_sorted gets none."""
-    return projected_sliced_wasserstein_forward(proj, target_sorted.detach())[0]
+def projected_sliced_wasserstein(proj, proj_t):
+    """The loss of view projections (V, K, B) against target projections (T, K, B); see the op."""
+    need_target_residual = torch.is_grad_enabled() and proj_t.requires_grad
+    return projected_sliced_wasserstein_forward(proj, proj_t, need_target_residual)[0]
