@@ -385,7 +385,7 @@ def _check_sort_inputs(proj, proj_t):
             raise ValueError(f"{name} must be a contiguous fp32 tensor on {proj.device}")
 
 
-def sort_residual_plan(proj, proj_t, *, need_target_residual=False, path="registers"):
+def sort_residual_plan(proj, proj_t, *, need_target_residual=False, path="registers", rows=None):
     """The loss and residuals of ``proj`` (V, K, B) against ``proj_t`` (T, K, B), and the launches that fill them.
 
     Both fp32 and contiguous (what ``project_plan`` writes). path: 'registers' (B up to
@@ -394,7 +394,8 @@ def sort_residual_plan(proj, proj_t, *, need_target_residual=False, path="regist
     the mean over V, K, B of the squared residual; residual (V, K, B) fp32 in the views'
     row order; residual_target (T, K, B) fp32 in the targets' row order with the sign of
     its gradient (for a shared target, summed over the views), or None unless asked for.
-    Works on ``meta`` tensors too.
+    rows: directions per register-sort program (default: ``sort_config``'s choice). Works
+    on ``meta`` tensors too.
     """
     _check_sort_inputs(proj, proj_t)
     if path not in SORT_PATHS:
@@ -416,6 +417,8 @@ def sort_residual_plan(proj, proj_t, *, need_target_residual=False, path="regist
     flags = dict(SHARED_TARGET=shared, NEED_TARGET_RESIDUAL=need_target_residual)
     if path == "registers":
         cfg = sort_config(batch, num_projections, need_target_residual)
+        if rows is not None:
+            cfg["ROWS"] = rows
         grid = (triton.cdiv(num_projections, cfg["ROWS"]),)
         partials = torch.empty(grid[0], dtype=torch.float32, device=device)
         args = (proj, proj_t, residual, residual_t_arg, partials, batch, num_projections, views)

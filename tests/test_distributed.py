@@ -166,7 +166,7 @@ def check_triton_global_loss_runs_the_kernels(rank):
     real = triton_ops._launch
     triton_ops._launch = lambda launch: (launched.append(launch.kernel.__name__), real(launch))
     try:
-        for sizes in [(4, 4), (3, 5)]:
+        for sizes in [(3, 5)]:
             for gather in ("projections", "features"):
                 launched.clear()
                 z1, z2, target, projections = (t.float() for t in _global_views(sizes, dim=6, seed=4))
