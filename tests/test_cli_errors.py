@@ -97,9 +97,10 @@ def test_train_refuses_a_bad_value(argv, expected, images, capsys, tmp_path):
     assert_train_refuses([*run_args(images, tmp_path / "unused"), *argv], expected, capsys, tmp_path)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_train_refuses_cuda_without_a_gpu(images, capsys, tmp_path):
-    assert_train_refuses([*run_args(images, tmp_path), "--device", "cuda"], ["argument --device: invalid value cuda", "use --device cpu"],
+def test_train_refuses_a_gpu_this_machine_lacks(images, capsys, tmp_path):
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: cuda:0 on a machine without any
+    assert_train_refuses([*run_args(images, tmp_path), "--device", missing],
+                         [f"argument --device: invalid value {missing}", f"this machine has {torch.cuda.device_count()} CUDA GPU(s)"],
                          capsys, tmp_path)
 
 

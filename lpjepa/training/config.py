@@ -9,7 +9,8 @@ import time
 from typing import NamedTuple
 
 from .checkpoint import checkpoint_path, is_final_checkpoint, load_checkpoint
-from .cli import DEVICE_ALLOWED, ArgumentParser, Rule, UsageError, at_least, check_rules, finite, finite_above, finite_at_least, valid_device
+from .cli import (DEVICE_ALLOWED, ArgumentParser, Rule, UsageError, at_least, check_rules, finite, finite_above, finite_at_least,
+                  flag, valid_device)
 from .data import AUGMENTATIONS, DATASETS, check_data_paths
 from .model import STEMS, check_backbone
 
@@ -267,7 +268,7 @@ def _resumed_config(path, preset, given):
         raise UsageError(f"argument --preset: the checkpoint was trained with --preset {cfg['preset']}, not {preset}")
     for key in FIXED_ON_RESUME:
         if key in given and given[key] != cfg[key]:
-            raise UsageError(f"argument --{key.replace('_', '-')}: the checkpoint was trained with {cfg[key]}; --resume cannot change it")
+            raise UsageError(f"argument {flag(key)}: the checkpoint was trained with {cfg[key]}; --resume cannot change it")
     done = checkpoint["epoch"]
     if "epochs" not in given and done >= cfg["epochs"]:
         raise UsageError(
