@@ -26,15 +26,18 @@ setup(
         "tqdm",
         "numpy",
         "matplotlib",  # the benchmark report's plot and lpjepa.plot
+        "safetensors",  # lpjepa.export's files (timm installs it too)
     ],
     entry_points={
         "console_scripts": [
             "lpjepa-train = lpjepa.train:main",
             "lpjepa-eval = lpjepa.eval:main",
             "lpjepa-plot = lpjepa.plot:main",
+            "lpjepa-export = lpjepa.export:main",
         ],
     },
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scipy"],
+        "tensorboard": ["tensorboard"],  # TensorBoard events in the run folder; without it, metrics.csv alone
     },
 )

@@ -3,43 +3,62 @@
 Extracts frozen backbone and projector features of the train and validation splits (no
 augmentation), trains a linear probe on each offline, runs a kNN classifier on the
 backbone features, prints the results and writes them to ``eval.json`` next to the run.
+Every bad flag value ends in one line, ``python -m lpjepa.eval: error: ...``, and exit code 2.
 """
-import argparse
 import json
 import os
 
 from .training.checkpoint import checkpoint_path
+from .training.cli import ArgumentParser, Rule, UsageError, at_least, check_rules, usage_errors
+from .training.config import EVALUATION_RULES
 from .training.evaluation import evaluate_checkpoint
+
+DEFAULT_BATCH_SIZE = 512
+DEFAULT_PROBE_EPOCHS = 100
+DEFAULT_PROBE_LR = 1e-3
+
+# One row per flag: what a value must be (flags left out take the run's values, checked when it trained).
+FLAG_RULES = (
+    Rule("batch_size", at_least(1), "a whole number of images >= 1"),
+    Rule("probe_epochs", at_least(1), "a whole number of epochs >= 1"),
+    *EVALUATION_RULES,
+)
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m lpjepa.eval",
         description="Offline linear probes (backbone and projector features) and kNN on frozen features of a checkpoint.",
     )
-    parser.add_argument("--checkpoint", required=True, help="a .pt written by lpjepa.train, or its run folder (uses checkpoints/last.pt)")
-    parser.add_argument("--data-dir", help="dataset location (default: the one the run trained on)")
-    parser.add_argument("--val-dir", help="validation folder for --dataset imagefolder (default: the run's)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--num-workers", type=int)
-    parser.add_argument("--batch-size", type=int, default=512, help="batch size of feature extraction")
-    parser.add_argument("--probe-epochs", type=int, default=100)
-    parser.add_argument("--probe-lr", type=float, default=1e-3)
-    parser.add_argument("--knn-k", type=int, help="neighbours (default: the run's, 200)")
-    parser.add_argument("--knn-t", type=float, help="kNN temperature (default: the run's, 0.07)")
-    parser.add_argument("--no-download", dest="download", action="store_false", default=None)
-    parser.add_argument("--out", help="where to write the JSON results (default: RUN_DIR/eval.json)")
+    add = parser.add_argument
+    add("--checkpoint", required=True, help="a .pt written by lpjepa.train (final.pt too), or its run folder (uses checkpoints/last.pt)")
+    add("--data-dir", help="dataset location (default: the one the run trained on)")
+    add("--val-dir", help="validation folder for --dataset imagefolder (default: the run's)")
+    add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ... (default auto)")
+    add("--num-workers", type=int, help="data loader processes (default: the run's)")
+    add("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"batch size of feature extraction (default {DEFAULT_BATCH_SIZE})")
+    add("--probe-epochs", type=int, default=DEFAULT_PROBE_EPOCHS, help=f"epochs of each offline linear probe (default {DEFAULT_PROBE_EPOCHS})")
+    add("--probe-lr", type=float, default=DEFAULT_PROBE_LR, help=f"AdamW lr of the offline probes, cosine to 0 (default {DEFAULT_PROBE_LR})")
+    add("--knn-k", type=int, help="neighbours (default: the run's, 200; capped at the smallest class's number of training images)")
+    add("--knn-t", type=float, help="kNN temperature (default: the run's, 0.07)")
+    add("--no-download", dest="download", action="store_false", default=None, help="never download CIFAR (default: the run's --download)")
+    add("--out", help="where to write the JSON results (default: RUN_DIR/eval.json)")
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    checkpoint = checkpoint_path(args.checkpoint)
-    results = evaluate_checkpoint(
-        checkpoint, data_dir=args.data_dir, val_dir=args.val_dir, device=args.device, num_workers=args.num_workers,
-        batch_size=args.batch_size, probe_epochs=args.probe_epochs, probe_lr=args.probe_lr, knn_k=args.knn_k,
-        knn_t=args.knn_t, download=args.download,
-    )
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with usage_errors(parser):
+        check_rules(vars(args), FLAG_RULES)
+        if args.out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+            raise UsageError(f"argument --out: the folder of {args.out} does not exist")
+        checkpoint = checkpoint_path(args.checkpoint)
+        results = evaluate_checkpoint(
+            checkpoint, data_dir=args.data_dir, val_dir=args.val_dir, device=args.device, num_workers=args.num_workers,
+            batch_size=args.batch_size, probe_epochs=args.probe_epochs, probe_lr=args.probe_lr, knn_k=args.knn_k,
+            knn_t=args.knn_t, download=args.download,
+        )
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))  # RUN_DIR/checkpoints/NAME.pt
     out = args.out or os.path.join(run_dir, "eval.json")
     with open(out, "w") as f:

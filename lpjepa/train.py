@@ -7,16 +7,23 @@ one deliberate change is ``--stem cifar``. ``--preset paper`` switches to the
 published CIFAR-100 recipe. Every epoch ends with online linear probes, kNN and the
 sparsity metrics on the validation split, a row of ``metrics.csv`` and a checkpoint.
 
+A loss that becomes NaN or inf stops the run with exit code 3 and a message naming the
+step, the loss parts there, the likely causes and the last good checkpoint.
+
 Multi-GPU: ``torchrun --nproc_per_node N -m lpjepa.train ...`` (DDP; ``--batch-size``
 is the global batch, split over the processes).
 """
+from .training.cli import usage_errors
 from .training.config import build_parser, resolve_config
 from .training.loop import train
 
 
 def main(argv=None):
-    cfg, checkpoint = resolve_config(build_parser().parse_args(argv))
-    train(cfg, checkpoint)
+    """Every bad flag value ends in one line, ``python -m lpjepa.train: error: ...``, and exit code 2."""
+    parser = build_parser()
+    with usage_errors(parser):
+        cfg, checkpoint = resolve_config(parser.parse_args(argv))
+        train(cfg, checkpoint)
 
 
 if __name__ == "__main__":

@@ -50,3 +50,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda"):
             item.add_marker(skip)
+
+
+# The training programs' tests share one tiny image folder and one finished run on it
+# (session fixtures, so they are made once). Tests must not change them.
+
+
+@pytest.fixture(scope="session")
+def tiny_images(tmp_path_factory):
+    """An image folder of 2 classes, 8 training and 4 validation 16x16 images each (train/ and val/)."""
+    from test_train import make_imagefolder
+
+    return make_imagefolder(str(tmp_path_factory.mktemp("tiny_images")))
+
+
+@pytest.fixture(scope="session")
+def one_epoch_run(tiny_images, tmp_path_factory):
+    """A finished one-epoch run (``test_train.TINY``) on ``tiny_images``: its folder, with last.pt and final.pt."""
+    from lpjepa import train
+    from test_train import run_args
+
+    out = tmp_path_factory.mktemp("one_epoch_run")
+    train.main(run_args(tiny_images, out, "--epochs", "1"))
+    return out

@@ -1,16 +1,20 @@
-"""The training program's parts; ``lpjepa.train``, ``lpjepa.eval`` and ``lpjepa.plot`` are
-the programs over them (their command lines), and nothing here imports those.
+"""The training program's parts; ``lpjepa.train``, ``lpjepa.eval``, ``lpjepa.plot`` and
+``lpjepa.export`` are the programs over them (their command lines), and nothing here
+imports those.
 
-config      defaults, presets, the command line, how they combine
-checkpoint  atomic save, load, RNG states, the checkpoint's format, a model for evaluation
+cli         one-line errors (``UsageError``, exit code 2) and the table-driven flag checks
+config      defaults, presets, the command line, how they combine, the training flags' rules
+checkpoint  atomic save, load, RNG states, the checkpoint's format (full and final), a model for evaluation
 data        datasets, augmentations, samplers, loaders
 model       backbone with its stem, and the seed's projector
 loop        ``train(cfg)``: the train state, one step, one epoch, the end of an epoch
+guard       the non-finite-loss guard: a device-side flag per step, read every N steps and before a save
 evaluation  kNN, linear probes, sparsity; online every epoch and offline from a checkpoint
 optim       optimizers and the learning-rate schedule
 interrupt   Ctrl-C / SIGTERM: finish the step, save, exit
 runlog      the run folder: config.json, metrics.csv, TensorBoard, progress, epoch lines
-plot        curves from metrics.csv
+plot        curves from metrics.csv and eval.json
+export      the backbone and projector as safetensors files, and how timm loads them
 torchrun    process-group set-up and the collectives the loop needs (the loss's own
             global-batch machinery is ``lpjepa.distributed``)
 

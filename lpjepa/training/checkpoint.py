@@ -1,9 +1,13 @@
 """Checkpoints of a training run: where they live, how they are written and read, and the RNG states they carry.
 
-A checkpoint is one ``torch.save`` dict with the keys ``config``, ``epoch``,
-``batches_done``, ``global_step``, ``epoch_stats``, ``model``, ``probes``,
-``optimizer``, ``probe_optimizer``, ``scaler`` and ``rng``; ``training_checkpoint``
-builds it and ``restore_training_state`` reads it back, so its format lives here alone.
+A training checkpoint (``last.pt``, ``epoch_NNNN.pt``) is one ``torch.save`` dict with
+the keys ``config``, ``epoch``, ``batches_done``, ``global_step``, ``epoch_stats``,
+``model``, ``probes``, ``optimizer``, ``probe_optimizer``, ``scaler`` and ``rng``;
+``training_checkpoint`` builds it and ``restore_training_state`` reads it back.
+A final checkpoint (``final.pt``, ``final_checkpoint``) keeps ``config``, ``epoch``,
+``global_step``, ``model`` and ``probes`` only, with ``kind`` set to ``"final"``: what
+evaluation and export need, a third of the size (no optimizer moments). The format
+lives here alone.
 """
 import os
 import random
@@ -12,7 +16,10 @@ import numpy as np
 import torch
 
 from . import torchrun
+from .cli import UsageError
 from .model import LpJEPA
+
+FINAL_KIND = "final"
 
 
 def checkpoint_path(path):
@@ -21,10 +28,23 @@ def checkpoint_path(path):
 
 
 def load_checkpoint(path):
+    """The dict a checkpoint file holds; ``UsageError`` when there is none, or the file is not one."""
     if not os.path.isfile(path):
-        raise SystemExit(f"no checkpoint at {path}")
-    # Our own file, holding Python and numpy RNG states, so not weights_only.
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise UsageError(f"no checkpoint at {path} (pass a run folder holding checkpoints/last.pt, or a .pt file)")
+    try:
+        # Our own file, holding Python and numpy RNG states, so not weights_only.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a truncated file, another program's pickle: say so in one line
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise UsageError(f"{path} is not a checkpoint written by lpjepa.train ({type(error).__name__}: {first_line})") from None
+    if not isinstance(checkpoint, dict) or not {"config", "model", "epoch"} <= checkpoint.keys():
+        raise UsageError(f"{path} is not a checkpoint written by lpjepa.train (no config, model and epoch in it)")
+    return checkpoint
+
+
+def is_final_checkpoint(checkpoint):
+    """Whether a loaded checkpoint is a lean final one (no optimizer state: evaluation and export only)."""
+    return checkpoint.get("kind") == FINAL_KIND or "optimizer" not in checkpoint
 
 
 def save_atomic(obj, path):
@@ -82,6 +102,14 @@ def training_checkpoint(cfg, state, epoch, batches_done, epoch_stats, device):
         "optimizer": state.optimizer.state_dict(), "probe_optimizer": state.probe_optimizer.state_dict(),
         "scaler": state.scaler.state_dict(),
         "rng": rng_states(device),
+    }
+
+
+def final_checkpoint(cfg, state, epoch):
+    """The lean checkpoint of a finished run (``final.pt``): config, epoch, step, model and probes, no optimizer state."""
+    return {
+        "kind": FINAL_KIND, "config": cfg, "epoch": epoch, "batches_done": 0, "global_step": state.global_step,
+        "model": state.model.state_dict(), "probes": state.probes.state_dict(),
     }
 
 

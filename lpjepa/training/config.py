@@ -4,13 +4,15 @@ A config is a plain dict (saved in ``config.json`` and in every checkpoint); its
 are the flags' names with underscores, plus ``preset``.
 """
 import argparse
-import math
 import os
 import time
+from typing import NamedTuple
 
-from .checkpoint import checkpoint_path, load_checkpoint
-from .data import AUGMENTATIONS, DATASETS
-from .model import STEMS
+from .checkpoint import checkpoint_path, is_final_checkpoint, load_checkpoint
+from .cli import (DEVICE_ALLOWED, ArgumentParser, Rule, UsageError, at_least, check_rules, finite, finite_above, finite_at_least,
+                  flag, valid_device)
+from .data import AUGMENTATIONS, DATASETS, check_data_paths
+from .model import STEMS, check_backbone
 
 DEFAULTS = {
     "epochs": 100,
@@ -65,10 +67,115 @@ PRESETS = {
 # Keys that define the model or the data a checkpoint was trained on; --resume refuses to change them.
 FIXED_ON_RESUME = ("backbone", "stem", "dataset", "image_size")
 
+# BatchNorm (the projector's, the backbone's) needs two images per process to compute a variance.
+MIN_BATCH_PER_PROCESS = 2
+# Below this the backbones' downsampling leaves nothing of an image (a ResNet halves it five times).
+MIN_IMAGE_SIZE = 8
+# torch.manual_seed takes seeds in [0, 2**64); the per-sample seeds stay int64 (data.SAMPLE_SEED_RANGE).
+SEED_LIMIT = 2**63
+
+
+class RuleContext(NamedTuple):
+    """What the flag rules may look at besides the value: the whole config, the process count, the epochs done."""
+
+    cfg: dict
+    world_size: int
+    epochs_done: int
+
+
+def _batch_ok(value, c):
+    return isinstance(value, int) and value % c.world_size == 0 and value // c.world_size >= MIN_BATCH_PER_PROCESS
+
+
+def _batch_allowed(c):
+    if c.world_size == 1:
+        return f"at least {MIN_BATCH_PER_PROCESS} (BatchNorm needs {MIN_BATCH_PER_PROCESS} images per process)"
+    return (f"a multiple of the {c.world_size} processes with at least {MIN_BATCH_PER_PROCESS} images per process "
+            f"(BatchNorm), so {MIN_BATCH_PER_PROCESS * c.world_size}, {MIN_BATCH_PER_PROCESS * c.world_size + c.world_size}, ...")
+
+
+def _epochs_allowed(c):
+    if c.epochs_done:
+        return f"more than the {c.epochs_done} epochs the checkpoint has finished"
+    return "a whole number of epochs >= 1"
+
+
+def _warmup_ok(value, c):
+    # A warm-up longer than the run is allowed: a short trial of --preset paper (10 warm-up epochs) stays in its ramp.
+    return isinstance(value, int) and (value == 0 or (value > 0 and c.cfg["schedule"] == "cosine"))
+
+
+def _warmup_allowed(c):
+    if c.cfg["schedule"] != "cosine":
+        return "0 with --schedule constant; a warm-up needs --schedule cosine"
+    return "a whole number of epochs >= 0"
+
+
+def _device_allowed(c=None):
+    import torch
+
+    gpus = torch.cuda.device_count()
+    return f"{DEVICE_ALLOWED}; this machine has {gpus} CUDA GPU(s)" + ("" if gpus else ", so use --device cpu")
+
+
+def _device_ok(value, c=None):
+    import torch
+
+    if not valid_device(value):
+        return False
+    if value == "auto" or torch.device(value).type != "cuda":
+        return True
+    index = torch.device(value).index
+    return torch.cuda.is_available() and (index is None or index < torch.cuda.device_count())
+
+
+# The flags lpjepa.eval shares with training, one rule each for both programs.
+EVALUATION_RULES = (
+    Rule("num_workers", at_least(0), "0 (load in the main process) or more worker processes"),
+    Rule("probe_lr", finite_above(0), "a finite learning rate > 0"),
+    Rule("knn_k", at_least(1), "a whole number of neighbours >= 1"),
+    Rule("knn_t", finite_above(0), "a finite temperature > 0"),
+    Rule("device", _device_ok, _device_allowed),
+)
+
+# One row per flag: what a value must be, and how the error says it. check_config runs them in this order.
+FLAG_RULES = (
+    Rule("epochs", lambda v, c: isinstance(v, int) and v >= 1 and v > c.epochs_done, _epochs_allowed),
+    Rule("batch_size", _batch_ok, _batch_allowed),
+    Rule("lr", finite_above(0), "a finite learning rate > 0"),
+    Rule("weight_decay", finite_at_least(0), "a finite number >= 0"),
+    Rule("warmup_epochs", _warmup_ok, _warmup_allowed),
+    Rule("lamb_inv", finite_at_least(0), "a finite weight >= 0"),
+    Rule("lamb_reg", finite_at_least(0), "a finite weight >= 0"),
+    Rule("p", finite_above(0), "a finite shape > 0 (1: Laplace, 2: Gaussian)"),
+    Rule("mu", finite, "a finite number (lower gives more zeros)"),
+    Rule("num_projections", at_least(1), "a whole number of directions >= 1"),
+    Rule("image_size", at_least(MIN_IMAGE_SIZE), f"a whole number of pixels >= {MIN_IMAGE_SIZE}"),
+    *EVALUATION_RULES,
+    Rule("eval_every", at_least(1), "a whole number of epochs >= 1"),
+    Rule("save_every", at_least(0), "0 (only last.pt) or a whole number of epochs >= 1"),
+    Rule("seed", lambda v, c: isinstance(v, int) and 0 <= v < SEED_LIMIT, "a whole number from 0 to 2**63 - 1"),
+)
+
+
+def world_size_from_env():
+    """The number of processes torchrun starts (1 without torchrun), known before the process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_config(cfg, epochs_done=0):
+    """Refuse, before any work, a config the run cannot use: every flag's rule, then the backbone, then the data paths.
+
+    Raises ``UsageError`` naming the flag, the value and what is allowed.
+    """
+    check_rules(cfg, FLAG_RULES, RuleContext(cfg, world_size_from_env(), epochs_done))
+    check_backbone(cfg["backbone"], cfg["stem"], cfg["image_size"])
+    check_data_paths(cfg)
+
 
 def build_parser():
     d = DEFAULTS
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m lpjepa.train",
         description="Rectified LpJEPA pretraining with online linear probes, kNN and sparsity metrics every epoch.",
         epilog="Flags left out take the --preset's value, then the default shown. "
@@ -94,8 +201,10 @@ def build_parser():
     g.add_argument("--num-projections", type=int, help=f"random directions of the sliced Wasserstein loss (default {d['num_projections']})")
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, help=f"(default {d['dataset']})")
-    g.add_argument("--data-dir", help="folder holding cifar-100-python/ (or cifar-10-batches-py/), or the training image folder (default ./data)")
-    g.add_argument("--val-dir", help="validation image folder for --dataset imagefolder")
+    g.add_argument("--data-dir", help="CIFAR: the folder holding cifar-100-python/ (or cifar-10-batches-py/); "
+                   "imagefolder: a folder holding train/CLASS/IMAGE and val/CLASS/IMAGE (default ./data)")
+    g.add_argument("--val-dir", help="imagefolder, the other layout: --data-dir is the training folder "
+                   "(CLASS/IMAGE) and --val-dir the validation one")
     g.add_argument("--image-size", type=int, help="crop size of the views (default 32)")
     g.add_argument("--augmentation", choices=AUGMENTATIONS, help="seed (default) or paper (stronger crop/jitter/grayscale/solarize)")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, help="download CIFAR when it is not in --data-dir (default on)")
@@ -106,7 +215,7 @@ def build_parser():
     g.add_argument("--stem", choices=STEMS, help="cifar (default: 3x3 stride-1 conv, no max-pool) or imagenet (the seed's model exactly)")
     g = parser.add_argument_group("evaluation")
     g.add_argument("--probe-lr", type=float, help="AdamW lr of the online linear probes (default 1e-3)")
-    g.add_argument("--knn-k", type=int, help="neighbours of the kNN classifier (default 200)")
+    g.add_argument("--knn-k", type=int, help="neighbours of the kNN classifier (default 200; capped at the smallest class's number of training images, said once at the start)")
     g.add_argument("--knn-t", type=float, help="temperature of the kNN vote weights (default 0.07)")
     g.add_argument("--eval-every", type=int, help="evaluate every N epochs, and after the last (default 1)")
     g = parser.add_argument_group("run")
@@ -114,13 +223,13 @@ def build_parser():
     g.add_argument("--resume", help="checkpoint to continue from, or a run folder (uses checkpoints/last.pt)")
     g.add_argument("--save-every", type=int, help="also keep checkpoints/epoch_NNNN.pt every N epochs (default 0: only last.pt)")
     g.add_argument("--device", help="auto (default: cuda if available), cpu, cuda, cuda:1")
-    g.add_argument("--seed", type=int, help="seeds the model, the data order and the augmentations (default 0)")
+    g.add_argument("--seed", type=int, help="seeds the model, the data order and the augmentations (default 0; 0 to 2**63 - 1)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="per-step progress (default on)")
     return parser
 
 
 def resolve_config(args):
-    """(config, the loaded checkpoint or None) from parsed arguments.
+    """(config, the loaded checkpoint or None) from parsed arguments, checked before any work (``UsageError`` if not).
 
     A new run: the defaults, then the preset, then the flags given. With ``--resume``:
     the checkpoint's config, then the flags given, except those in ``FIXED_ON_RESUME``.
@@ -128,29 +237,42 @@ def resolve_config(args):
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "preset")}
     if args.resume:
         cfg, checkpoint = _resumed_config(args.resume, args.preset, given)
+        epochs_done = checkpoint["epoch"]
     else:
-        cfg, checkpoint = _new_config(args.preset or "seed", given), None
-    if not math.isfinite(cfg["lr"]) or cfg["lr"] <= 0:
-        raise SystemExit(f"--lr must be a positive number; got {cfg['lr']}")
+        cfg, checkpoint, epochs_done = _new_config(args.preset or "seed", given), None, 0
+    check_config(cfg, epochs_done)
     return cfg, checkpoint
 
 
 def _new_config(preset, given):
     cfg = {**DEFAULTS, **PRESETS[preset], **given, "preset": preset}
-    if cfg["schedule"] == "constant" and cfg["warmup_epochs"]:
-        raise SystemExit("--warmup-epochs needs --schedule cosine")
     if cfg["out"] is None:
         cfg["out"] = os.path.join("runs", f"{cfg['dataset']}-{cfg['backbone']}-{time.strftime('%Y%m%d-%H%M%S')}")
     return cfg
 
 
 def _resumed_config(path, preset, given):
-    checkpoint = load_checkpoint(checkpoint_path(path))
+    """The checkpoint's config with the given flags on top; refuses what a resume cannot do, in one line."""
+    file = checkpoint_path(path)
+    if not os.path.isfile(file):
+        raise UsageError(f"argument --resume: no checkpoint at {file} (pass a run folder holding checkpoints/last.pt, or a .pt file)")
+    checkpoint = load_checkpoint(file)
+    if is_final_checkpoint(checkpoint):
+        raise UsageError(
+            f"argument --resume: {file} is a final checkpoint (model, probes and config, no optimizer state), so "
+            f"training cannot continue from it exactly; resume from the run folder (its checkpoints/last.pt), "
+            f"or use this file with python -m lpjepa.eval or python -m lpjepa.export"
+        )
     cfg = dict(checkpoint["config"])
     if preset is not None and preset != cfg["preset"]:
-        raise SystemExit(f"--resume: the checkpoint was trained with --preset {cfg['preset']}, not {preset}")
+        raise UsageError(f"argument --preset: the checkpoint was trained with --preset {cfg['preset']}, not {preset}")
     for key in FIXED_ON_RESUME:
         if key in given and given[key] != cfg[key]:
-            raise SystemExit(f"--resume: the checkpoint was trained with --{key.replace('_', '-')} {cfg[key]}; it cannot change")
+            raise UsageError(f"argument {flag(key)}: the checkpoint was trained with {cfg[key]}; --resume cannot change it")
+    done = checkpoint["epoch"]
+    if "epochs" not in given and done >= cfg["epochs"]:
+        raise UsageError(
+            f"argument --resume: {file} has finished all {done} epochs of its run; pass --epochs N with N > {done} to train longer"
+        )
     cfg.update(given)
     return cfg, checkpoint

@@ -13,10 +13,13 @@ run resumed from a checkpoint, even one saved mid-epoch, sees the same images wi
 the same augmentations as an uninterrupted run.
 """
 import os
+import shutil
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets, transforms
+
+from .cli import UsageError
 
 DATASETS = ("cifar100", "cifar10", "imagefolder")
 
@@ -132,8 +135,8 @@ class EpochSampler(DistributedSampler):
         return self.num_samples - self.skip
 
 
-class DataNotFound(SystemExit):
-    """The dataset is not where the command line says; the message says how to fix it."""
+class DataNotFound(UsageError):
+    """The dataset is not where the command line says; the message's first line says so, the next ones how to fix it."""
 
 
 def _without_md5(cls):
@@ -159,15 +162,17 @@ LocalCIFAR10 = _without_md5(datasets.CIFAR10)
 LOCAL_CIFAR_CLASSES = {"cifar100": LocalCIFAR100, "cifar10": LocalCIFAR10}
 
 
-def _how_to_get(dataset, root):
+def _how_to_get(dataset, root, offer_download=True):
+    """The lines after a missing-CIFAR error: where to get it; ``offer_download`` after a download that failed is False."""
     cls = CIFAR_CLASSES[dataset].__name__
-    return (
-        f"To get it, on a machine with network run\n"
-        f"    python -c \"import torchvision; torchvision.datasets.{cls}('{root}', download=True)\"\n"
-        f"and copy the folder over, then pass its parent with --data-dir; or let this program\n"
-        f"download it (the default; --no-download turns that off); or train on your own images\n"
-        f"with --dataset imagefolder --data-dir TRAIN_DIR --val-dir VAL_DIR."
-    )
+    lines = [
+        f"  on a machine with network run: python -c \"import torchvision; torchvision.datasets.{cls}('DIR', download=True)\"",
+        f"  then copy DIR/{CIFAR_CLASSES[dataset].base_folder}/ into {root}/;",
+    ]
+    if offer_download:
+        lines.append("  or drop --no-download and this program downloads it;")
+    lines.append("  or train on your own images: --dataset imagefolder --data-dir FOLDER (FOLDER/train/CLASS/IMAGE, FOLDER/val/CLASS/IMAGE)")
+    return "\n".join(lines)
 
 
 def _cifar_root(data_dir, base_folder):
@@ -176,6 +181,22 @@ def _cifar_root(data_dir, base_folder):
     if os.path.basename(os.path.normpath(data_dir)) == base_folder:
         return os.path.dirname(os.path.normpath(data_dir))
     return data_dir
+
+
+def _download_cifar(dataset, root, folder, train):
+    """torchvision's download into ``root``; on failure removes the folder it created and raises ``DataNotFound``."""
+    created = not os.path.exists(root)
+    try:
+        os.makedirs(root, exist_ok=True)
+        return CIFAR_CLASSES[dataset](root, train=train, download=True)
+    except Exception as error:  # no network, proxy, disk full: say so without torchvision's traceback
+        if created:
+            shutil.rmtree(root, ignore_errors=True)
+        reason = str(error).splitlines()[0] if str(error) else ""
+        raise DataNotFound(
+            f"argument --data-dir: {dataset} is not in {root} (expected {folder}/) and downloading it failed "
+            f"({type(error).__name__}: {reason}); to get it:\n" + _how_to_get(dataset, root, offer_download=False)
+        ) from None
 
 
 def load_cifar(dataset, data_dir, train, download=True, skip_data_check=False):
@@ -195,48 +216,60 @@ def load_cifar(dataset, data_dir, train, download=True, skip_data_check=False):
     expected = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     if os.path.isdir(folder) and all(os.path.isfile(os.path.join(folder, n)) for n in expected):
         raise DataNotFound(
-            f"{dataset}: the files in {folder} do not match torchvision's checksums of the official archive.\n"
-            f"If this is a copy you trust (re-packed or generated), pass --skip-data-check to use it as it is;\n"
-            f"otherwise delete the folder and get the official one.\n" + _how_to_get(dataset, root)
+            f"argument --data-dir: the {dataset} files in {folder} do not match torchvision's checksums of the official archive\n"
+            f"  a copy you trust (re-packed or generated): pass --skip-data-check to use it as it is;\n"
+            f"  otherwise delete the folder and get the official one:\n" + _how_to_get(dataset, root)
         )
     if download:
-        try:
-            os.makedirs(root, exist_ok=True)
-            return CIFAR_CLASSES[dataset](root, train=train, download=True)
-        except Exception as error:  # no network, proxy, disk full: say so without torchvision's traceback
-            raise DataNotFound(
-                f"{dataset} is not in --data-dir {root} (expected the folder {folder}/) and downloading it "
-                f"failed: {type(error).__name__}: {error}\n" + _how_to_get(dataset, root)
-            ) from None
+        return _download_cifar(dataset, root, folder, train)
     raise DataNotFound(
-        f"{dataset} is not in --data-dir {root} (expected the folder {folder}/ with "
-        f"{', '.join(expected)}), and --no-download is set.\n" + _how_to_get(dataset, root)
+        f"argument --data-dir: {dataset} is not in {root} (expected {folder}/ with {', '.join(expected)}) "
+        f"and --no-download is set; to get it:\n" + _how_to_get(dataset, root)
     )
 
 
+IMAGEFOLDER_LAYOUT = "a folder holding train/CLASS/IMAGE and val/CLASS/IMAGE"
+
+
+def check_data_paths(cfg):
+    """Refuse, before any work, image-folder paths that do not exist, naming the flag and the path.
+
+    CIFAR needs no check here: a missing copy is downloaded, or (``--no-download``)
+    refused by ``load_cifar`` before anything is trained.
+    """
+    if cfg["dataset"] == "imagefolder":
+        imagefolder_dirs(cfg["data_dir"], cfg["val_dir"])
+
+
 def imagefolder_dirs(data_dir, val_dir=None):
-    """(train_dir, val_dir): ``--data-dir`` with ``--val-dir``, or ``--data-dir`` holding train/ and val/."""
+    """(train_dir, val_dir): ``--data-dir`` holding train/ and val/, or ``--data-dir TRAIN`` with ``--val-dir VAL``.
+
+    ``DataNotFound`` names the flag whose folder is missing.
+    """
     data_dir = os.path.abspath(os.path.expanduser(data_dir))
-    if val_dir is None and os.path.isdir(os.path.join(data_dir, "train")) and os.path.isdir(os.path.join(data_dir, "val")):
+    if not os.path.isdir(data_dir):
+        raise DataNotFound(f"argument --data-dir: {data_dir} does not exist (--dataset imagefolder reads {IMAGEFOLDER_LAYOUT})")
+    if val_dir is not None:
+        val_dir = os.path.abspath(os.path.expanduser(val_dir))
+        if not os.path.isdir(val_dir):
+            raise DataNotFound(f"argument --val-dir: {val_dir} does not exist")
+        return data_dir, val_dir
+    if os.path.isdir(os.path.join(data_dir, "train")) and os.path.isdir(os.path.join(data_dir, "val")):
         return os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
-    if val_dir is None:
-        raise DataNotFound(
-            f"--dataset imagefolder needs a validation folder: pass --val-dir VAL_DIR (class sub-folders, as in "
-            f"--data-dir), or give a --data-dir that holds train/ and val/. --data-dir is {data_dir}."
-        )
-    return data_dir, os.path.abspath(os.path.expanduser(val_dir))
+    raise DataNotFound(
+        f"argument --data-dir: {data_dir} holds no train/ and val/ folders; --dataset imagefolder reads "
+        f"{IMAGEFOLDER_LAYOUT} (or the training folder as --data-dir with --val-dir VAL_DIR)"
+    )
 
 
 def load_imagefolder(folder, flag):
     if not os.path.isdir(folder):
-        raise DataNotFound(
-            f"{flag} {folder} does not exist. --dataset imagefolder reads a folder of class sub-folders "
-            f"(FOLDER/CLASS_NAME/IMAGE.png), one for training (--data-dir) and one for validation (--val-dir)."
-        )
+        raise DataNotFound(f"argument {flag}: {folder} does not exist (--dataset imagefolder reads {IMAGEFOLDER_LAYOUT})")
     try:
         return datasets.ImageFolder(folder)
     except (FileNotFoundError, RuntimeError) as error:
-        raise DataNotFound(f"{flag} {folder} is not an image folder of class sub-folders: {error}") from None
+        reason = str(error).splitlines()[0]
+        raise DataNotFound(f"argument {flag}: {folder} is not a folder of class sub-folders holding images ({reason})") from None
 
 
 def load_splits(dataset, data_dir, val_dir=None, download=True, skip_data_check=False):
@@ -247,7 +280,7 @@ def load_splits(dataset, data_dir, val_dir=None, download=True, skip_data_check=
         train_dir, val_dir = imagefolder_dirs(data_dir, val_dir)
         train, val = load_imagefolder(train_dir, "--data-dir"), load_imagefolder(val_dir, "--val-dir")
         if train.classes != val.classes:
-            raise DataNotFound(f"--data-dir has classes {train.classes} but --val-dir has {val.classes}")
+            raise DataNotFound(f"argument --data-dir: its training classes {train.classes} differ from the validation classes {val.classes}")
         return train, val
     train = load_cifar(dataset, data_dir, True, download, skip_data_check)
     return train, load_cifar(dataset, data_dir, False, download, skip_data_check)
@@ -276,6 +309,12 @@ class Transformed(Dataset):
 
 def num_classes(dataset):
     return len(dataset.classes)
+
+
+def smallest_class_count(dataset):
+    """The number of images of the dataset's least represented class (torchvision's CIFAR and ImageFolder list ``targets``)."""
+    counts = torch.bincount(torch.as_tensor(dataset.targets))
+    return int(counts[counts > 0].min())
 
 
 def make_loader(dataset, batch_size, *, num_workers, pin_memory, sampler=None, drop_last=False):

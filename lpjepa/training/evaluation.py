@@ -74,6 +74,13 @@ def knn_scores(train_features, train_labels, test_features, num_classes, k=200, 
     return torch.cat(scores)
 
 
+def capped_knn_k(k, train_labels):
+    """``k``, at most the smallest class's number of training points: more neighbours than a class has
+    outvote it by the other classes' nearest points however good the features are."""
+    counts = torch.bincount(train_labels.flatten().cpu())
+    return min(k, int(counts[counts > 0].min()))
+
+
 def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, k=200, temperature=0.07):
     """(top-1, top-5) of the weighted cosine kNN."""
     scores = knn_scores(train_features, train_labels, test_features, num_classes, k, temperature)
@@ -116,6 +123,7 @@ def sparsity_metrics(z, p, mu):
         "val_l0": report["l0"],
         "val_l1": report["l1"],
         "val_dead_units": report["dead_units"],
+        "val_dead_fraction": report["dead_units"] / z.shape[1],
         "prior_zero_fraction": rgg.zero_fraction(p, mu),
     }
 
@@ -157,8 +165,9 @@ def evaluate_online(model, probes, knn_loader, val_loader, n_classes, device, am
     probes.eval()
     result = probes.accuracy(val_h, val_z, val_y)
     probes.train()
+    k = capped_knn_k(cfg["knn_k"], train_y)
     result["knn_top1"], result["knn_top5"] = knn_accuracy(
-        train_h, train_y, val_h.to(device), val_y.to(device), n_classes, cfg["knn_k"], cfg["knn_t"]
+        train_h, train_y, val_h.to(device), val_y.to(device), n_classes, k, cfg["knn_t"]
     )
     result.update(sparsity_metrics(val_z, cfg["p"], cfg["mu"]))
     return result
@@ -181,9 +190,12 @@ def evaluate_checkpoint(checkpoint, *, data_dir=None, val_dir=None, device="auto
         predict = train_linear_probe(tr, train_y, n_classes, epochs=probe_epochs, lr=probe_lr, device=dev, seed=cfg["seed"])
         top1, top5 = topk_accuracy(predict(va), val_y)
         results[f"linear_{name}_top1"], results[f"linear_{name}_top5"] = top1, top5
-    k = knn_k if knn_k is not None else cfg["knn_k"]
-    t = knn_t if knn_t is not None else cfg["knn_t"]
+    asked = knn_k if knn_k is not None else cfg["knn_k"]
+    k, t = capped_knn_k(asked, train_y), knn_t if knn_t is not None else cfg["knn_t"]
+    if k < asked:
+        print(f"note: --knn-k {asked} is more than the {k} training images of the smallest class; kNN uses k = {k}", flush=True)
     on_device = (x.to(dev) for x in (train_h, train_y, val_h, val_y))
     results["knn_top1"], results["knn_top5"] = knn_accuracy(*on_device, n_classes, k, t)
+    results["knn_k"] = k
     results.update(sparsity_metrics(val_z, cfg["p"], cfg["mu"]))
     return results

@@ -7,10 +7,12 @@ data: ``train_epoch`` is one pass over it, ``end_epoch`` the reduction, evaluati
 metrics row and checkpoint that close an epoch.
 
 Under torchrun every process runs the same loop on its share of the global batch;
-rank 0 alone evaluates, logs and saves.
+rank 0 alone evaluates, logs and saves. A loss that becomes NaN or inf stops the run
+(``guard``) before any checkpoint could hold what came after.
 """
 import os
 import signal
+import sys
 import time
 from typing import NamedTuple
 
@@ -20,9 +22,12 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import distributed
 from ..loss import rectified_lpjepa_loss
 from . import torchrun
-from .checkpoint import restore_training_state, save_atomic, seed_everything, training_checkpoint
-from .data import EpochSampler, TwoViewDataset, eval_loaders, make_loader, num_classes, run_splits, train_transform
+from .checkpoint import final_checkpoint, restore_training_state, save_atomic, seed_everything, training_checkpoint
+from .cli import UsageError
+from .data import (EpochSampler, TwoViewDataset, eval_loaders, make_loader, num_classes, run_splits, smallest_class_count,
+                   train_transform)
 from .evaluation import OnlineProbes, evaluate_online
+from .guard import NON_FINITE_EXIT_CODE, NonFiniteGuard, NonFiniteLoss, describe
 from .interrupt import StopRequest
 from .model import LpJEPA
 from .optim import build_optimizer, build_probe_optimizer, build_scheduler
@@ -84,7 +89,8 @@ def load_training_data(cfg, env, local_batch):
     if not env.is_main:
         train_set, val_set = run_splits(cfg, download=False)
     if len(train_set) < cfg["batch_size"]:
-        raise SystemExit(f"the training set has {len(train_set)} images, fewer than one batch (--batch-size {cfg['batch_size']})")
+        raise UsageError(f"argument --batch-size: invalid value {cfg['batch_size']}: the training set has only "
+                         f"{len(train_set)} images; use at most {len(train_set)}")
     views = TwoViewDataset(train_set, train_transform(cfg["augmentation"], cfg["image_size"], cfg["dataset"]), cfg["seed"])
     sampler = EpochSampler(views, num_replicas=env.world_size, rank=env.rank, seed=cfg["seed"])
     pin = env.device.type == "cuda"
@@ -114,6 +120,7 @@ class TrainState:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.scheduler = build_scheduler(self.optimizer, cfg, steps_per_epoch)
         self.global_step = 0
+        self.guard = NonFiniteGuard(device, self.scaler)
         # What a step calls: the modules themselves, or their DDP wrappers after ``distribute``.
         self.train_model, self.train_probes, self.process_group = self.model, self.probes, None
 
@@ -160,9 +167,13 @@ class TrainState:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.global_step += 1
+        self.guard.observe(self.global_step, parts)
         if self.scheduler is not None:
             self.scheduler.step_update(self.global_step)
-        probe_loss = self.train_probes(torch.cat([h1, h2]), torch.cat([z1, z2]), torch.cat([y, y]))
+        # A step the grad scaler skips leaves the model as it was; its non-finite features
+        # must not reach the probes either (identity on finite values).
+        h, z = (torch.nan_to_num(torch.cat(pair).detach(), nan=0.0, posinf=0.0, neginf=0.0) for pair in ((h1, h2), (z1, z2)))
+        probe_loss = self.train_probes(h, z, torch.cat([y, y]))
         self.probe_optimizer.zero_grad(set_to_none=True)
         probe_loss.backward()
         self.probe_optimizer.step()
@@ -217,6 +228,8 @@ class Trainer:
             self.start_epoch, self.batches_done, self.epoch_stats = self.state.restore(checkpoint)
         self.state.distribute(env)
         self.log = RunLog(cfg["out"], enabled=env.is_main)
+        self.last_good = (f"the checkpoint this run resumed from (epoch {self.start_epoch}, step {self.state.global_step})"
+                          if self.resumed else "none (no checkpoint is written before the end of the first epoch)")
 
     def run(self, on_step=None):
         """Train from where the run stands to ``cfg['epochs']``; returns the last metrics row (None if none ran)."""
@@ -228,6 +241,8 @@ class Trainer:
                 stats, seconds = self.train_epoch(epoch, stop, on_step)
                 row = self.end_epoch(epoch, stats, seconds)
             self._finish()
+        except NonFiniteLoss as error:
+            self._stop_non_finite(error)
         finally:
             stop.restore()
             self.log.close()
@@ -239,7 +254,6 @@ class Trainer:
         cfg, env, data = self.cfg, self.env, self.data
         resolved = dict(cfg, world_size=env.world_size, device=str(self.device), amp_active=self.state.amp,
                         steps_per_epoch=data.steps_per_epoch)
-        self.log.open(resolved, keep_epochs=self.start_epoch)
         where = f"resuming at epoch {self.start_epoch + 1}, step {self.batches_done}" if self.resumed else "starting"
         print(
             f"{where}: {cfg['dataset']} ({len(data.train_set)} train / {len(data.val_set)} val images, {data.num_classes} classes), "
@@ -247,6 +261,11 @@ class Trainer:
             f"batch {cfg['batch_size']}, {data.steps_per_epoch} steps/epoch, run folder {cfg['out']}",
             flush=True,
         )
+        smallest = smallest_class_count(data.train_set)
+        if cfg["knn_k"] > smallest:
+            print(f"note: --knn-k {cfg['knn_k']} is more than the {smallest} training images of the smallest class; "
+                  f"the kNN monitor uses k = {smallest}", flush=True)
+        self.log.open(resolved, keep_epochs=self.start_epoch)
 
     def train_epoch(self, epoch, stop, on_step=None):
         """One pass over this process's share of the data (the rest of it, in the epoch a resume starts in).
@@ -269,6 +288,8 @@ class Trainer:
             stats.add(**values, steps=1, data_time=data_time, step_time=step_time)
             batch += 1
             progress.update(self._progress_postfix(values, data_time, step_time))
+            if self.state.guard.due(self.state.global_step):
+                self.state.guard.check()
             if self.state.global_step % TENSORBOARD_EVERY == 0:
                 step_values = {"loss": values["loss"], "zero_fraction": values["train_zero_fraction"], "lr": self.state.lr}
                 self.log.step(step_values, self.state.global_step)
@@ -298,7 +319,11 @@ class Trainer:
         raise SystemExit(128 + signum)
 
     def end_epoch(self, epoch, stats, seconds):
-        """Reduce the epoch's sums over the processes, evaluate when due, log the row, save; returns the row."""
+        """Reduce the epoch's sums over the processes, evaluate when due, log the row, save; returns the row.
+
+        An epoch whose loss became non-finite gets no row: the guard stops the run first.
+        """
+        self.state.guard.check()
         cfg, env, done = self.cfg, self.env, epoch + 1
         row = {"epoch": done, "step": self.state.global_step, "lr": self.state.lr}
         row.update(stats.reduced(env, self.device))
@@ -322,12 +347,31 @@ class Trainer:
         )
 
     def save(self, epoch, batches_done, stats, name="last.pt"):
-        """Rank 0 writes ``checkpoints/NAME`` atomically; ``stats`` is the unfinished epoch's, or None."""
+        """Rank 0 writes ``checkpoints/NAME`` atomically; ``stats`` is the unfinished epoch's, or None.
+
+        ``final.pt`` is the lean final checkpoint. Every process first checks the guard,
+        so no checkpoint holds weights from after a non-finite step.
+        """
+        self.state.guard.check(self.state.model)
         if not self.env.is_main:
             return
-        sums = None if stats is None else stats.sums
-        state = training_checkpoint(self.cfg, self.state, epoch, batches_done, sums, self.device)
-        save_atomic(state, os.path.join(self.cfg["out"], "checkpoints", name))
+        if name == "final.pt":
+            state = final_checkpoint(self.cfg, self.state, epoch)
+        else:
+            sums = None if stats is None else stats.sums
+            state = training_checkpoint(self.cfg, self.state, epoch, batches_done, sums, self.device)
+        path = os.path.join(self.cfg["out"], "checkpoints", name)
+        save_atomic(state, path)
+        if name == "last.pt":
+            self.last_good = f"{path} (epoch {epoch}, step {self.state.global_step})"
+
+    def _stop_non_finite(self, error):
+        """Rank 0 says where the loss broke and what to try; every process exits with ``NON_FINITE_EXIT_CODE``."""
+        if self.env.is_main:
+            message = describe(error, steps_per_epoch=self.data.steps_per_epoch, current_step=self.state.global_step,
+                               lr=self.cfg["lr"], amp=self.state.amp, last_good=self.last_good)
+            print(message, file=sys.stderr, flush=True)
+        raise SystemExit(NON_FINITE_EXIT_CODE)
 
     def _finish(self):
         if not self.env.is_main:

@@ -7,10 +7,19 @@ same initialisation under the same seed.
 first convolution and no max-pool, so a 32x32 image reaches the last stage as 4x4
 instead of 1x1.
 """
+import difflib
+
 import timm
+import torch
 import torch.nn as nn
 
+from .cli import UsageError
+
 STEMS = ("cifar", "imagenet")
+# How many of timm's names an unknown --backbone error suggests.
+CLOSE_NAMES = 3
+# BatchNorm needs two images; the meta-device forward of check_backbone runs a batch of this many.
+CHECK_BATCH = 2
 
 
 def _linear_bn_relu(dim):
@@ -45,7 +54,7 @@ def cifar_stem(backbone):
     conv1 = getattr(backbone, "conv1", None)
     if conv1 is None or not hasattr(backbone, "maxpool"):
         raise ValueError(
-            f"--stem cifar knows timm ResNet-family backbones (with conv1 and maxpool); "
+            f"--stem cifar needs a timm ResNet-family backbone (with conv1 and maxpool); "
             f"{type(backbone).__name__} has no such stem: use --stem imagenet for it"
         )
     if isinstance(conv1, nn.Conv2d):
@@ -65,6 +74,33 @@ def create_backbone(backbone_name="resnet18", stem="cifar"):
         raise ValueError(f"stem must be one of {STEMS}; got {stem!r}")
     backbone = timm.create_model(backbone_name, pretrained=False, num_classes=0)
     return cifar_stem(backbone) if stem == "cifar" else backbone
+
+
+def check_backbone(backbone_name, stem, image_size):
+    """Refuse, in one line, a ``--backbone`` timm does not know, a ``--stem`` it cannot take, or an ``--image-size`` it cannot run.
+
+    The model is built on the meta device (no memory, no initialisation work) and runs
+    one forward pass there, which finds what the real model would fail on (a ViT's
+    fixed input size, a network that downsamples a small image to nothing) without
+    computing anything.
+    """
+    if not timm.is_model(backbone_name):
+        close = difflib.get_close_matches(backbone_name, timm.list_models(), n=CLOSE_NAMES)
+        hint = f"closest timm names: {', '.join(close)}" if close else "see timm.list_models() for the names"
+        raise UsageError(f"argument --backbone: invalid value {backbone_name}: not a timm model; {hint}")
+    with torch.device("meta"):
+        try:
+            backbone = create_backbone(backbone_name, stem)
+        except ValueError as error:
+            raise UsageError(f"argument --stem: invalid value {stem}: {error}") from None
+        try:
+            backbone(torch.empty(CHECK_BATCH, 3, image_size, image_size))
+        except Exception as error:  # timm's models raise anything from AssertionError to RuntimeError here
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UsageError(
+                f"argument --image-size: invalid value {image_size}: --backbone {backbone_name} with --stem {stem} "
+                f"cannot take {image_size}x{image_size} images ({reason})"
+            ) from None
 
 
 class LpJEPA(nn.Module):

@@ -10,7 +10,7 @@ from tqdm import tqdm
 COLUMNS = (
     "epoch", "step", "lr", "loss", "invariance", "regularizer", "train_zero_fraction", "probe_loss",
     "probe_backbone_top1", "probe_backbone_top5", "probe_projector_top1", "probe_projector_top5",
-    "knn_top1", "knn_top5", "val_zero_fraction", "val_l0", "val_l1", "val_dead_units", "prior_zero_fraction",
+    "knn_top1", "knn_top5", "val_zero_fraction", "val_l0", "val_l1", "val_dead_units", "val_dead_fraction", "prior_zero_fraction",
     "img_per_s", "data_wait", "epoch_time",
 )
 
@@ -108,6 +108,9 @@ class RunLog:
             json.dump(resolved_config, f, indent=2, sort_keys=True)
         self.metrics.truncate(keep_epochs)
         self.tensorboard = TensorBoard(os.path.join(self.out, "tensorboard"))
+        if not self.tensorboard.enabled:
+            print("note: tensorboard is not installed, so the run writes no tensorboard/ events (metrics.csv has every "
+                  "epoch); pip install tensorboard, or the package's [tensorboard] extra, adds them", flush=True)
 
     def step(self, values, step):
         if self.tensorboard is not None:

@@ -8,6 +8,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from .cli import UsageError
+
 
 class DistEnv(NamedTuple):
     rank: int
@@ -31,7 +33,7 @@ def resolve_device(flag="auto", local_rank=0):
     device = torch.device(flag)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+            raise UsageError(f"argument --device: invalid value {flag}: no CUDA GPU is visible here; use --device cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
