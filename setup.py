@@ -35,6 +35,6 @@ setup(
         ],
     },
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scipy"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "mpmath"],
     },
 )

@@ -18,13 +18,27 @@ def check_finite(name, value):
     return float(value)
 
 
+# The scale conventions a sigma may name (``lpjepa.rgg.resolve_sigma``): unit variance of
+# the Generalized Gaussian before the ReLU (the seed's), or of the rectified samples after it.
+SIGMA_CONVENTIONS = ("gn", "unit-rectified")
+
+
 def check_sigma(sigma):
+    """None (the seed's 'gn'), one of ``SIGMA_CONVENTIONS``, or a finite number > 0 (returned as a float)."""
     if sigma is None:
         return None
-    sigma = check_finite("sigma", sigma)
-    if sigma <= 0:
-        raise ValueError(f"sigma must be > 0, or None for the seed's unit-variance scale; got sigma={sigma!r}")
-    return sigma
+    if isinstance(sigma, str):
+        if sigma not in SIGMA_CONVENTIONS:
+            raise ValueError(
+                f"sigma must be one of {SIGMA_CONVENTIONS}, a number > 0, or None (the seed's 'gn'); got sigma={sigma!r}"
+            )
+        return sigma
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(
+            f"sigma must be > 0, one of {SIGMA_CONVENTIONS}, or None for the seed's unit-variance scale; "
+            f"got sigma={sigma!r}"
+        )
+    return float(sigma)
 
 
 def check_num_projections(num_projections):
