@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _checks, distributed
+from ._checks import DIRECTION_SCHEMES, SIGMA_CONVENTIONS, TARGET_MODES  # noqa: F401 (the family's choices)
 from .ops import directions as direction_ops
 from .ops import sliced_wasserstein as torch_ops
 from .ops.backend import check_backend, triton_module

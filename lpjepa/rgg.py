@@ -14,6 +14,7 @@ and return Python floats.
 ``sigma`` arguments take a number, or a convention by name (``resolve_sigma``): 'gn'
 (the default, the seed's) or 'unit-rectified'.
 """
+import functools
 import math
 
 import torch
@@ -258,11 +259,15 @@ def sigma_for_unit_rectified_variance(p, mu):
     """The sigma for which ReLU(mu + sigma * X) has unit variance after rectification.
 
     The seed's ``sigma_gn(p)`` gives unit variance *before* rectification; this is the
-    alternative that normalises the rectified features instead. Solved by bisection:
-    the rectified variance grows monotonically with sigma.
+    alternative that normalises the rectified features instead (the official code's
+    ``sigma_RGN``). Solved by bisection: the rectified variance grows monotonically with
+    sigma. Remembered per (p, mu), since a loss built every step asks again.
     """
-    p = check_p(p)
-    mu = float(mu)
+    return _unit_rectified_sigma(check_p(p), check_finite("mu", mu))
+
+
+@functools.lru_cache(maxsize=256)
+def _unit_rectified_sigma(p, mu):
     lo, hi = 0.0, 1.0
     while rectified_variance(p, mu, hi) < 1.0:
         hi *= 2.0
