@@ -71,7 +71,8 @@ def _report_cases(quick):
     batches = (256, 4096) if quick else sorted({*REPORT_BATCHES, REGISTER_SORT_MAX_BATCH})
     dims = (512,) if quick else REPORT_DIMS
     projection_counts = REPORT_PROJECTIONS[:1] if quick else REPORT_PROJECTIONS
-    sampler_ps = (1.5,) if quick else (1.0, 2.0, 1.5)
+    # (p, rectify): every method rectified, and the dense target (no ReLU) of the Gamma path.
+    sampler_cases = ((1.5, True),) if quick else ((1.0, True), (2.0, True), (1.5, True), (1.5, False))
     seed, offset = 2**62 + 12345, 2**33  # 64-bit values: the JIT's i64 specialisation
     cases = []
     meta = dict(device="meta")
@@ -80,10 +81,11 @@ def _report_cases(quick):
         for batch in batches:
             for dim in dims:
                 if not allow_tf32:
-                    for p in sampler_ps:
+                    for p, rectify in sampler_cases:
                         out = torch.empty((batch, dim), dtype=dtype, **meta)
-                        launch = rgg_launch(out, p=p, mu=0.0, sigma=1.0, seed=seed, offset=offset)
-                        cases.append((f"rgg p={p:g}", f"B={batch} D={dim} {dname}", launch))
+                        launch = rgg_launch(out, p=p, mu=0.0, sigma=1.0, seed=seed, offset=offset, rectify=rectify)
+                        target = "" if rectify else " dense"
+                        cases.append((f"rgg p={p:g}{target}", f"B={batch} D={dim} {dname}", launch))
                 for k in projection_counts:
                     views = torch.empty((REPORT_VIEWS, batch, dim), dtype=dtype, **meta)
                     _, launches = project_plan(views, torch.empty((k, dim), dtype=dtype, **meta), allow_tf32=allow_tf32)

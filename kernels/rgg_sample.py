@@ -1,6 +1,7 @@
 """Rectified Generalized Gaussian sampler: one Triton kernel and its launcher.
 
-Draws ``ReLU(mu + sigma * X)`` with ``X ~ GN_p(0, 1)`` in the parameterisation of the
+Draws ``ReLU(mu + sigma * X)`` (or the dense ``mu + sigma * X``, ``rectify=False``: the
+``RECTIFY`` constexpr) with ``X ~ GN_p(0, 1)`` in the parameterisation of the
 seed's ``sample_rgg``: ``X = S * (p * G) ** (1 / p)``, ``S`` a fair random sign and
 ``G ~ Gamma(1/p, 1)``; equivalently ``scipy.stats.gennorm(beta=p, scale=p ** (1 / p))``.
 
@@ -100,6 +101,7 @@ def _rgg_kernel(
     mt_c,  # Marsaglia-Tsang c = 1 / sqrt(9 d)
     boost_inv_shape,  # p when boosting (shape 1/p < 1), else 0
     METHOD: tl.constexpr,
+    RECTIFY: tl.constexpr,  # False: the dense target mu + sigma * X, no ReLU
     MAX_ROUNDS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -144,8 +146,9 @@ def _rgg_kernel(
         value = mu + tl.where((w_sign >> 31) != 0, -magnitude, magnitude)
         value = tl.where(accepted, value, float("nan"))
 
-    # ReLU written so that NaN (the unaccepted-lane flag) survives it.
-    value = tl.where(value < 0, 0.0, value)
+    if RECTIFY:
+        # ReLU written so that NaN (the unaccepted-lane flag) survives it.
+        value = tl.where(value < 0, 0.0, value)
     tl.store(out_ptr + idx, value.to(out_ptr.dtype.element_ty), mask=in_range)
 
 
@@ -219,8 +222,10 @@ def philox_seed_offset(increment, device, generator=None):
     raise ValueError(f"no Philox seed source for device type {device.type!r}")
 
 
-def rgg_launch(out, *, p, mu, sigma, seed, offset):
+def rgg_launch(out, *, p, mu, sigma, seed, offset, rectify=True):
     """The sampler launch that fills ``out`` (contiguous fp32/fp16/bf16) from Philox (seed, offset).
+
+    ``rectify=False`` skips the ReLU: the dense target ``mu + sigma * X``.
 
     p > 0, mu and sigma >= 0 finite are the caller's to check (``lpjepa.sample_rgg`` does);
     only what the kernel's stores rely on is checked here.
@@ -249,7 +254,7 @@ def rgg_launch(out, *, p, mu, sigma, seed, offset):
         1.0 / math.sqrt(9.0 * mt_d),
         p if boost else 0.0,
     )
-    meta = dict(METHOD=method, MAX_ROUNDS=GAMMA_MAX_ROUNDS, BLOCK=block, num_warps=num_warps)
+    meta = dict(METHOD=method, RECTIFY=bool(rectify), MAX_ROUNDS=GAMMA_MAX_ROUNDS, BLOCK=block, num_warps=num_warps)
     return KernelLaunch(_rgg_kernel, (triton.cdiv(n_elements, block),), args, meta)
 
 
@@ -263,6 +268,7 @@ def rgg_sample(
     device=None,
     seed=None,
     offset=None,
+    rectify=True,
 ):
     """Samples ``ReLU(mu + sigma * X)``, ``X ~ GN_p(0, 1)``, with the Triton kernel.
 
@@ -293,5 +299,5 @@ def rgg_sample(
     if seed is None:
         seed, offset = philox_seed_offset(rgg_philox_increment(out.numel()), device)
     if out.numel() > 0:
-        rgg_launch(out, p=p, mu=mu, sigma=sigma, seed=seed, offset=offset)()
+        rgg_launch(out, p=p, mu=mu, sigma=sigma, seed=seed, offset=offset, rectify=rectify)()
     return out

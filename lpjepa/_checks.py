@@ -18,13 +18,27 @@ def check_finite(name, value):
     return float(value)
 
 
+# The scale conventions a sigma may name (``lpjepa.rgg.resolve_sigma``): unit variance of
+# the Generalized Gaussian before the ReLU (the seed's), or of the rectified samples after it.
+SIGMA_CONVENTIONS = ("gn", "unit-rectified")
+
+
 def check_sigma(sigma):
+    """None (the seed's 'gn'), one of ``SIGMA_CONVENTIONS``, or a finite number > 0 (returned as a float)."""
     if sigma is None:
         return None
-    sigma = check_finite("sigma", sigma)
-    if sigma <= 0:
-        raise ValueError(f"sigma must be > 0, or None for the seed's unit-variance scale; got sigma={sigma!r}")
-    return sigma
+    if isinstance(sigma, str):
+        if sigma not in SIGMA_CONVENTIONS:
+            raise ValueError(
+                f"sigma must be one of {SIGMA_CONVENTIONS}, a number > 0, or None (the seed's 'gn'); got sigma={sigma!r}"
+            )
+        return sigma
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(
+            f"sigma must be > 0, one of {SIGMA_CONVENTIONS}, or None for the seed's unit-variance scale; "
+            f"got sigma={sigma!r}"
+        )
+    return float(sigma)
 
 
 def check_num_projections(num_projections):
@@ -57,12 +71,26 @@ def check_float_tensor(name, tensor):
         )
 
 
-def check_loss_inputs(z, target, projections=None, *, target_name="target_samples", global_rows=None):
+def _check_shape_per_view(name, tensor, expected, num_views, what, hint=""):
+    """``tensor`` must have shape ``expected``, or (num_views, *expected) when ``num_views`` allows one per view.
+
+    The error reads "NAME must have WHAT SHAPE[ or (V, ...) one per view]; got ...HINT".
+    """
+    expected = tuple(expected)
+    per_view = (num_views, *expected) if num_views else None
+    if tuple(tensor.shape) not in (expected, per_view):
+        allowed = f"{expected}" + (f" (or {per_view}, one per view)" if per_view else "")
+        raise ValueError(f"{name} must have {what}{allowed}; got {tuple(tensor.shape)}{hint}")
+
+
+def check_loss_inputs(z, target, projections=None, *, target_name="target_samples", global_rows=None, num_views=None):
     """Validate the sliced-Wasserstein inputs: z (b, D), target (b, D), projections (K, D).
 
     Under torch.distributed (``global_rows`` given) z holds this process's rows and the
     target the whole global batch, (global_rows, D), the same on every rank; neither the
-    target nor the projections may then require grad.
+    target nor the projections may then require grad, and the global batch needs 2 rows.
+    One process needs 1 row (one row is its own sorted order). ``num_views``: the target
+    may also be one per view, (num_views, rows, D), and the projections (num_views, K, D).
     """
     check_float_tensor("z", z)
     check_float_tensor(target_name, target)
@@ -70,32 +98,31 @@ def check_loss_inputs(z, target, projections=None, *, target_name="target_sample
         raise ValueError(
             f"z must be 2-D (batch, dim); got shape {tuple(z.shape)}. Flatten the features first, e.g. z.flatten(1)."
         )
-    if global_rows is None and target.shape != z.shape:
-        raise ValueError(
-            f"{target_name} must have the shape of z {tuple(z.shape)}; got {tuple(target.shape)}. "
-            "Draw them with sample_rgg(z.shape, ...)."
+    if global_rows is None:
+        _check_shape_per_view(
+            target_name, target, z.shape, num_views, "the shape of z ", ". Draw them with sample_rgg(z.shape, ...)."
         )
-    if global_rows is not None and tuple(target.shape) != (global_rows, z.shape[1]):
-        raise ValueError(
-            f"under torch.distributed, {target_name} must have shape {(global_rows, z.shape[1])}, the same on every "
-            f"rank (the global batch is the sum of the local batches); got {tuple(target.shape)}"
+    else:
+        _check_shape_per_view(
+            f"under torch.distributed, {target_name}", target, (global_rows, z.shape[1]), num_views, "shape ",
+            ", the same on every rank (the global batch is the sum of the local batches)",
         )
     if target.device != z.device:
         raise ValueError(
             f"z and {target_name} must be on the same device; got z on {z.device} and {target_name} on "
             f"{target.device}. Move one with .to(z.device)."
         )
-    rows = z.shape[0] if global_rows is None else global_rows
-    if rows < 2:
-        where = "z" if global_rows is None else "the global batch (all ranks together)"
-        raise ValueError(f"{where} needs a batch of at least 2 rows to sort along; got batch size {rows}")
+    if global_rows is None and z.shape[0] < 1:
+        raise ValueError("z needs at least 1 row; got an empty batch")
+    if global_rows is not None and global_rows < 2:
+        raise ValueError(f"the global batch (all ranks together) needs at least 2 rows to sort along; got {global_rows}")
     if projections is not None:
         check_float_tensor("projections", projections)
-        if projections.dim() != 2 or projections.shape[1] != z.shape[1] or projections.shape[0] < 1:
-            raise ValueError(
-                f"projections must have shape (num_projections, {z.shape[1]}) to match z's dim; "
-                f"got {tuple(projections.shape)}"
-            )
+        if projections.dim() < 2 or projections.shape[-2] < 1:
+            raise ValueError(f"projections must have shape (num_projections, {z.shape[1]}); got {tuple(projections.shape)}")
+        _check_shape_per_view(
+            "projections", projections, (projections.shape[-2], z.shape[1]), num_views, "shape ", " (z's dim)"
+        )
         if projections.device != z.device:
             raise ValueError(
                 f"projections must be on z's device {z.device}; got {projections.device}. Move them with .to(z.device)."
@@ -128,4 +155,25 @@ def check_generator(generator, device):
         raise ValueError(
             f"generator lives on {generator.device} but the numbers are drawn on {torch.device(device)}; "
             f"create it with torch.Generator(device={str(torch.device(device))!r})."
+        )
+
+
+# ``directions=``: how the sliced-Wasserstein directions are drawn (``lpjepa.ops.directions``).
+DIRECTION_SCHEMES = ("gaussian", "orthogonal", "svd", "svd-bottom-half")
+# ``targets=``: one target batch for all views (the seed's) or a fresh one per view (the official code's).
+TARGET_MODES = ("shared", "per-view")
+
+
+def check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}; got {name}={value!r}")
+    return value
+
+
+def check_svd_rows(directions, rows):
+    """The SVD schemes centre the batch, which needs 2 rows (a centred single row is zero)."""
+    if directions.startswith("svd") and rows < 2:
+        raise ValueError(
+            f"directions={directions!r} needs a batch of at least 2 rows (the singular vectors of a centred "
+            f"single row are arbitrary); got {rows}. Use directions='gaussian'."
         )

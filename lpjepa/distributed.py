@@ -235,6 +235,21 @@ def global_mean(local_sum, local_count, group, scale=1):
     return total[0] / total[1]
 
 
+def from_first_rank(compute, shape, dtype, device, group):
+    """``compute()`` on the group's rank 0, broadcast to every rank (a (shape) tensor of dtype on device).
+
+    For a value every rank could compute from the same inputs, but whose bits must agree
+    everywhere (an SVD may differ in its last bits between processes): the other ranks
+    only receive it.
+    """
+    if dist.get_rank(group) == 0:
+        out = compute().contiguous()
+    else:
+        out = torch.empty(shape, dtype=dtype, device=device)
+    dist.broadcast(out, src=dist.get_global_rank(group, 0), group=group)
+    return out
+
+
 # --- What to gather ---------------------------------------------------------------------
 
 

@@ -6,6 +6,13 @@ inputs, draw what is not given, and call the ops (``lpjepa.ops``) on the backend
 for the call: the torch ops, or the Triton kernels on CUDA. Under ``torch.distributed``
 the same draw feeds the global-batch computation (``_global_loss``), which uses the
 collectives and seed stream of ``lpjepa.distributed``.
+
+The family of the paper and its official code is one set of arguments: the target
+(``rectify``: rectified or dense, ``sigma``: its scale convention, ``targets``: one
+for all views or one per view) and the directions (``directions``: 'gaussian',
+'orthogonal', 'svd', 'svd-bottom-half'; see ``lpjepa.ops.directions``). A shared target
+is a (B, D) tensor, per-view targets a (V, B, D) stack; shared directions are (K, D),
+per-view ones (V, K, D).
 """
 from typing import NamedTuple
 
@@ -14,38 +21,53 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _checks, distributed
+from ._checks import DIRECTION_SCHEMES, SIGMA_CONVENTIONS, TARGET_MODES  # noqa: F401 (the family's choices)
+from .ops import directions as direction_ops
 from .ops import sliced_wasserstein as torch_ops
 from .ops.backend import check_backend, triton_module
-from .ops.directions import random_projections
+from .rgg import resolve_sigma
 from .sampling import sample_rgg
 
 
-def _views_loss(views, target, projections, backend):
-    """The mean of the views' sliced-Wasserstein losses against one target, on one process.
+def _of_view(tensor, view):
+    """A per-view (V, ...) stack's slice ``view``; a shared 2-D tensor itself."""
+    return tensor[view] if tensor.dim() == 3 else tensor
 
-    The target is projected and sorted once for all views: on the Triton backend always,
-    on the torch backend when neither the target nor the directions need a gradient.
+
+def _views_loss(views, target, projections, backend):
+    """The mean of the views' sliced-Wasserstein losses, on one process.
+
+    target: (B, D) shared or (V, B, D) per view; projections: (K, D) shared or (V, K, D).
+    A shared target with shared directions is projected and sorted once for all views:
+    on the Triton backend always, on the torch backend when neither the target nor the
+    directions need a gradient. Otherwise each view runs the per-view op on its own
+    target and directions (the Triton backend projects them as one stack).
     """
     first = views[0]
     dtype = torch_ops.compute_dtype(*views, target, projections)
     triton_ops = triton_module("sliced_wasserstein", backend, first.device, dtype)
     if triton_ops is not None:
         return triton_ops.views_loss(views, target, projections)
+    shared = target.dim() == 2 and projections.dim() == 2
     target_sorted = None
-    if len(views) > 1 and not torch_ops.needs_target_residual(target, projections):
+    if shared and len(views) > 1 and not torch_ops.needs_target_residual(target, projections):
         target_sorted = torch_ops.sorted_projections(target, projections, dtype)
-    losses = [torch_ops.sliced_wasserstein(view, target, projections, target_sorted) for view in views]
+    losses = [
+        torch_ops.sliced_wasserstein(view, _of_view(target, v), _of_view(projections, v), target_sorted)
+        for v, view in enumerate(views)
+    ]
     return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
 
 def _global_loss(views, target, projections, backend, group, sizes, gather, scale):
     """The loss of the global batch, the local views concatenated over ``group`` in rank order.
 
-    views: this rank's (b, D) views; target: the global (sum of sizes, D) target and
-    projections (K, D), the same on every rank. Whichever of the projected rows or the
-    features moves fewer bytes is all-gathered (``distributed.gathers_features``); the
-    sort and residual then run on the gathered (V, K, global batch) projections, with the
-    backend's ops. Each rank's backward receives the gradient of its own rows, times ``scale``.
+    views: this rank's (b, D) views; target: the global (sum of sizes, D) target, or
+    (V, sum of sizes, D) per view, and projections (K, D) or (V, K, D), the same on every
+    rank. Whichever of the projected rows or the features moves fewer bytes is
+    all-gathered (``distributed.gathers_features``); the sort and residual then run on
+    the gathered (V, K, global batch) projections, with the backend's ops. Each rank's
+    backward receives the gradient of its own rows, times ``scale``.
     """
     first = views[0]
     dtype = torch_ops.compute_dtype(*views, target, projections)
@@ -54,36 +76,77 @@ def _global_loss(views, target, projections, backend, group, sizes, gather, scal
         ops, projected_dtype = torch_ops, dtype
     else:  # the operands in the features' dtype, the projections fp32
         ops, dtype, projected_dtype = triton_ops, triton_ops.operand_dtype(first), torch.float32
+    num_projections, dim = projections.shape[-2], target.shape[-1]
     with torch.autocast(first.device.type, enabled=False):
         stacked = torch.stack([view.to(dtype) for view in views])  # (V, b, D)
-        if distributed.gathers_features(gather, projections.shape[0], target.shape[1], projected_dtype, first.dtype):
+        if distributed.gathers_features(gather, num_projections, dim, projected_dtype, first.dtype):
             proj = ops.project(distributed.gather_batch(stacked, sizes, group, dim=1, scale=scale), projections, dtype)
         else:
             proj = distributed.gather_batch(ops.project(stacked, projections, dtype), sizes, group, dim=2, scale=scale)
-        proj_t = ops.project(target[None], projections, dtype)
+        proj_t = ops.project(target if target.dim() == 3 else target[None], projections, dtype)
         return ops.projected_sliced_wasserstein(proj, proj_t)
 
 
-def rdmreg_loss(z, target_samples, num_projections=256, *, projections=None, generator=None, backend="auto"):
+def draw_directions(directions, num_projections, views, generator=None, group=None, sizes=None):
+    """The directions of one call: (K, D) for 'gaussian' and 'orthogonal', (V, K, D) for the SVD schemes.
+
+    views: the (b, D) views the SVD schemes take their singular vectors from (one set
+    per view, of the view's centred batch, detached: no gradient flows through any
+    direction). Under a process group (``sizes``: the local batch sizes) that batch is
+    the global one, gathered detached, and its SVD is computed on the group's rank 0 and
+    broadcast, so every rank projects onto the same directions. Random directions come
+    from ``generator`` (every rank's seed stream draws alike). 'gaussian' is the seed's
+    draw exactly.
+    """
+    first = views[0]
+    dim, device = first.shape[1], first.device
+    if directions == "gaussian":
+        return direction_ops.random_projections(num_projections, dim, device, generator=generator)
+    if directions == "orthogonal":
+        return direction_ops.orthogonal_projections(num_projections, dim, device, generator=generator)
+    dtype = torch_ops.compute_dtype(*views)
+    with torch.autocast(device.type, enabled=False):
+        batch = torch.stack([view.detach().to(dtype) for view in views])
+        if group is None:
+            singular = direction_ops.centred_right_singular_vectors(batch)
+        else:
+            batch = distributed.gather_batch(batch, sizes, group, dim=1)
+            shape = (len(views), min(batch.shape[1], dim), dim)
+            singular = distributed.from_first_rank(
+                lambda: direction_ops.centred_right_singular_vectors(batch), shape, dtype, device, group
+            )
+    bottom_half = directions == "svd-bottom-half"
+    return direction_ops.svd_projections(singular, num_projections, bottom_half, generator=generator)
+
+
+def rdmreg_loss(
+    z, target_samples, num_projections=256, *, projections=None, generator=None, backend="auto", directions="gaussian"
+):
     """Sliced-Wasserstein RDMReg loss; a drop-in for the seed's ``rdmreg_loss``.
 
     z, target_samples: (B, D) floating tensors on one device (fp32, fp16, bf16 or
-    fp64; computed in fp32, or fp64 for fp64 inputs). projections: optional (K, D)
-    directions; when omitted, ``num_projections`` Gaussian directions normalised to unit
-    length are drawn on z's device (from ``generator`` if given), exactly as the seed
-    draws them, so the same seed gives the seed's value. Returns a 0-dim float32
-    (or float64) tensor: the mean over batch and directions of the squared difference
-    of the sorted projections. Differentiable in z (and target_samples and projections
-    if they require grad). NaN anywhere in z gives a NaN loss.
+    fp64; computed in fp32, or fp64 for fp64 inputs); B = 1 gives the seed's value, the
+    mean squared difference of the single projected pair. projections: optional (K, D)
+    directions; when omitted, ``num_projections`` are drawn on z's device (from
+    ``generator`` if given) by the ``directions`` scheme: 'gaussian' (the default)
+    exactly as the seed draws them, so the same seed gives the seed's value;
+    'orthogonal', 'svd' or 'svd-bottom-half' (``draw_directions``; the SVD is of z's
+    batch). Returns a 0-dim float32 (or float64) tensor: the mean over batch and
+    directions of the squared difference of the sorted projections. Differentiable in z
+    (and target_samples and projections if they require grad). NaN anywhere in z gives
+    a NaN loss.
 
     backend: 'auto' (Triton kernels on CUDA, torch elsewhere), 'torch' or 'triton'.
     """
     check_backend(backend)
+    _checks.check_choice("directions", directions, _checks.DIRECTION_SCHEMES)
     _checks.check_loss_inputs(z, target_samples, projections)
     if projections is None:
         num_projections = _checks.check_num_projections(num_projections)
         _checks.check_generator(generator, z.device)
-        projections = random_projections(num_projections, z.shape[1], z.device, generator=generator)
+        _checks.check_svd_rows(directions, z.shape[0])
+        projections = draw_directions(directions, num_projections, (z,), generator)
+        projections = projections[0] if projections.dim() == 3 else projections
     return _views_loss((z,), target_samples, projections, backend)
 
 
@@ -96,6 +159,16 @@ class RDMReg(nn.Module):
     returns the mean of the views' sliced-Wasserstein losses (the seed's
     ``(rdmreg_loss(z1, t) + rdmreg_loss(z2, t)) / 2`` for two views, but with one set
     of directions, so the target is projected and sorted once).
+
+    The loss family (defaults: the seed's):
+
+    * ``sigma``: 'gn' (or None; unit variance before the ReLU, the seed's),
+      'unit-rectified' (unit variance after it) or a number (``lpjepa.rgg.resolve_sigma``);
+    * ``rectify``: False matches the dense mu + sigma * GN_p instead (the LpJEPA baseline);
+    * ``targets``: 'shared' (one target for all views) or 'per-view' (a fresh target per
+      view, as the official code draws them);
+    * ``directions``: 'gaussian', 'orthogonal', 'svd' or 'svd-bottom-half'
+      (``draw_directions``); the SVD schemes give each view its own directions.
 
     Under torch.distributed (``process_group``: 'auto' is the world when
     ``torch.distributed`` is initialized and nothing otherwise; None never communicates;
@@ -116,18 +189,22 @@ class RDMReg(nn.Module):
         p=1.0,
         mu=0.0,
         num_projections=256,
-        sigma=None,
+        sigma="gn",
         backend="auto",
         *,
         process_group="auto",
         seed=None,
         gather="auto",
         scale_grad_by_world_size=True,
+        rectify=True,
+        directions="gaussian",
+        targets="shared",
     ):
         super().__init__()
         self.p = _checks.check_p(p)
         self.mu = _checks.check_finite("mu", mu)
         self.sigma = _checks.check_sigma(sigma)
+        self.target_sigma = resolve_sigma(self.sigma, self.p, self.mu)
         self.num_projections = _checks.check_num_projections(num_projections)
         check_backend(backend)
         self.backend = backend
@@ -135,15 +212,33 @@ class RDMReg(nn.Module):
         self.seed_stream = distributed.SeedStream(seed)
         self.gather = distributed.check_gather(gather)
         self.scale_grad_by_world_size = bool(scale_grad_by_world_size)
+        self.rectify = bool(rectify)
+        self.directions = _checks.check_choice("directions", directions, _checks.DIRECTION_SCHEMES)
+        self.targets = _checks.check_choice("targets", targets, _checks.TARGET_MODES)
 
     def extra_repr(self):
-        return f"p={self.p}, mu={self.mu}, num_projections={self.num_projections}, sigma={self.sigma}"
+        return (
+            f"p={self.p}, mu={self.mu}, num_projections={self.num_projections}, sigma={self.sigma!r}, "
+            f"rectify={self.rectify}, directions={self.directions!r}, targets={self.targets!r}"
+        )
+
+    def draw_targets(self, num_views, rows, dim, device, generator=None):
+        """(rows, dim) shared, or (num_views, rows, dim) per view, drawn one after the other."""
+        def draw():
+            return sample_rgg(
+                (rows, dim), self.p, self.mu, device, sigma=self.target_sigma, generator=generator,
+                backend=self.backend, rectify=self.rectify,
+            )
+
+        return draw() if self.targets == "shared" else torch.stack([draw() for _ in range(num_views)])
 
     def forward(self, *views, target=None, projections=None, generator=None):
-        """views: (B, D) tensors. Optional ``target`` (B, D) and ``projections`` (K, D) fix the randomness.
+        """views: (B, D) tensors. Optional ``target`` and ``projections`` fix the randomness.
 
-        Under torch.distributed the views are the local (b, D) rows and ``target``, if
-        given, is the global (sum of the ranks' b, D) target, the same on every rank.
+        target: (B, D), or (V, B, D) one per view; projections: (K, D), or (V, K, D) one
+        set per view. Under torch.distributed the views are the local (b, D) rows and the
+        target, if given, is global (the sum of the ranks' b rows), the same on every rank.
+        The target is drawn first, then the directions, from one generator.
         """
         _checks.check_views(views)
         first = views[0]
@@ -155,14 +250,14 @@ class RDMReg(nn.Module):
                 generator = self.seed_stream.next_generator(first.device, group)
             _checks.check_generator(generator, first.device)
         if target is None:
-            target = sample_rgg(
-                (rows, first.shape[1]), self.p, self.mu, first.device, sigma=self.sigma, generator=generator,
-                backend=self.backend,
-            )
+            target = self.draw_targets(len(views), rows, first.shape[1], first.device, generator)
         global_rows = None if group is None else rows
-        _checks.check_loss_inputs(first, target, projections, target_name="target", global_rows=global_rows)
+        _checks.check_loss_inputs(
+            first, target, projections, target_name="target", global_rows=global_rows, num_views=len(views)
+        )
         if projections is None:
-            projections = random_projections(self.num_projections, first.shape[1], first.device, generator=generator)
+            _checks.check_svd_rows(self.directions, rows)
+            projections = draw_directions(self.directions, self.num_projections, views, generator, group, sizes)
         if group is None:
             return _views_loss(views, target, projections, self.backend)
         scale = distributed.grad_scale(group, self.scale_grad_by_world_size)
@@ -186,7 +281,10 @@ def rectified_lpjepa_loss(
     p=1.0,
     mu=0.0,
     num_projections=256,
-    sigma=None,
+    sigma="gn",
+    rectify=True,
+    directions="gaussian",
+    targets="shared",
     target=None,
     projections=None,
     generator=None,
@@ -197,8 +295,10 @@ def rectified_lpjepa_loss(
     """The full objective: lamb_inv * MSE(z1, z2) + lamb_reg * RDMReg(z1, z2).
 
     z1, z2: (B, D) projector outputs of two views. Defaults are the seed's (Table 1
-    weights, p = 1, mu = 0, 256 projections). Returns ``LossParts(loss, invariance,
-    regularizer)`` with float32 tensors, so a training loop reads::
+    weights, p = 1, mu = 0, 256 projections, sigma 'gn', a rectified target shared by
+    the views, Gaussian directions); ``sigma``, ``rectify``, ``directions`` and
+    ``targets`` as in ``RDMReg``. Returns ``LossParts(loss, invariance, regularizer)``
+    with float32 tensors, so a training loop reads::
 
         parts = rectified_lpjepa_loss(model(x1), model(x2))
         parts.loss.backward()
@@ -211,7 +311,8 @@ def rectified_lpjepa_loss(
     """
     group = distributed.resolve_process_group(process_group)
     rdmreg = RDMReg(
-        p, mu, num_projections, sigma, backend, process_group=group, scale_grad_by_world_size=scale_grad_by_world_size
+        p, mu, num_projections, sigma, backend, process_group=group, scale_grad_by_world_size=scale_grad_by_world_size,
+        rectify=rectify, directions=directions, targets=targets,
     )
     if group is not None:
         rdmreg.seed_stream = distributed.default_seed_stream(group)

@@ -66,3 +66,36 @@ def sparsity_report(z):
         "l1": l1_metric(z),
         "dead_units": dead_units(z),
     }
+
+
+# VICReg's variance term: the hinge target of each dimension's standard deviation, and the
+# epsilon under its square root (Bardes et al. 2022; solo-learn's variance_loss).
+VICREG_STD_TARGET = 1.0
+VICREG_EPS = 1e-4
+
+
+def vicreg_variance(z):
+    """VICReg's variance term of a (N, D) batch, mean over dims of relu(1 - sqrt(Var_n[z_d] + 1e-4)).
+
+    The unbiased variance over the batch, as VICReg defines it; 0 once every dimension
+    has a standard deviation of at least 1. Returns a 0-dim float32 tensor on z's device
+    (no host sync, for accumulating every step); computed on the detached values.
+    """
+    _check_2d(z)
+    z = z.detach().float()
+    std = torch.sqrt(z.var(dim=0) + VICREG_EPS)
+    return torch.relu(VICREG_STD_TARGET - std).mean()
+
+
+def vicreg_covariance(z):
+    """VICReg's covariance term of a (N, D) batch: the squared off-diagonal entries of its covariance, summed, over D.
+
+    The covariance is the unbiased one of the centred batch, (z - mean)^T (z - mean) / (N - 1).
+    Returns a 0-dim float32 tensor on z's device (no host sync); computed on the detached values.
+    """
+    _check_2d(z)
+    z = z.detach().float()
+    centred = z - z.mean(dim=0)
+    covariance = centred.T @ centred / (z.shape[0] - 1)
+    off_diagonal = covariance.square().sum() - covariance.diagonal().square().sum()
+    return off_diagonal / z.shape[1]

@@ -90,3 +90,34 @@ def test_path_sweep_runs_on_the_interpreter(tmp_path):
     # A projection and a sort decision per number of views (the target's projection at V = 2 is V = 1's).
     assert len(decisions) == 4
     assert "| tiny (32, 16, 8) | float32 | 2 | sort |" in stdout
+
+
+def test_directions_study_runs_and_matches_rdmreg_loss(tmp_path):
+    stdout = _run("-m", "benchmarks.directions", "--quick", "--no-progress", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "directions.json").read_text())
+    # 2 dims x 2 feature batches x 4 Ks x 4 schemes x 2 settings, each with finite numbers.
+    assert len(result["rows"]) == 2 * 2 * 4 * 4 * 2
+    for row in result["rows"]:
+        assert row["mean_loss"] > 0 and row["loss_std"] >= 0 and row["grad_rel_var"] >= 0
+    # The SVD schemes draw nothing at K up to their singular vectors: no variance from the directions.
+    svd_small = [r for r in result["rows"] if r["scheme"] == "svd" and r["k"] <= 16 and r["setting"] == "directions"]
+    assert all(r["loss_std"] == 0 for r in svd_small)
+    assert (tmp_path / "directions.md").read_text().strip() in stdout
+
+
+def test_directions_study_evaluates_rdmreg_loss():
+    # The study's shared-projection evaluation is rdmreg_loss's value and gradient.
+    import torch
+
+    import lpjepa
+    from benchmarks.directions import _loss_and_grads
+    from lpjepa.ops import sliced_wasserstein as torch_ops
+
+    gen = torch.Generator().manual_seed(0)
+    z, target = torch.rand(40, 12, generator=gen), lpjepa.sample_rgg((40, 12), generator=gen)
+    projections = lpjepa.ops.directions.random_projections(16, 12, generator=gen)
+    (loss, grad), = _loss_and_grads(z, [torch_ops.project(target[None], projections)], projections)
+    leaf = z.clone().requires_grad_()
+    expected = lpjepa.rdmreg_loss(leaf, target, projections=projections, backend="torch")
+    torch.testing.assert_close(loss, expected.detach())
+    torch.testing.assert_close(grad, torch.autograd.grad(expected, leaf)[0])

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 import lpjepa
 from lpjepa import distributed, reference
+from lpjepa.loss import draw_directions
 from lpjepa.ops import sliced_wasserstein
 from conftest import tolerance
 
@@ -191,6 +192,71 @@ def check_triton_global_loss_runs_the_kernels(rank):
         triton_ops._launch = real
 
 
+def check_svd_directions_are_the_global_batchs_on_every_rank(rank):
+    """directions='svd': each view's singular vectors of the global batch, the same bits on every rank."""
+    for sizes in [(4, 4), (3, 5)]:
+        z1, z2, _, _ = _global_views(sizes, dim=6, seed=8)
+        rows = _rows(sizes, rank)
+        gen = distributed.step_generator(9, 0, "cpu")
+        directions = draw_directions("svd", 10, [z1[rows], z2[rows]], gen, dist.group.WORLD, list(sizes))
+        gathered = [torch.empty_like(directions) for _ in range(WORLD)]
+        dist.all_gather(gathered, directions)
+        assert torch.equal(gathered[0], gathered[1]), f"sizes={sizes}: ranks project onto different directions"
+        shared = reference.random_projections(4, 6, dtype=torch.float64, generator=distributed.step_generator(9, 0, "cpu"))
+        for v, view in enumerate((z1, z2)):
+            centred = view - view.mean(dim=0)
+            torch.testing.assert_close(directions[v, :6], torch.linalg.svd(centred, full_matrices=False).Vh, **FP64)
+            torch.testing.assert_close(directions[v, 6:], shared, **FP64)
+
+
+def check_loss_family_matches_single_process(rank):
+    """SVD directions and per-view dense targets from the seed stream: the single-process loss and gradient slices."""
+    cases = [
+        dict(directions="svd", targets="shared"),
+        dict(directions="svd-bottom-half", targets="per-view", rectify=False),
+        dict(directions="orthogonal", targets="per-view", sigma="unit-rectified"),
+    ]
+    for options in cases:
+        for sizes, gather in [((4, 4), "projections"), ((3, 5), "features")]:
+            z1, z2, _, _ = _global_views(sizes, dim=6, seed=10)
+            rows = _rows(sizes, rank)
+            local = _local_leaves([z1, z2], rows)
+            module = lpjepa.RDMReg(p=1.5, mu=-0.3, num_projections=10, seed=66, gather=gather,
+                                   scale_grad_by_world_size=False, **options)
+            loss = module(*local)
+            loss.backward()
+            across = _all_equal_across_ranks(loss)
+            whole = [z1.clone().requires_grad_(), z2.clone().requires_grad_()]
+            single = lpjepa.RDMReg(p=1.5, mu=-0.3, num_projections=10, process_group=None, **options)
+            expected = single(*whole, generator=distributed.step_generator(66, 0, "cpu"))
+            expected.backward()
+            where = f"{options}, sizes={sizes}, gather={gather}"
+            assert across[0] == across[1], f"{where}: ranks disagree {across}"
+            # The single process projects its fp32 targets in fp32 where the global path uses fp64.
+            torch.testing.assert_close(loss, expected, **FP32, msg=where)
+            for ours, ref in zip(local, whole):
+                torch.testing.assert_close(ours.grad, ref.grad[rows], **FP32, msg=f"{where}: gradient")
+
+
+def check_triton_per_view_directions_and_targets(rank):
+    """backend='triton': per-view SVD directions and per-view targets through the gathered kernels."""
+    sizes = (3, 5)
+    z1, z2, _, _ = (t.float() for t in _global_views(sizes, dim=6, seed=11))
+    rows = _rows(sizes, rank)
+    local = _local_leaves([z1, z2], rows)
+    options = dict(num_projections=12, directions="svd", targets="per-view", backend="triton")
+    loss = lpjepa.RDMReg(seed=88, scale_grad_by_world_size=False, **options)(*local)
+    loss.backward()
+    across = _all_equal_across_ranks(loss)
+    whole = [z1.clone().requires_grad_(), z2.clone().requires_grad_()]
+    expected = lpjepa.RDMReg(process_group=None, **options)(*whole, generator=distributed.step_generator(88, 0, "cpu"))
+    expected.backward()
+    assert across[0] == across[1], across
+    torch.testing.assert_close(loss, expected, **FP32)
+    for ours, ref in zip(local, whole):
+        torch.testing.assert_close(ours.grad, ref.grad[rows], **FP32)
+
+
 def check_broadcast_seed_makes_ranks_agree(rank):
     """With rank-dependent torch seeds, the seed broadcast from rank 0 still gives one loss."""
     torch.manual_seed(100 + rank)
@@ -273,6 +339,10 @@ def check_bad_global_inputs_raise_on_every_rank(rank):
         module(z1[rows], target=target[rows], projections=projections)
     with pytest.raises(ValueError, match="projections cannot require grad"):
         module(z1[rows], target=target, projections=projections.clone().requires_grad_())
+    # One process sorts a single row (the seed's value); the global batch needs two.
+    one_row = z1[:1] if rank == 0 else z1[:0]
+    with pytest.raises(ValueError, match="global batch .* needs at least 2 rows"):
+        module(one_row, target=target[:1], projections=projections)
 
 
 CHECKS = {name: fn for name, fn in globals().items() if name.startswith("check_")}

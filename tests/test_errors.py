@@ -14,7 +14,7 @@ T = torch.rand(8, 4)
         (dict(z=torch.randn(8)), ValueError, "z must be 2-D"),
         (dict(z=torch.randn(2, 8, 4), target_samples=torch.rand(2, 8, 4)), ValueError, "z must be 2-D"),
         (dict(target_samples=torch.rand(8, 5)), ValueError, "target_samples must have the shape"),
-        (dict(z=torch.randn(1, 4), target_samples=torch.rand(1, 4)), ValueError, "at least 2 rows"),
+        (dict(z=torch.randn(0, 4), target_samples=torch.rand(0, 4)), ValueError, "at least 1 row"),
         (dict(num_projections=0), ValueError, "num_projections must be >= 1"),
         (dict(num_projections=2.5), TypeError, "num_projections must be an int"),
         (dict(projections=torch.randn(16, 5)), ValueError, "projections must have shape"),
@@ -37,6 +37,28 @@ def test_rdmreg_loss_bad_input(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         lpjepa.rdmreg_loss(**args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_single_row_gives_the_seeds_value(backend):
+    # One row is its own sorted order: the seed (and the official code) return the mean
+    # squared difference of the projected pair, and so does rdmreg_loss.
+    gen = torch.Generator().manual_seed(2)
+    z, target = torch.randn(1, 6, generator=gen), torch.rand(1, 6, generator=gen)
+    projections = lpjepa.reference.random_projections(16, 6, generator=gen)
+    leaf = z.clone().requires_grad_()
+    ours = lpjepa.rdmreg_loss(leaf, target, projections=projections, backend=backend)
+    grad, = torch.autograd.grad(ours, leaf)
+    ref_leaf = z.double().requires_grad_()
+    ref = lpjepa.reference.rdmreg_loss(ref_leaf, target.double(), projections=projections.double())
+    ref_grad, = torch.autograd.grad(ref, ref_leaf)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.double(), ((z - target).double() @ projections.double().T).square().mean())
+    # Drawn directions too; the SVD schemes need two rows to centre and say so.
+    assert torch.isfinite(lpjepa.rdmreg_loss(z, target, 8, directions="orthogonal", backend=backend))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        lpjepa.rdmreg_loss(z, target, 8, directions="svd", backend=backend)
 
 
 @pytest.mark.parametrize(
@@ -62,6 +84,21 @@ def test_sample_rgg_bad_input(kwargs, error, match, backend):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         lpjepa.sample_rgg(**args)
+
+
+def test_loss_family_bad_input():
+    with pytest.raises(ValueError, match="directions must be one of"):
+        lpjepa.RDMReg(directions="random")
+    with pytest.raises(ValueError, match="directions must be one of"):
+        lpjepa.rdmreg_loss(Z, T, directions="torch_svd_and_random")
+    with pytest.raises(ValueError, match="targets must be one of"):
+        lpjepa.RDMReg(targets="each")
+    with pytest.raises(ValueError, match="sigma must be one of"):
+        lpjepa.RDMReg(sigma="sigma_RGN")
+    with pytest.raises(ValueError, match=r"target must have the shape of z \(8, 4\) \(or \(2, 8, 4\), one per view\)"):
+        lpjepa.RDMReg()(Z, Z, target=torch.rand(3, 8, 4))
+    with pytest.raises(ValueError, match=r"projections must have shape \(5, 4\) \(or \(2, 5, 4\), one per view\)"):
+        lpjepa.RDMReg()(Z, Z, projections=torch.randn(3, 5, 4))
 
 
 def test_rdmreg_module_bad_input():

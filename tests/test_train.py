@@ -20,8 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
+import lpjepa
 from lpjepa import eval as lp_eval
-from lpjepa import reference, train
+from lpjepa import metrics, reference, train
 from lpjepa.training import evaluation, loop, optim, plot, runlog
 from lpjepa.training.config import build_parser, resolve_config
 from lpjepa.training.data import DataNotFound, load_splits
@@ -158,6 +159,50 @@ def test_paper_optimizer_is_timm_lars_with_warmup_then_cosine():
     assert lrs[20] < lrs[10] and lrs[-1] == pytest.approx(0.0, abs=1e-9)  # then cosine to 0
 
 
+def test_loss_family_flags_reach_the_loss():
+    cfg, _ = config(["--target", "dense", "--sigma", "unit-rectified", "--directions", "svd", "--targets", "per-view"])
+    assert (cfg["target"], cfg["sigma"], cfg["directions"], cfg["targets"]) == ("dense", "unit-rectified", "svd", "per-view")
+    assert config(["--sigma", "0.5"])[0]["sigma"] == 0.5
+    defaults, _ = config([])
+    assert (defaults["target"], defaults["sigma"], defaults["directions"], defaults["targets"]) == (
+        "rectified", "gn", "gaussian", "shared")
+    z1, z2 = torch.rand(2, 12, 6).unbind()
+    torch.manual_seed(3)
+    ours = loop.ssl_loss(z1, z2, cfg)
+    torch.manual_seed(3)
+    expected = lpjepa.rectified_lpjepa_loss(
+        z1, z2, num_projections=cfg["num_projections"], sigma="unit-rectified", rectify=False, directions="svd",
+        targets="per-view",
+    )
+    torch.testing.assert_close(ours.loss, expected.loss)
+    torch.manual_seed(3)
+    assert ours.regularizer != loop.ssl_loss(z1, z2, defaults).regularizer
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--sigma", "-1", "argument --sigma: must be gn, unit-rectified or a number > 0; got '-1'"),
+    ("--sigma", "sigma_RGN", "argument --sigma: must be gn, unit-rectified or a number > 0"),
+    ("--directions", "random", "argument --directions: invalid choice: 'random'"),
+    ("--target", "relu", "argument --target: invalid choice: 'relu'"),
+    ("--targets", "each", "argument --targets: invalid choice: 'each'"),
+])
+def test_bad_loss_family_flag_is_one_line(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args([flag, value])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error and error.startswith("python -m lpjepa.train: error:")
+
+
+def test_vicreg_statistics_are_device_tensors_of_both_views():
+    z1, z2 = torch.rand(2, 16, 8, generator=torch.Generator().manual_seed(1)).unbind()
+    stats = loop.vicreg_statistics(z1, z2)
+    assert isinstance(stats, torch.Tensor) and stats.shape == (2,)
+    expected = [metrics.vicreg_variance(z1) + metrics.vicreg_variance(z2),
+                metrics.vicreg_covariance(z1) + metrics.vicreg_covariance(z2)]
+    torch.testing.assert_close(stats, torch.stack(expected))
+
+
 # ----------------------------------------------------------------------------- runs
 
 
@@ -191,6 +236,18 @@ def test_run_folder_eval_and_plot(straight_run, tiny_folder, capsys):
     paths = plot.plot_run(str(straight_run))
     assert [os.path.basename(p) for p in paths] == ["loss.png", "accuracy.png", "sparsity.png"]
     assert all(os.path.getsize(p) > 1000 for p in paths)
+
+
+def test_dense_per_view_svd_run_logs_its_family(tiny_folder, tmp_path):
+    out = tmp_path / "family"
+    train.main(run_args(tiny_folder, out, "--epochs", "1", "--target", "dense", "--sigma", "unit-rectified",
+                        "--directions", "svd-bottom-half", "--targets", "per-view"))
+    cfg = json.load(open(out / "config.json"))
+    assert (cfg["target"], cfg["sigma"], cfg["directions"], cfg["targets"]) == (
+        "dense", "unit-rectified", "svd-bottom-half", "per-view")
+    row, = runlog.MetricsCSV(out / "metrics.csv", runlog.COLUMNS).read()
+    assert float(row["prior_zero_fraction"]) == 0.0  # a dense target has no zeros
+    assert float(row["vicreg_variance"]) >= 0 and math.isfinite(float(row["vicreg_covariance"]))
 
 
 def test_resume_continues_exactly(straight_run, tiny_folder, tmp_path):

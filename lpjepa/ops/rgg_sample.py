@@ -1,10 +1,67 @@
-"""Sampling the Rectified Generalized Gaussian prior on the torch backend.
+"""Sampling the (Rectified) Generalized Gaussian prior on the torch backend.
 
-Y = ReLU(mu + sigma * X), X ~ GN_p(0, 1) in the seed's parameterisation (see
-``lpjepa.rgg``), drawn on the target device from a torch generator. The Triton
-sampler is ``lpjepa.ops.rgg_sample_triton``.
+Y = ReLU(mu + sigma * X), or mu + sigma * X for a dense target, X ~ GN_p(0, 1) in the
+seed's parameterisation (see ``lpjepa.rgg``), drawn on the target device from a torch
+generator. The Triton sampler is ``lpjepa.ops.rgg_sample_triton``.
 """
+import math
+
 import torch
+
+
+def _open_uniform(shape, device, dtype, generator):
+    """Uniforms in (0, 1]: torch.rand's grid k / 2^m shifted by half a step, so log() is always finite."""
+    half_step = 2.0**-25 if dtype == torch.float32 else 2.0**-54
+    return torch.rand(shape, device=device, dtype=dtype, generator=generator).add_(half_step)
+
+
+def _log_gamma(count, shape_a, device, dtype, generator):
+    """(count,) values of log G, G ~ Gamma(shape_a, 1), exact for every shape_a > 0.
+
+    Marsaglia-Tsang rejection, kept in logs: log G = log d + log v. A shape below 1 draws
+    at shape_a + 1 and boosts, log G = log G' + log(U) / shape_a. ``torch._standard_gamma``
+    returns G itself and clamps it at the smallest normal float, which for shape 1/p with
+    large p puts a false point mass where most of the true law lies (1/p = 0.01: the
+    typical G is e^-100, below fp32's 1e-38). Each round accepts with probability >= 0.95;
+    the rejected entries are drawn again until none is left.
+    """
+    boost = shape_a < 1.0
+    d = (shape_a + 1.0 if boost else shape_a) - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    log_g = torch.empty(count, device=device, dtype=dtype)
+    pending = torch.arange(count, device=device)
+    while pending.numel():
+        normal = torch.randn(pending.numel(), device=device, dtype=dtype, generator=generator)
+        log_u = _open_uniform(pending.numel(), device, dtype, generator).log_()
+        v = (1.0 + c * normal) ** 3
+        log_v = torch.where(v > 0, v, torch.ones_like(v)).log_()
+        accepted = (v > 0) & (log_u < 0.5 * normal * normal + d - d * v + d * log_v)
+        log_g[pending[accepted]] = math.log(d) + log_v[accepted]
+        pending = pending[~accepted]
+    if boost:
+        log_g += _open_uniform(count, device, dtype, generator).log_() / shape_a
+    return log_g
+
+
+@torch.library.custom_op(
+    "lpjepa::log_gamma",
+    mutates_args=(),
+    tags=(torch.Tag.nondeterministic_seeded, torch.Tag.cudagraph_unsafe),
+)
+def _log_gamma_op(count: int, shape_a: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``_log_gamma`` from the default generator, as one opaque op.
+
+    torch.compile cannot trace the rejection loop (its sizes depend on the draws), so a
+    compiled graph calls this op instead; it is tagged as random so that it is never
+    merged or dropped, and it syncs the host once per round, which a CUDA graph cannot
+    capture. A call with its own generator runs ``_log_gamma`` outside the op.
+    """
+    return _log_gamma(count, shape_a, device, dtype, None)
+
+
+@_log_gamma_op.register_fake
+def _(count, shape_a, device, dtype):
+    return torch.empty(count, device=device, dtype=dtype)
 
 
 def _generalized_normal(shape, p, device, dtype, generator):
@@ -12,7 +69,9 @@ def _generalized_normal(shape, p, device, dtype, generator):
 
     p = 1 (Laplace) is a signed exponential and p = 2 is exactly N(0, 1) (the seed's
     (2 G)^(1/2) with G ~ Gamma(1/2) is a chi with one degree of freedom), so neither
-    needs a Gamma draw; any other p draws Gamma(1/p) with torch's exact sampler.
+    needs a Gamma draw. Any other p draws log G, G ~ Gamma(1/p), and takes
+    |X| = (p G)^(1/p) = exp((log p + log G) / p) in logs, so that neither a tiny G
+    (large p) nor a huge power (small p) leaves the floats before the result does.
     """
     if p == 2.0:
         return torch.randn(shape, device=device, dtype=dtype, generator=generator)
@@ -25,17 +84,22 @@ def _generalized_normal(shape, p, device, dtype, generator):
         centred = uniform.add_(half_step - 0.5).mul_(2.0)  # in (-1, 1), symmetric
         magnitude = torch.log1p(-centred.abs()).neg_()
         return magnitude.copysign_(centred)
-    concentration = torch.full(shape, 1.0 / p, device=device, dtype=dtype)
-    magnitude = torch._standard_gamma(concentration, generator=generator).mul_(p).pow_(1.0 / p)
+    count = math.prod(shape)
+    if generator is None:
+        log_g = _log_gamma_op(count, 1.0 / p, torch.device(device), dtype)
+    else:
+        log_g = _log_gamma(count, 1.0 / p, device, dtype, generator)
+    log_g = log_g.reshape(shape)
+    magnitude = log_g.add_(math.log(p)).div_(p).exp_()
     return torch.where(uniform < 0.5, -magnitude, magnitude)
 
 
-def sample(shape, *, p, mu, sigma, dtype, device, generator=None):
-    """(shape) samples of ReLU(mu + sigma * X) in ``dtype``; arguments already checked.
+def sample(shape, *, p, mu, sigma, dtype, device, generator=None, rectify=True):
+    """(shape) samples of ReLU(mu + sigma * X) (or mu + sigma * X when not ``rectify``) in ``dtype``.
 
-    Half-precision random draws would round the tails, so the draw is made in fp32
-    (fp64 for fp64) and cast once.
+    Arguments already checked. Half-precision random draws would round the tails, so the
+    draw is made in fp32 (fp64 for fp64) and cast once.
     """
     work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    x = _generalized_normal(shape, p, device, work_dtype, generator)
-    return torch.relu_(x.mul_(sigma).add_(mu)).to(dtype)
+    x = _generalized_normal(shape, p, device, work_dtype, generator).mul_(sigma).add_(mu)
+    return (torch.relu_(x) if rectify else x).to(dtype)

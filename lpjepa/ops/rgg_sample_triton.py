@@ -22,28 +22,31 @@ from ..kernels.launch import KERNEL_DTYPES
     tags=(torch.Tag.nondeterministic_seeded, torch.Tag.cudagraph_unsafe),
 )
 def _rgg_sample_op(
-    shape: List[int], p: float, mu: float, sigma: float, dtype: torch.dtype, device: torch.device
+    shape: List[int], p: float, mu: float, sigma: float, dtype: torch.dtype, device: torch.device, rectify: bool
 ) -> torch.Tensor:
-    return kernels.rgg_sample(shape, p=p, mu=mu, sigma=sigma, dtype=dtype, device=device)
+    return kernels.rgg_sample(shape, p=p, mu=mu, sigma=sigma, dtype=dtype, device=device, rectify=rectify)
 
 
 @_rgg_sample_op.register_fake
-def _(shape, p, mu, sigma, dtype, device):
+def _(shape, p, mu, sigma, dtype, device, rectify):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def sample(shape, *, p, mu, sigma, dtype, device, generator=None):
-    """RGG samples from the Triton kernel, seeded from ``generator`` or the device's default one.
+def sample(shape, *, p, mu, sigma, dtype, device, generator=None, rectify=True):
+    """RGG samples (dense ones when not ``rectify``) from the Triton kernel, seeded from ``generator`` or the device's default one.
 
     fp64 is drawn in fp32 (the kernel's precision) and cast.
     """
     kernel_dtype = dtype if dtype in KERNEL_DTYPES else torch.float32
     if generator is None:
-        out = _rgg_sample_op(list(shape), float(p), float(mu), float(sigma), kernel_dtype, torch.device(device))
+        out = _rgg_sample_op(
+            list(shape), float(p), float(mu), float(sigma), kernel_dtype, torch.device(device), bool(rectify)
+        )
     else:
         increment = kernels.rgg_philox_increment(math.prod(shape))
         seed, offset = kernels.philox_seed_offset(increment, device, generator)
         out = kernels.rgg_sample(
-            shape, p=p, mu=mu, sigma=sigma, dtype=kernel_dtype, device=device, seed=seed, offset=offset
+            shape, p=p, mu=mu, sigma=sigma, dtype=kernel_dtype, device=device, seed=seed, offset=offset,
+            rectify=rectify,
         )
     return out.to(dtype)

@@ -207,13 +207,17 @@ def projected_sliced_wasserstein(proj, proj_t):
 
 
 def views_loss(views, target, projections):
-    """The mean over ``views`` (each (B, D)) of their losses against one ``target`` (B, D), directions (K, D).
+    """The mean over ``views`` (each (B, D)) of their losses against ``target`` along ``projections``.
 
-    The target is projected once and its projections sorted once per direction for all
-    views; projection operands are the first view's dtype (see the module doc).
+    target: (B, D) shared, or (V, B, D) one per view; projections: (K, D) shared, or
+    (V, K, D) one set per view. A shared target along shared directions is projected
+    once and its projections sorted once per direction for all views; otherwise each
+    view's target is projected onto that view's directions (one (V, K, B) launch).
+    Projection operands are the first view's dtype (see the module doc).
     """
     dtype = operand_dtype(views[0])
     stacked = torch.stack([view.to(dtype) for view in views]) if len(views) > 1 else views[0].to(dtype)[None]
     proj = project(stacked, projections, dtype)
-    proj_t = project(target.to(dtype)[None], projections, dtype)
+    targets = target.to(dtype) if target.dim() == 3 else target.to(dtype)[None]
+    proj_t = project(targets, projections, dtype)
     return projected_sliced_wasserstein(proj, proj_t)

@@ -4,10 +4,12 @@ A config is a plain dict (saved in ``config.json`` and in every checkpoint); its
 are the flags' names with underscores, plus ``preset``.
 """
 import argparse
+import math
 import os
 import time
 from typing import NamedTuple
 
+from ..loss import DIRECTION_SCHEMES, SIGMA_CONVENTIONS, TARGET_MODES
 from .checkpoint import checkpoint_path, is_final_checkpoint, load_checkpoint
 from .cli import (DEVICE_ALLOWED, ArgumentParser, Rule, UsageError, at_least, check_rules, finite, finite_above, finite_at_least,
                   flag, valid_device)
@@ -27,6 +29,10 @@ DEFAULTS = {
     "p": 1.0,
     "mu": 0.0,
     "num_projections": 256,
+    "target": "rectified",
+    "sigma": "gn",
+    "directions": "gaussian",
+    "targets": "shared",
     "augmentation": "seed",
     "dataset": "cifar100",
     "data_dir": "./data",
@@ -63,6 +69,23 @@ PRESETS = {
         "lamb_reg": 250.0,
     },
 }
+
+# --target: the prior's samples rectified (the seed's) or dense (the LpJEPA baseline).
+TARGETS = ("rectified", "dense")
+
+
+def sigma_flag(text):
+    """--sigma: a convention ('gn', 'unit-rectified') or a number > 0."""
+    if text in SIGMA_CONVENTIONS:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be {', '.join(SIGMA_CONVENTIONS)} or a number > 0; got {text!r}")
+    return value
+
 
 # Keys that define the model or the data a checkpoint was trained on; --resume refuses to change them.
 FIXED_ON_RESUME = ("backbone", "stem", "dataset", "image_size")
@@ -199,6 +222,10 @@ def build_parser():
     g.add_argument("--p", type=float, help=f"shape of the Generalized Gaussian prior (default {d['p']})")
     g.add_argument("--mu", type=float, help=f"mean shift of the prior; lower gives more zeros (default {d['mu']})")
     g.add_argument("--num-projections", type=int, help=f"random directions of the sliced Wasserstein loss (default {d['num_projections']})")
+    g.add_argument("--target", choices=TARGETS, help="the prior's samples: rectified (default, the seed's) or dense (mu + sigma GN_p, the LpJEPA baseline)")
+    g.add_argument("--sigma", type=sigma_flag, metavar="{gn,unit-rectified,NUMBER}", help="the prior's scale: unit variance before the ReLU (gn, default), after it (unit-rectified), or a number")
+    g.add_argument("--directions", choices=DIRECTION_SCHEMES, help="how the directions are drawn (default gaussian, the seed's; svd and svd-bottom-half are the official code's)")
+    g.add_argument("--targets", choices=TARGET_MODES, help="one target batch for both views (shared, default) or a fresh one per view (per-view, the official code's)")
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, help=f"(default {d['dataset']})")
     g.add_argument("--data-dir", help="CIFAR: the folder holding cifar-100-python/ (or cifar-10-batches-py/); "
@@ -263,7 +290,8 @@ def _resumed_config(path, preset, given):
             f"training cannot continue from it exactly; resume from the run folder (its checkpoints/last.pt), "
             f"or use this file with python -m lpjepa.eval or python -m lpjepa.export"
         )
-    cfg = dict(checkpoint["config"])
+    # A checkpoint from before the loss-family flags ran with their defaults (the seed's).
+    cfg = {**{key: DEFAULTS[key] for key in ("target", "sigma", "directions", "targets")}, **checkpoint["config"]}
     if preset is not None and preset != cfg["preset"]:
         raise UsageError(f"argument --preset: the checkpoint was trained with --preset {cfg['preset']}, not {preset}")
     for key in FIXED_ON_RESUME:

@@ -115,16 +115,20 @@ class OnlineProbes(nn.Module):
         return {"probe_backbone_top1": b1, "probe_backbone_top5": b5, "probe_projector_top1": p1, "probe_projector_top5": p5}
 
 
-def sparsity_metrics(z, p, mu):
-    """The projector output's sparsity (lpjepa.metrics) next to the prior's predicted zero fraction."""
+def sparsity_metrics(z, cfg):
+    """The projector output's sparsity (lpjepa.metrics) next to the prior's predicted zero fraction.
+
+    The prior is the run's (``cfg``: p, mu, sigma, target); a dense target has no zeros.
+    """
     report = metrics.sparsity_report(z)
+    rectify = cfg.get("target", "rectified") == "rectified"
     return {
         "val_zero_fraction": report["zero_fraction"],
         "val_l0": report["l0"],
         "val_l1": report["l1"],
         "val_dead_units": report["dead_units"],
         "val_dead_fraction": report["dead_units"] / z.shape[1],
-        "prior_zero_fraction": rgg.zero_fraction(p, mu),
+        "prior_zero_fraction": rgg.expected_zero_fraction(cfg["p"], cfg["mu"], cfg.get("sigma"), rectify=rectify),
     }
 
 
@@ -169,7 +173,7 @@ def evaluate_online(model, probes, knn_loader, val_loader, n_classes, device, am
     result["knn_top1"], result["knn_top5"] = knn_accuracy(
         train_h, train_y, val_h.to(device), val_y.to(device), n_classes, k, cfg["knn_t"]
     )
-    result.update(sparsity_metrics(val_z, cfg["p"], cfg["mu"]))
+    result.update(sparsity_metrics(val_z, cfg))
     return result
 
 
@@ -197,5 +201,5 @@ def evaluate_checkpoint(checkpoint, *, data_dir=None, val_dir=None, device="auto
     on_device = (x.to(dev) for x in (train_h, train_y, val_h, val_y))
     results["knn_top1"], results["knn_top5"] = knn_accuracy(*on_device, n_classes, k, t)
     results["knn_k"] = k
-    results.update(sparsity_metrics(val_z, cfg["p"], cfg["mu"]))
+    results.update(sparsity_metrics(val_z, cfg))
     return results

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import distributed
+from .. import distributed, metrics
 from ..loss import rectified_lpjepa_loss
 from . import torchrun
 from .checkpoint import final_checkpoint, restore_training_state, save_atomic, seed_everything, training_checkpoint
@@ -63,8 +63,25 @@ def ssl_loss(z1, z2, cfg, process_group=None):
     """
     return rectified_lpjepa_loss(
         z1, z2, lamb_inv=cfg["lamb_inv"], lamb_reg=cfg["lamb_reg"], p=cfg["p"], mu=cfg["mu"],
-        num_projections=cfg["num_projections"], process_group=process_group,
+        num_projections=cfg["num_projections"], sigma=cfg["sigma"], rectify=cfg["target"] == "rectified",
+        directions=cfg["directions"], targets=cfg["targets"], process_group=process_group,
     )
+
+
+def vicreg_statistics(z1, z2, process_group=None):
+    """VICReg's variance and covariance terms of the projector outputs, summed over the two views (logged, never optimised).
+
+    As the official code logs them: on the global batch under DDP (the local batches,
+    equal under drop_last, all-gathered detached), each view's term as VICReg defines
+    it (``lpjepa.metrics``). Returns a (2,) tensor on the outputs' device: no host sync.
+    """
+    views = torch.stack([z1.detach(), z2.detach()])
+    if process_group is not None:
+        sizes = [z1.shape[0]] * torch.distributed.get_world_size(process_group)
+        views = distributed.gather_batch(views, sizes, process_group, dim=1)
+    variance = metrics.vicreg_variance(views[0]) + metrics.vicreg_variance(views[1])
+    covariance = metrics.vicreg_covariance(views[0]) + metrics.vicreg_covariance(views[1])
+    return torch.stack([variance, covariance])
 
 
 class TrainingData(NamedTuple):
@@ -162,6 +179,7 @@ class TrainState:
             h1, z1 = self.train_model(x1, with_features=True)
             h2, z2 = self.train_model(x2, with_features=True)
             parts = ssl_loss(z1, z2, self.cfg, self.process_group)
+        vicreg = vicreg_statistics(z1, z2, self.process_group)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(parts.loss).backward()
         self.scaler.step(self.optimizer)
@@ -180,25 +198,35 @@ class TrainState:
         return {
             "loss": parts.loss.item(), "invariance": parts.invariance.item(), "regularizer": parts.regularizer.item(),
             "train_zero_fraction": (z1 == 0).float().mean().item(), "probe_loss": probe_loss.item(), "images": x1.shape[0],
+            # Device tensors, summed on the device over the epoch and read once at its end.
+            "vicreg_variance": vicreg[0], "vicreg_covariance": vicreg[1],
         }
 
 
 class EpochStats:
     """Running sums of one epoch's training quantities (saved in a mid-epoch checkpoint)."""
 
-    KEYS = ("loss", "invariance", "regularizer", "train_zero_fraction", "probe_loss", "steps", "images", "data_time", "step_time")
-    MEANS = ("loss", "invariance", "regularizer", "train_zero_fraction", "probe_loss")
+    KEYS = ("loss", "invariance", "regularizer", "train_zero_fraction", "probe_loss", "vicreg_variance",
+            "vicreg_covariance", "steps", "images", "data_time", "step_time")
+    MEANS = ("loss", "invariance", "regularizer", "train_zero_fraction", "probe_loss", "vicreg_variance",
+             "vicreg_covariance")
 
     def __init__(self, state=None):
-        self.sums = dict.fromkeys(self.KEYS, 0.0) if state is None else dict(state)
+        self.sums = dict.fromkeys(self.KEYS, 0.0)
+        self.sums.update(state or {})  # a checkpoint from before a key existed lacks it
 
     def add(self, **values):
+        """Add a step's numbers: Python floats, or 0-dim device tensors that stay on the device."""
         for key, value in values.items():
             self.sums[key] += value
 
+    def state(self):
+        """The sums as Python floats, for a checkpoint (reads the device's sums once)."""
+        return {key: float(value) for key, value in self.sums.items()}
+
     def reduced(self, env, device):
         """Means over the steps of every process; images/s and data-wait share of the epoch."""
-        t = torch.tensor([self.sums[k] for k in self.KEYS], dtype=torch.float64, device=device)
+        t = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64, device=device) for k in self.KEYS])
         s = dict(zip(self.KEYS, torchrun.all_reduce(t, env).tolist()))
         steps = max(s["steps"], 1)
         out = {k: s[k] / steps for k in self.MEANS}
@@ -358,7 +386,7 @@ class Trainer:
         if name == "final.pt":
             state = final_checkpoint(self.cfg, self.state, epoch)
         else:
-            sums = None if stats is None else stats.sums
+            sums = None if stats is None else stats.state()
             state = training_checkpoint(self.cfg, self.state, epoch, batches_done, sums, self.device)
         path = os.path.join(self.cfg["out"], "checkpoints", name)
         save_atomic(state, path)

@@ -9,6 +9,7 @@ from tqdm import tqdm
 # metrics.csv, one row per epoch; the evaluation columns are empty in epochs without evaluation.
 COLUMNS = (
     "epoch", "step", "lr", "loss", "invariance", "regularizer", "train_zero_fraction", "probe_loss",
+    "vicreg_variance", "vicreg_covariance",
     "probe_backbone_top1", "probe_backbone_top5", "probe_projector_top1", "probe_projector_top5",
     "knn_top1", "knn_top5", "val_zero_fraction", "val_l0", "val_l1", "val_dead_units", "val_dead_fraction", "prior_zero_fraction",
     "img_per_s", "data_wait", "epoch_time",
