@@ -6,6 +6,7 @@ one; a count of the step loop's host reads (``.item()``, ``.tolist()``, ``.cpu()
 the speed switches' resolution. The GPU-only checks (the switches on, CUDA's sync
 debug mode) carry the ``cuda`` marker.
 """
+import json
 import os
 import signal
 import sys
@@ -97,8 +98,6 @@ def assert_same_metrics(a, b):
 
 
 def test_device_data_run_records_its_path(straight_device_run):
-    import json
-
     cfg = json.load(open(straight_device_run / "config.json"))
     assert cfg["device_data_active"] is True and cfg["amp_active"] is False and cfg["compile_active"] is False
     assert len(metrics(straight_device_run)) == 2
@@ -214,30 +213,39 @@ def test_prepare_model_compiles_in_place_and_keeps_parameter_names():
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
 
 
-@requires_cuda
-@pytest.mark.parametrize("amp_dtype", ["fp16", "bf16"])
-def test_cuda_run_with_every_switch_and_no_sync_between_reads(cifar_folder, tmp_path, amp_dtype, monkeypatch):
-    """On a GPU: device data, channels_last, fused AdamW, cuDNN autotuning and the amp dtype; CUDA's sync debug
-    mode reports no synchronising call in the steps between two reads (after the first step, which sets things up)."""
-    cfg, _ = config(device_args(cifar_folder, tmp_path / "run", "--epochs", "1", "--device", "cuda", "--amp-dtype",
-                                amp_dtype, "--log-every", "4"))
-    assert cfg["device_data"]
-    step = loop.TrainState.step
-    syncs = []
+def watch_syncs(owner, name, monkeypatch, syncs):
+    """Run ``owner.name`` under CUDA's sync debug mode from its second call on, collecting what it reports."""
+    original, calls = getattr(owner, name), []
 
-    def watched_step(self, *args):
-        quiet = self.global_step % cfg["log_every"] != 0 and self.global_step > 0
-        if quiet:
-            torch.cuda.set_sync_debug_mode("warn")
+    def watched(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # the first call sets things up (cuDNN autotuning, the loss's path choice)
+            return original(*args, **kwargs)
+        torch.cuda.set_sync_debug_mode("warn")
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                result = step(self, *args)
-            syncs.extend(str(w.message) for w in caught if "synchroniz" in str(w.message))
+                result = original(*args, **kwargs)
+            syncs.extend(f"{name}: {w.message}" for w in caught if "synchroniz" in str(w.message))
             return result
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    monkeypatch.setattr(loop.TrainState, "step", watched_step)
+    monkeypatch.setattr(owner, name, watched)
+
+
+@requires_cuda
+@pytest.mark.parametrize("amp_dtype", ["fp16", "bf16"])
+def test_cuda_run_with_every_switch_and_no_sync_in_steps_or_augmentation(cifar_folder, tmp_path, amp_dtype, monkeypatch):
+    """On a GPU: device data, channels_last, fused AdamW, cuDNN autotuning and the amp dtype; CUDA's sync debug
+    mode reports no synchronising call in a step or in a batch's augmentation (after the first of each)."""
+    cfg, _ = config(device_args(cifar_folder, tmp_path / "run", "--epochs", "2", "--device", "cuda", "--amp-dtype",
+                                amp_dtype, "--log-every", "4"))
+    syncs = []
+    watch_syncs(loop.TrainState, "step", monkeypatch, syncs)
+    watch_syncs(BatchAugment, "views", monkeypatch, syncs)
     row = loop.train(cfg)
     assert np.isfinite(row["loss"]) and not syncs, syncs
+    resolved = json.load(open(tmp_path / "run" / "config.json"))
+    assert resolved["channels_last_active"] and resolved["fused_optimizer_active"] and resolved["device_data_active"]
+    assert resolved["amp_dtype_active"] == amp_dtype
