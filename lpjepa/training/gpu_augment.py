@@ -35,6 +35,9 @@ CROP_ATTEMPTS = 10
 # ColorJitter's op numbering (its fn_idx): brightness, contrast, saturation, hue.
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 JITTER_OPS = 4
+# Where red, green and blue sit on the hue circle of _hsv2rgb's closed form, in sixths of a
+# turn: 5, 3, 1, as arange's (start, end, step).
+HUE_CHANNEL_OFFSETS = (5.0, 0.0, -2.0)
 # Largest value of a uint8 image: images are divided by it on the way to [0, 1].
 UINT8_MAX = 255.0
 # Columns of the per-view parameter table sent to the device (see ``_param_table``).
@@ -220,9 +223,13 @@ def resized_crop(images, top, left, height, width, size, flip=None, value_scale=
     ``rows @ image @ columns^T``, with the flip folded into the column weights and the
     value scale into the row weights.
     """
-    dtype = images.dtype
-    rows = resize_weights(top, height, images.shape[-2], size, dtype) * value_scale
-    columns = resize_weights(left, width, images.shape[-1], size, dtype)
+    dtype, n = images.dtype, images.shape[0]
+    if images.shape[-2] == images.shape[-1]:  # both axes in one call: half the ops
+        both = resize_weights(torch.cat([top, left]), torch.cat([height, width]), images.shape[-1], size, dtype)
+        rows, columns = both[:n] * value_scale, both[n:]
+    else:
+        rows = resize_weights(top, height, images.shape[-2], size, dtype) * value_scale
+        columns = resize_weights(left, width, images.shape[-1], size, dtype)
     if flip is not None:
         columns = torch.where(flip[:, None, None], columns.flip(1), columns)
     return rows[:, None] @ images @ columns[:, None].transpose(-1, -2)
@@ -257,31 +264,30 @@ def blend(images, factor, gray_weight, mean_weight):
 def adjust_hue(images, shift):
     """torchvision's ``adjust_hue`` of (n, 3, H, W) images in [0, 1], a hue shift (n,) in [-0.5, 0.5] per view.
 
-    RGB to hue as torchvision's ``_rgb2hsv``; back with the closed form of ``_hsv2rgb``:
-    channel c is ``max - (max - min) * clamp(min(k, 4 - k), 0, 1)`` with
-    ``k = (n_c + 6 * hue) mod 6`` and n = 5, 3, 1 for red, green, blue. Computed in float32
-    at least, as torchvision does.
+    RGB to hue as torchvision's ``_rgb2hsv``, in sixths of a turn; back with the closed
+    form of ``_hsv2rgb``: channel c is ``max - (max - min) * clamp(min(k, 4 - k), 0, 1)``
+    with ``k = (n_c + hue) mod 6`` and n = 5, 3, 1 for red, green, blue. Computed in
+    float32 at least, as torchvision does.
     """
     out_dtype = images.dtype
     x = images if images.dtype == torch.float64 else images.float()
     r, g, b = x.unbind(dim=1)
-    maxc, minc = x.amax(dim=1), x.amin(dim=1)
+    maxc, minc = x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True)
     chroma = maxc - minc
     # torchvision's sector rule: red if it is the max, else green, else blue; the hue is
-    # (sector start + (next - previous channel) / chroma) / 6, and 0 where chroma is 0.
-    is_r = maxc == r
-    is_g = (maxc == g) & ~is_r
-    difference = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g))
+    # sector start + (next - previous channel) / chroma, and 0 where chroma is 0.
+    is_r = maxc[:, 0] == r
+    is_g = (maxc[:, 0] == g) & ~is_r
+    difference = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g)).unsqueeze(1)
     # Sector starts 0, 2, 4 as arithmetic on the masks: torch.where with Python scalars is many times slower on the CPU.
-    start = 4.0 - 2.0 * (is_r | is_g).to(x.dtype) - 2.0 * is_r.to(x.dtype)
+    start = (4.0 - 2.0 * (is_r | is_g).to(x.dtype) - 2.0 * is_r.to(x.dtype)).unsqueeze(1)
     sixths = difference.div_(chroma + (chroma == 0).to(x.dtype)).add_(start)
-    hue = torch.fmod(sixths.div_(6.0).add_(1.0), 1.0)
-    sixths = torch.remainder(hue.add_(shift.to(x.dtype).view(-1, 1, 1)), 1.0).mul_(6.0)
-    channels = []
-    for offset in (5.0, 3.0, 1.0):
-        k = torch.remainder(sixths + offset, 6.0)
-        channels.append(torch.addcmul(maxc, chroma, torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0), value=-1.0))
-    return torch.stack(channels, dim=1).to(out_dtype)
+    shifted = sixths.add_(6.0 * shift.to(x.dtype).view(-1, 1, 1, 1))
+    # Made on the device (a tensor from a list would be a copy from the host).
+    offsets = torch.arange(*HUE_CHANNEL_OFFSETS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    k = torch.remainder(shifted + offsets, 6.0)
+    weight = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return torch.addcmul(maxc, chroma, weight, value=-1.0).to(out_dtype)
 
 
 def solarize(images, selected, threshold):

@@ -23,8 +23,8 @@ from . import torchrun
 from .checkpoint import restore_training_state, save_atomic, seed_everything, training_checkpoint
 from .data import EpochSampler, TwoViewDataset, eval_loaders, make_loader, num_classes, run_splits, train_transform
 from .device_data import DeviceTwoViewLoader, device_images, holds_images_in_memory
-from .gpu_augment import BatchAugment
 from .evaluation import OnlineProbes, evaluate_online
+from .gpu_augment import BatchAugment
 from .interrupt import StopRequest
 from .model import LpJEPA
 from .optim import build_optimizer, build_probe_optimizer, build_scheduler
