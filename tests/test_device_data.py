@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import requires_cuda, tolerance
 from test_train import TINY, assert_same_state, load, make_cifar100_folder
 
 from lpjepa import train
@@ -35,7 +35,9 @@ def cifar_folder(tmp_path_factory):
 
 
 def device_args(data, out, *extra):
-    return ["--data-dir", data, "--skip-data-check", "--no-download", "--out", str(out), *TINY, "--device-data", *extra]
+    """A tiny --device-data run; its batches are made in one worker process (the CPU's way), unless extra says otherwise."""
+    return ["--data-dir", data, "--skip-data-check", "--no-download", "--out", str(out), *TINY, "--device-data",
+            "--num-workers", "1", *extra]
 
 
 def config(argv):
@@ -68,6 +70,27 @@ def test_loader_follows_the_sampler_and_resumes_mid_epoch(cifar_folder):
         assert torch.equal(a1, b1) and torch.equal(a2, b2) and torch.equal(ay, by)
     sampler.set_epoch(3)
     assert not torch.equal(next(iter(loader))[0], full[0][0])
+
+
+def test_worker_processes_make_the_same_batches(cifar_folder):
+    train_set, _ = load_splits("cifar100", cifar_folder, skip_data_check=True)
+    images, labels = device_images(train_set, torch.device("cpu"))
+    batches = {}
+    for workers in (0, 2):
+        sampler = EpochSampler(train_set, seed=1)
+        loader = DeviceTwoViewLoader(images, labels, sampler, 4, BatchAugment("seed", 32, "cifar100"), seed=1,
+                                     num_workers=workers)
+        assert (loader.workers is None) == (workers == 0)
+        batches[workers] = []
+        for epoch, skip in ((0, 0), (1, 4)):
+            sampler.set_epoch(epoch, skip=skip)
+            batches[workers] += list(loader)
+    assert len(batches[0]) == len(batches[2]) == 4 + 3
+    atol, rtol = tolerance(torch.float32)  # one thread in a worker, the process's threads here: sums may round apart
+    for (a1, a2, ay), (b1, b2, by) in zip(batches[0], batches[2]):
+        torch.testing.assert_close(b1, a1, atol=atol, rtol=rtol)
+        torch.testing.assert_close(b2, a2, atol=atol, rtol=rtol)
+        assert torch.equal(ay, by)
 
 
 def test_device_data_needs_an_in_memory_dataset(tmp_path):
@@ -137,7 +160,8 @@ HOST_READS = ("item", "tolist", "cpu", "__float__", "__int__", "__bool__", "__fo
 
 def test_step_loop_reads_the_device_only_when_due(cifar_folder, tmp_path, monkeypatch):
     """Counts host reads made by the package's own code during train_epoch, per step: only steps where sync_due holds read."""
-    cfg, _ = config(device_args(cifar_folder, tmp_path / "run", "--epochs", "2", "--log-every", "3"))
+    # No workers: the batches are made in this process, as on CUDA, and their reads count too.
+    cfg, _ = config(device_args(cifar_folder, tmp_path / "run", "--epochs", "2", "--log-every", "3", "--num-workers", "0"))
     reads, due_steps, inside = [], set(), {}
 
     def counting(name, original):

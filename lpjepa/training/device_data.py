@@ -12,6 +12,7 @@ the views an uninterrupted one would, and the global RNGs are never touched.
 """
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from .gpu_augment import BatchAugment, to_device, view_seed
 
@@ -40,25 +41,70 @@ class DeviceTwoViewLoader:
     the sampler's order (the last partial batch is dropped, as the PIL loader does); the
     views are (batch_size, 3, S, S) float32, normalised. ``len()`` is the number of
     batches left in the epoch the sampler is set to.
+
+    ``num_workers`` > 0 (CPU images only) makes whole batches in that many worker
+    processes of one thread each, as the PIL loader's workers make images: on a CPU shared
+    with the model's step, or with other programs, that keeps the batched ops off the
+    threads the step uses, where each op's parallel region would wait for them. The views
+    are the same either way: they depend on the batch's key alone.
     """
 
-    def __init__(self, images, labels, sampler, batch_size, augment: BatchAugment, seed=0, rank=0):
-        self.images, self.labels = images, labels
+    def __init__(self, images, labels, sampler, batch_size, augment: BatchAugment, seed=0, rank=0, num_workers=0):
         self.sampler, self.batch_size = sampler, batch_size
-        self.augment, self.seed, self.rank = augment, seed, rank
+        self.maker = BatchMaker(images, labels, augment, seed, rank)
+        self.workers = None
+        if num_workers > 0 and images.device.type == "cpu":
+            # batch_size=None: each key is a whole batch. The keys come from this loader, so the
+            # workers, kept from epoch to epoch, hold no state of their own.
+            self.workers = DataLoader(self.maker, batch_size=None, sampler=_EpochKeys(self), num_workers=num_workers,
+                                      persistent_workers=True, generator=torch.Generator().manual_seed(0))
 
     def __len__(self):
         return len(self.sampler) // self.batch_size
 
-    def __iter__(self):
+    def keys(self):
+        """This epoch's batches as ``(image indices, epoch, step)``, the step counted from the epoch's start."""
         order = np.fromiter((index for index, _ in self.sampler), dtype=np.int64)
-        epoch = self.sampler.epoch
         first_step = self.sampler.skip // self.batch_size
+        return [(order[b * self.batch_size : (b + 1) * self.batch_size], self.sampler.epoch, first_step + b)
+                for b in range(len(self))]
+
+    def __iter__(self):
+        if self.workers is not None:
+            return iter(self.workers)
+        return (self.maker[key] for key in self.keys())
+
+
+class BatchMaker(Dataset):
+    """One two-view batch per key ``(image indices (int64 numpy), epoch, step)``: ``(view1, view2, labels)``.
+
+    The views are drawn from a generator seeded by (seed, epoch, step, rank).
+    """
+
+    def __init__(self, images, labels, augment, seed=0, rank=0):
+        self.images, self.labels, self.augment, self.seed, self.rank = images, labels, augment, seed, rank
+
+    def __getitem__(self, key):
+        index, epoch, step = key
         height, width = self.images.shape[-2:]
-        for batch in range(len(self)):
-            index = order[batch * self.batch_size : (batch + 1) * self.batch_size]
-            rng = np.random.default_rng(view_seed(self.seed, epoch, first_step + batch, self.rank))
-            params = self.augment.draw(2 * len(index), height, width, rng)
-            views = self.augment.views(self.images, np.concatenate([index, index]), params)
-            labels = self.labels.index_select(0, to_device(index, self.labels.device))
-            yield views[: len(index)], views[len(index) :], labels
+        rng = np.random.default_rng(view_seed(self.seed, epoch, step, self.rank))
+        params = self.augment.draw(2 * len(index), height, width, rng)
+        views = self.augment.views(self.images, np.concatenate([index, index]), params)
+        labels = self.labels.index_select(0, to_device(index, self.labels.device))
+        return views[: len(index)], views[len(index) :], labels
+
+    def __len__(self):
+        return len(self.images)
+
+
+class _EpochKeys:
+    """The worker loader's sampler: the owner's keys of the epoch its sampler is set to, read at each pass."""
+
+    def __init__(self, owner):
+        self.owner = owner
+
+    def __iter__(self):
+        return iter(self.owner.keys())
+
+    def __len__(self):
+        return len(self.owner)

@@ -92,7 +92,9 @@ def training_loader(cfg, env, train_set, local_batch):
         sampler = EpochSampler(train_set, num_replicas=env.world_size, rank=env.rank, seed=cfg["seed"])
         augment = BatchAugment(cfg["augmentation"], cfg["image_size"], cfg["dataset"])
         images, labels = device_images(train_set, env.device)
-        return sampler, DeviceTwoViewLoader(images, labels, sampler, local_batch, augment, cfg["seed"], env.rank)
+        loader = DeviceTwoViewLoader(images, labels, sampler, local_batch, augment, cfg["seed"], env.rank,
+                                     num_workers=cfg["num_workers"])
+        return sampler, loader
     views = TwoViewDataset(train_set, train_transform(cfg["augmentation"], cfg["image_size"], cfg["dataset"]), cfg["seed"])
     sampler = EpochSampler(views, num_replicas=env.world_size, rank=env.rank, seed=cfg["seed"])
     pin = env.device.type == "cuda"
