@@ -90,3 +90,22 @@ def test_path_sweep_runs_on_the_interpreter(tmp_path):
     # A projection and a sort decision per number of views (the target's projection at V = 2 is V = 1's).
     assert len(decisions) == 4
     assert "| tiny (32, 16, 8) | float32 | 2 | sort |" in stdout
+
+
+def test_train_throughput_runs_at_a_tiny_size(tmp_path):
+    """Both data paths and a training step per path, at a tiny size: the script works, not its timings."""
+    stdout = _run(
+        "-m", "benchmarks.train_throughput", "--device", "cpu", "--cores", "1", "--images", "16", "--batch-size", "8",
+        "--batches", "1", "--rounds", "1", "--recipes", "seed,paper", "--backbone", "resnet10t", "--image-size", "16",
+        "--steps", "1", "--warmup-steps", "1", "--train-batch-size", "4", "--out", str(tmp_path),
+    )
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    cases = {(r["part"], r["recipe"], r["path"]) for r in rows}
+    paths = ("PIL workers", "device batches")
+    assert cases == {("data", recipe, path) for recipe in ("seed", "paper") for path in paths} | {
+        ("training step", "seed", path) for path in paths}
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert all(r["speedup"] > 0 for r in rows if r["path"] == "device batches" and r["part"] == "data")
+    assert all(r["loss"] is not None and r["loss"] == r["loss"] for r in rows if r["part"] == "training step")
+    table = (tmp_path / "table.md").read_text()
+    assert table.strip() in stdout and "target 3x" in table
