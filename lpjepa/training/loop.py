@@ -330,9 +330,9 @@ class Trainer:
     def sync_due(self, batch):
         """Whether the step that ended batch ``batch`` of the epoch reads the device.
 
-        The step loop's only host-device syncs happen here: every ``--log-every`` steps
-        and at the epoch's last batch (the step values for progress and TensorBoard; under
-        DDP the stop request). Between them the host only queues work.
+        The step loop reads the device at these steps alone: every ``--log-every`` steps and
+        at the epoch's last batch (the step values for progress and TensorBoard; under DDP
+        the stop request). Between them the host only queues work.
         """
         return self.state.global_step % self.cfg["log_every"] == 0 or batch == self.data.steps_per_epoch
 
