@@ -2,7 +2,9 @@
 # GPU check, on a machine with CUDA, in one go for a short GPU window: the GPU-only tests
 # (pytest -m cuda), the path sweep that fills the self-tuning cache (benchmarks/swd_paths.py),
 # the benchmark report of the loss (forward + backward and the regularizer step; every provider,
-# the official recipe's included, each time beside the static model's bound), then a summary
+# the official recipe's included, each time beside the static model's bound), the training
+# throughput (benchmarks/train_throughput.py: PIL workers vs device-resident batches, and whole
+# training steps of the seed recipe per data path and speed switch), then a summary
 # short enough to paste into a note. Sized for under 5 minutes on one H100 (not yet run on one).
 # Works from a fresh checkout where torch, triton and the package's other dependencies are
 # installed: it installs this checkout without dependencies and downloads nothing.
@@ -22,7 +24,7 @@ import importlib.util, sys
 import torch
 if not torch.cuda.is_available():
     sys.exit("gpu_check: torch sees no CUDA device")
-missing = [m for m in ("triton", "numpy", "timm", "pytest", "matplotlib") if importlib.util.find_spec(m) is None]
+missing = [m for m in ("triton", "numpy", "timm", "torchvision", "pytest", "matplotlib") if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"gpu_check: missing Python packages {missing}; install them first (this script downloads nothing)")
 print(f"gpu_check: {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -51,6 +53,10 @@ echo "== benchmark report: python -m benchmarks.report --device cuda --ops forwa
 "$PYTHON" -m benchmarks.report --device cuda --ops forward_backward,step --budget 1 --out "$OUT" > "$OUT/report.log" 2>&1
 report_rc=$?
 
+echo "== training throughput: python -m benchmarks.train_throughput --device cuda --out $OUT/throughput"
+"$PYTHON" -m benchmarks.train_throughput --device cuda --out "$OUT/throughput" > "$OUT/throughput.log" 2>&1
+throughput_rc=$?
+
 echo
 echo "== summary"
 if [ "$tests_rc" -eq 0 ]; then echo "GPU-only tests: passed ($(tail -n 1 "$OUT/tests.log"))"; else echo "GPU-only tests: FAILED (exit $tests_rc; $OUT/tests.log)"; fi
@@ -75,4 +81,11 @@ else
     echo "benchmark report: FAILED (exit $report_rc)"
     tail -n 30 "$OUT/report.log"
 fi
-[ "$tests_rc" -eq 0 ] && [ "$paths_rc" -eq 0 ] && [ "$report_rc" -eq 0 ]
+if [ "$throughput_rc" -eq 0 ]; then
+    echo "Training throughput (images/s; one image = two views):"
+    grep -E '^\| |^- ' "$OUT/throughput/table.md"
+else
+    echo "training throughput: FAILED (exit $throughput_rc)"
+    tail -n 30 "$OUT/throughput.log"
+fi
+[ "$tests_rc" -eq 0 ] && [ "$paths_rc" -eq 0 ] && [ "$report_rc" -eq 0 ] && [ "$throughput_rc" -eq 0 ]

@@ -121,3 +121,22 @@ def test_directions_study_evaluates_rdmreg_loss():
     expected = lpjepa.rdmreg_loss(leaf, target, projections=projections, backend="torch")
     torch.testing.assert_close(loss, expected.detach())
     torch.testing.assert_close(grad, torch.autograd.grad(expected, leaf)[0])
+
+
+def test_train_throughput_runs_at_a_tiny_size(tmp_path):
+    """Both data paths and a training step per path, at a tiny size: the script works, not its timings."""
+    stdout = _run(
+        "-m", "benchmarks.train_throughput", "--device", "cpu", "--cores", "1", "--images", "16", "--batch-size", "8",
+        "--batches", "1", "--rounds", "1", "--recipes", "seed,paper", "--backbone", "resnet10t", "--image-size", "16",
+        "--steps", "1", "--warmup-steps", "1", "--train-batch-size", "4", "--out", str(tmp_path),
+    )
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    cases = {(r["part"], r["recipe"], r["path"]) for r in rows}
+    paths = ("PIL workers", "device batches")
+    assert cases == {("data", recipe, path) for recipe in ("seed", "paper") for path in paths} | {
+        ("training step", "seed", path) for path in paths}
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert all(r["speedup"] > 0 for r in rows if r["path"] == "device batches" and r["part"] == "data")
+    assert all(r["loss"] is not None and r["loss"] == r["loss"] for r in rows if r["part"] == "training step")
+    table = (tmp_path / "table.md").read_text()
+    assert table.strip() in stdout and "target 3x" in table

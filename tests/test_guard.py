@@ -11,7 +11,6 @@ import torch
 
 from lpjepa import train
 from lpjepa.loss import LossParts
-from lpjepa.training import guard as guard_module
 from lpjepa.training import loop
 from lpjepa.training.guard import NON_FINITE_EXIT_CODE, NonFiniteGuard, NonFiniteLoss, describe
 from lpjepa.training.model import LpJEPA
@@ -28,7 +27,7 @@ def parts(loss, invariance=0.5, regularizer=0.25):
 
 
 def test_the_first_non_finite_step_is_named_with_its_parts():
-    guard = NonFiniteGuard(torch.device("cpu"), check_every=1)
+    guard = NonFiniteGuard(torch.device("cpu"))
     for step, loss in enumerate([1.0, 2.0, NAN, math.inf, 3.0], start=1):
         guard.observe(step, parts(loss, regularizer=NAN if loss != loss else 0.25))
     with pytest.raises(NonFiniteLoss) as failed:
@@ -131,18 +130,17 @@ def nan_at_step(step):
     return make
 
 
-@pytest.mark.parametrize("check_every", [1, guard_module.CHECK_EVERY], ids=["checked-every-step", "checked-before-the-save"])
+@pytest.mark.parametrize("log_every", [1, 50], ids=["checked-every-step", "checked-at-the-epochs-end"])
 def test_a_nan_mid_run_stops_it_and_last_pt_keeps_the_last_good_state(
-    check_every, tiny_images, one_good_epoch, tmp_path, capsys, monkeypatch
+    log_every, tiny_images, one_good_epoch, tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.setattr(guard_module, "CHECK_EVERY", check_every)
     monkeypatch.setattr(loop, "LpJEPA", nan_at_step(6))  # 4 steps per epoch: epoch 2, batch 2
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stopped:
-        train.main(run_args(tiny_images, out, "--epochs", "3"))
+        train.main(run_args(tiny_images, out, "--epochs", "3", "--log-every", str(log_every)))
     assert stopped.value.code == NON_FINITE_EXIT_CODE
     err = capsys.readouterr().err
-    stopped_at = 6 if check_every == 1 else 8  # the next check: at once, or before the end-of-epoch save
+    stopped_at = 6 if log_every == 1 else 8  # the next check: at once, or at the epoch's last batch
     assert f"stopped at step {stopped_at}: the loss became non-finite at step 6 (epoch 2, batch 2)" in err
     assert "loss nan" in err and "regularizer" in err and "likely causes: a learning rate too high" in err and "bad data" in err
     assert f"last good checkpoint: {out}/checkpoints/last.pt (epoch 1, step 4)" in err

@@ -6,6 +6,9 @@ cli         one-line errors (``UsageError``, exit code 2) and the table-driven f
 config      defaults, presets, the command line, how they combine, the training flags' rules
 checkpoint  atomic save, load, RNG states, the checkpoint's format (full and final), a model for evaluation
 data        datasets, augmentations, samplers, loaders
+device_data the training split held on the device, two-view batches augmented there
+gpu_augment the view augmentation on batches of image tensors, with torchvision's semantics
+speed       the CUDA speed switches: amp dtype, channels_last, torch.compile, fused optimizers
 model       backbone with its stem, and the seed's projector
 loop        ``train(cfg)``: the train state, one step, one epoch, the end of an epoch
 guard       the non-finite-loss guard: a device-side flag per step, read every N steps and before a save

@@ -44,6 +44,7 @@ DEFAULTS = {
     "stem": "cifar",
     "num_workers": min(8, os.cpu_count() or 1),
     "amp": True,
+    "amp_dtype": "fp16",
     "out": None,
     "device": "auto",
     "seed": 0,
@@ -53,6 +54,13 @@ DEFAULTS = {
     "eval_every": 1,
     "save_every": 0,
     "progress": True,
+    # Speed switches (see training/speed.py); each applies on CUDA only. device_data None: CIFAR on CUDA.
+    "device_data": None,
+    "channels_last": True,
+    "compile": False,
+    "fused_optimizer": True,
+    "cudnn_benchmark": True,
+    "log_every": 50,
 }
 
 # The published CIFAR-100 recipe (the paper's solo-learn configuration).
@@ -178,6 +186,10 @@ FLAG_RULES = (
     Rule("eval_every", at_least(1), "a whole number of epochs >= 1"),
     Rule("save_every", at_least(0), "0 (only last.pt) or a whole number of epochs >= 1"),
     Rule("seed", lambda v, c: isinstance(v, int) and 0 <= v < SEED_LIMIT, "a whole number from 0 to 2**63 - 1"),
+    Rule("log_every", at_least(1), "a whole number of steps >= 1"),
+    Rule("device_data", lambda v, c: not (v and c.cfg["dataset"] == "imagefolder"),
+         "not with --dataset imagefolder: the device path holds CIFAR in device memory, an image folder is read by "
+         "PIL workers; drop --device-data"),
 )
 
 
@@ -215,7 +227,8 @@ def build_parser():
     g.add_argument("--optimizer", choices=("adamw", "lars"), help=f"(default {d['optimizer']}; LARS is timm's)")
     g.add_argument("--schedule", choices=("constant", "cosine"), help=f"learning rate per step (default {d['schedule']}; cosine is timm's)")
     g.add_argument("--warmup-epochs", type=int, help="linear warm-up before the cosine (default 0)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="fp16 mixed precision on CUDA (default on; never on the CPU)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="mixed precision on CUDA (default on; never on the CPU)")
+    g.add_argument("--amp-dtype", choices=("fp16", "bf16"), help="autocast dtype of --amp: fp16 with a GradScaler (default) or bf16 without one")
     g = parser.add_argument_group("loss")
     g.add_argument("--lamb-inv", type=float, help=f"invariance weight (default {d['lamb_inv']})")
     g.add_argument("--lamb-reg", type=float, help=f"RDMReg weight (default {d['lamb_reg']})")
@@ -237,6 +250,12 @@ def build_parser():
     g.add_argument("--download", action=argparse.BooleanOptionalAction, help="download CIFAR when it is not in --data-dir (default on)")
     g.add_argument("--skip-data-check", action="store_const", const=True, help="use a local CIFAR copy whose files do not match torchvision's md5 checksums")
     g.add_argument("--num-workers", type=int, help=f"data loader processes (default {d['num_workers']} here)")
+    g.add_argument("--device-data", action=argparse.BooleanOptionalAction, help="hold the training split on --device as uint8 and augment both views in batches there (CIFAR only; default: on CUDA)")
+    g = parser.add_argument_group("speed (CUDA only; no effect on the CPU)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC weights and images (default on)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the backbone and the projector (default off)")
+    g.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, help="AdamW's fused CUDA step, also for the probes (default on; LARS has none)")
+    g.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, help="let cuDNN time its convolution algorithms (default on)")
     g = parser.add_argument_group("model")
     g.add_argument("--backbone", help="any timm model name (default resnet18)")
     g.add_argument("--stem", choices=STEMS, help="cifar (default: 3x3 stride-1 conv, no max-pool) or imagenet (the seed's model exactly)")
@@ -252,6 +271,7 @@ def build_parser():
     g.add_argument("--device", help="auto (default: cuda if available), cpu, cuda, cuda:1")
     g.add_argument("--seed", type=int, help="seeds the model, the data order and the augmentations (default 0; 0 to 2**63 - 1)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="per-step progress (default on)")
+    g.add_argument("--log-every", type=int, help=f"read the step statistics from the device every N steps, for progress and TensorBoard (default {d['log_every']})")
     return parser
 
 
@@ -290,8 +310,7 @@ def _resumed_config(path, preset, given):
             f"training cannot continue from it exactly; resume from the run folder (its checkpoints/last.pt), "
             f"or use this file with python -m lpjepa.eval or python -m lpjepa.export"
         )
-    # A checkpoint from before the loss-family flags ran with their defaults (the seed's).
-    cfg = {**{key: DEFAULTS[key] for key in ("target", "sigma", "directions", "targets")}, **checkpoint["config"]}
+    cfg = {**DEFAULTS, **checkpoint["config"]}  # keys added since the checkpoint was written take their defaults
     if preset is not None and preset != cfg["preset"]:
         raise UsageError(f"argument --preset: the checkpoint was trained with --preset {cfg['preset']}, not {preset}")
     for key in FIXED_ON_RESUME:

@@ -34,6 +34,17 @@ CIFAR_CLASSES = {"cifar100": datasets.CIFAR100, "cifar10": datasets.CIFAR10}
 
 AUGMENTATIONS = ("seed", "paper")
 
+# The numbers of each view augmentation, shared by the PIL pipeline (``train_transform``)
+# and the batched one on tensors (``gpu_augment``): crop scale and aspect ratio, ColorJitter's
+# (brightness, contrast, saturation, hue) strengths and the probabilities of jitter,
+# grayscale, solarize (threshold 128 of 255) and horizontal flip.
+RECIPES = {
+    "seed": {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "jitter": (0.4, 0.4, 0.4, 0.1), "jitter_p": 1.0,
+             "grayscale_p": 0.0, "solarize_p": 0.0, "solarize_threshold": 128, "flip_p": 0.5},
+    "paper": {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "jitter": (0.4, 0.4, 0.2, 0.1), "jitter_p": 0.8,
+              "grayscale_p": 0.2, "solarize_p": 0.1, "solarize_threshold": 128, "flip_p": 0.5},
+}
+
 # Stride between the per-sample seeds of successive --seed values. Prime, so that one
 # image gets the same seed under two --seed values only when the dataset's length or
 # the difference of the epochs is a multiple of it.
@@ -43,30 +54,30 @@ SAMPLE_SEED_RANGE = 2**63
 
 
 def train_transform(augmentation="seed", image_size=32, dataset="cifar100"):
-    """The view augmentation.
+    """The view augmentation on PIL images (``RECIPES`` holds its numbers).
 
     'seed': the seed notebook's RandomResizedCrop, flip, ColorJitter(0.4, 0.4, 0.4, 0.1)
     applied to every view. 'paper': the stronger CIFAR recipe of the paper's codebase
     (solo-learn): crop scale (0.08, 1), jitter (0.4, 0.4, 0.2, 0.1) with probability
     0.8, grayscale 0.2, solarize 0.1, flip.
     """
-    mean, std = NORMALIZATION[dataset]
-    if augmentation == "seed":
-        ops = [
-            transforms.RandomResizedCrop(image_size),
-            transforms.RandomHorizontalFlip(),
-            transforms.ColorJitter(0.4, 0.4, 0.4, 0.1),
-        ]
-    elif augmentation == "paper":
-        ops = [
-            transforms.RandomResizedCrop(image_size, scale=(0.08, 1.0)),
-            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-            transforms.RandomGrayscale(p=0.2),
-            transforms.RandomSolarize(128, p=0.1),
-            transforms.RandomHorizontalFlip(),
-        ]
-    else:
+    if augmentation not in AUGMENTATIONS:
         raise ValueError(f"augmentation must be one of {AUGMENTATIONS}; got {augmentation!r}")
+    mean, std = NORMALIZATION[dataset]
+    r = RECIPES[augmentation]
+    crop = transforms.RandomResizedCrop(image_size, scale=r["scale"], ratio=r["ratio"])
+    flip = transforms.RandomHorizontalFlip(r["flip_p"])
+    jitter = transforms.ColorJitter(*r["jitter"])
+    if augmentation == "seed":
+        ops = [crop, flip, jitter]
+    else:
+        ops = [
+            crop,
+            transforms.RandomApply([jitter], p=r["jitter_p"]),
+            transforms.RandomGrayscale(p=r["grayscale_p"]),
+            transforms.RandomSolarize(r["solarize_threshold"], p=r["solarize_p"]),
+            flip,
+        ]
     return transforms.Compose(ops + [transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .. import metrics, rgg
 from . import data
 from .checkpoint import load_model_for_eval
+from .speed import AMP_DTYPES
 
 # Floor of a feature's standard deviation in the offline probe's standardisation: a
 # dead unit (always 0) would otherwise divide by zero.
@@ -23,8 +24,8 @@ MIN_FEATURE_STD = 1e-6
 
 
 @torch.no_grad()
-def extract_features(model, loader, device, amp=False):
-    """(backbone features, projector outputs, labels) of a loader, as float32 CPU tensors.
+def extract_features(model, loader, device, amp=False, amp_dtype=torch.float16):
+    """(backbone features, projector outputs, labels) of a loader, as float32 CPU tensors; ``amp``: autocast to ``amp_dtype``.
 
     ``model`` is an ``lpjepa.training.model.LpJEPA`` (not the DDP wrapper); it runs in eval mode
     and is put back in the mode it was in.
@@ -34,7 +35,7 @@ def extract_features(model, loader, device, amp=False):
     hs, zs, ys = [], [], []
     for x, y in loader:
         x = x.to(device, non_blocking=True)
-        with torch.autocast(device.type, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             h, z = model.features(x)
         hs.append(h.float().cpu())
         zs.append(z.float().cpu())
@@ -164,8 +165,9 @@ def train_linear_probe(train_x, train_y, num_classes, *, epochs=100, lr=1e-3, we
 
 def evaluate_online(model, probes, knn_loader, val_loader, n_classes, device, amp, cfg):
     """Online probe accuracy, kNN on backbone features and sparsity of the projector output, on the validation split."""
-    train_h, _, train_y = (t.to(device) for t in extract_features(model, knn_loader, device, amp))
-    val_h, val_z, val_y = extract_features(model, val_loader, device, amp)
+    amp_dtype = AMP_DTYPES[cfg.get("amp_dtype", "fp16")]
+    train_h, _, train_y = (t.to(device) for t in extract_features(model, knn_loader, device, amp, amp_dtype))
+    val_h, val_z, val_y = extract_features(model, val_loader, device, amp, amp_dtype)
     probes.eval()
     result = probes.accuracy(val_h, val_z, val_y)
     probes.train()
@@ -186,9 +188,9 @@ def evaluate_checkpoint(checkpoint, *, data_dir=None, val_dir=None, device="auto
     train_split, val_split = data.run_splits(cfg)
     train_loader, val_loader = data.eval_loaders(cfg, train_split, val_split, batch_size, pin_memory=dev.type == "cuda")
     n_classes = data.num_classes(train_split)
-    amp = dev.type == "cuda" and cfg["amp"]
-    train_h, train_z, train_y = extract_features(model, train_loader, dev, amp)
-    val_h, val_z, val_y = extract_features(model, val_loader, dev, amp)
+    amp, amp_dtype = dev.type == "cuda" and cfg["amp"], AMP_DTYPES[cfg.get("amp_dtype", "fp16")]
+    train_h, train_z, train_y = extract_features(model, train_loader, dev, amp, amp_dtype)
+    val_h, val_z, val_y = extract_features(model, val_loader, dev, amp, amp_dtype)
     results = {"checkpoint": os.path.abspath(checkpoint), "epoch": cfg.get("_epoch")}
     for name, tr, va in (("backbone", train_h, val_h), ("projector", train_z, val_z)):
         predict = train_linear_probe(tr, train_y, n_classes, epochs=probe_epochs, lr=probe_lr, device=dev, seed=cfg["seed"])

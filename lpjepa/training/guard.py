@@ -2,9 +2,10 @@
 
 ``NonFiniteGuard.observe`` runs every step and only queues tensor ops: the first failing
 step and the loss parts at that step are kept in device tensors, with no ``.item()``, so
-a step never waits for the GPU. ``check`` reads one tensor (one host sync); the loop
-calls it every ``check_every`` steps and always before it writes a checkpoint, so a
-checkpoint never holds weights from after the first failing step. ``check`` raises
+a step never waits for the GPU. The loop reads the guard's ``flags()`` in the same read
+as its step statistics (every ``--log-every`` steps and at an epoch's end), and ``check``
+(one host sync) always before it writes a checkpoint, so a checkpoint never holds
+weights from after the first failing step. ``check`` raises
 ``NonFiniteLoss``, whose text names the step, the parts' values there, the likely
 causes and the last good checkpoint.
 
@@ -26,8 +27,6 @@ import torch
 # The scaler halves its scale at each skipped step: 25 skips in a row take the default
 # initial 2**16 down to 2**-9, where no finite gradient of a working model overflows.
 MAX_CONSECUTIVE_SKIPS = 25
-# Steps between two reads of the guard's flag (one host sync each); the loop also checks before every checkpoint.
-CHECK_EVERY = 50
 # The loss parts the guard keeps, in the order of ``LossParts``' fields it reads.
 PART_NAMES = ("loss", "invariance", "regularizer")
 # Exit code of a run the guard stopped (2 is a bad command line, 128 + N a signal).
@@ -44,16 +43,15 @@ class NonFiniteLoss(Exception):
 
 
 class NonFiniteGuard:
-    """Device-side record of the first failing step, read at most once per ``check_every`` steps.
+    """Device-side record of the first failing step, read only when ``check`` is called.
 
     device: where the loss lives. scaler: the run's ``torch.amp.GradScaler`` when it is
-    enabled (fp16 AMP), else None. check_every: steps between two checks (default
-    ``CHECK_EVERY``). max_skips: skipped steps in a row that fail a run under a scaler.
+    enabled (fp16 AMP), else None. max_skips: skipped steps in a row that fail a run
+    under a scaler.
     """
 
-    def __init__(self, device, scaler=None, check_every=None, max_skips=MAX_CONSECUTIVE_SKIPS):
+    def __init__(self, device, scaler=None, max_skips=MAX_CONSECUTIVE_SKIPS):
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
-        self.check_every = CHECK_EVERY if check_every is None else check_every
         self.max_skips = max_skips
         self.first_bad_step = torch.full((), NO_STEP, dtype=torch.int64, device=device)
         self.first_bad_parts = torch.zeros(len(PART_NAMES), dtype=torch.float32, device=device)
@@ -97,9 +95,16 @@ class NonFiniteGuard:
         self.skip_run = torch.where(skipped, self.skip_run + 1, 0)
         return self.skip_run >= self.max_skips, self.skip_run_step, self.skip_run_parts
 
-    def due(self, step):
-        """Whether the loop should ``check`` after step ``step``."""
-        return step % self.check_every == 0
+    def flags(self):
+        """The verdict as a (2,) float64 device tensor (first failing step, failed by skips), for one read with other values."""
+        return torch.stack([self.first_bad_step, self.failed_by_skips.long()]).double()
+
+    def raise_if_failed(self, flags):
+        """Raise ``NonFiniteLoss`` if ``flags``, the host values of ``flags()``, say a step has failed."""
+        first_bad_step, failed_by_skips = (int(v) for v in flags)
+        if first_bad_step != NO_STEP:
+            parts = dict(zip(PART_NAMES, self.first_bad_parts.tolist()))
+            raise NonFiniteLoss(first_bad_step, parts, skipped_steps=self.max_skips if failed_by_skips else 0)
 
     def check(self, model=None):
         """Raise ``NonFiniteLoss`` if a step has failed; one host sync.
@@ -107,14 +112,12 @@ class NonFiniteGuard:
         model: before a checkpoint, also check its parameters are finite (a finite loss
         whose gradient overflowed in the last step leaves non-finite weights behind).
         """
-        flags = [self.first_bad_step, self.failed_by_skips.long()]
+        flags = [self.flags()]
         if model is not None:
             finite = torch.stack([p.detach().isfinite().all().to(self.first_bad_step.device) for p in model.parameters()]).all()
-            flags.append((~finite).long())
-        values = torch.stack(flags).tolist()
-        if values[0] != NO_STEP:
-            parts = dict(zip(PART_NAMES, self.first_bad_parts.tolist()))
-            raise NonFiniteLoss(values[0], parts, skipped_steps=self.max_skips if values[1] else 0)
+            flags.append((~finite).double()[None])
+        values = torch.cat(flags).tolist()
+        self.raise_if_failed(values[:2])
         if len(values) > 2 and values[2]:
             raise NonFiniteLoss(None, {}, weights_only=True)
 

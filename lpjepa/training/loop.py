@@ -26,15 +26,16 @@ from .checkpoint import final_checkpoint, restore_training_state, save_atomic, s
 from .cli import UsageError
 from .data import (EpochSampler, TwoViewDataset, eval_loaders, make_loader, num_classes, run_splits, smallest_class_count,
                    train_transform)
+from .device_data import DeviceTwoViewLoader, device_images, holds_images_in_memory
 from .evaluation import OnlineProbes, evaluate_online
+from .gpu_augment import BatchAugment
 from .guard import NON_FINITE_EXIT_CODE, NonFiniteGuard, NonFiniteLoss, describe
 from .interrupt import StopRequest
 from .model import LpJEPA
 from .optim import build_optimizer, build_probe_optimizer, build_scheduler
 from .runlog import Progress, RunLog, format_summary
+from .speed import SpeedSettings, prepare_model
 
-# Per-step TensorBoard scalars every this many steps: enough for a curve, without an event per step.
-TENSORBOARD_EVERY = 50
 # Smallest duration a rate divides by, so that a step faster than the clock's resolution gives no ZeroDivisionError.
 MIN_SECONDS = 1e-9
 # Evaluation runs without gradients, so twice the training batch fits in the same memory.
@@ -95,6 +96,32 @@ class TrainingData(NamedTuple):
     steps_per_epoch: int
     knn_loader: object
     val_loader: object
+    on_device: bool
+
+
+def device_data_active(cfg, device, train_set):
+    """Whether the training split goes to the device (``--device-data``; by default on CUDA for in-memory datasets)."""
+    if cfg["device_data"] is None:
+        return device.type == "cuda" and holds_images_in_memory(train_set)
+    if cfg["device_data"] and not holds_images_in_memory(train_set):
+        raise SystemExit(f"--device-data needs a dataset held in memory as uint8 images (CIFAR); {cfg['dataset']} is not")
+    return bool(cfg["device_data"])
+
+
+def training_loader(cfg, env, train_set, local_batch):
+    """(sampler, loader of two-view batches): on the device (``device_data``) or through PIL workers (``data``)."""
+    if device_data_active(cfg, env.device, train_set):
+        sampler = EpochSampler(train_set, num_replicas=env.world_size, rank=env.rank, seed=cfg["seed"])
+        augment = BatchAugment(cfg["augmentation"], cfg["image_size"], cfg["dataset"])
+        images, labels = device_images(train_set, env.device)
+        loader = DeviceTwoViewLoader(images, labels, sampler, local_batch, augment, cfg["seed"], env.rank,
+                                     num_workers=cfg["num_workers"])
+        return sampler, loader
+    views = TwoViewDataset(train_set, train_transform(cfg["augmentation"], cfg["image_size"], cfg["dataset"]), cfg["seed"])
+    sampler = EpochSampler(views, num_replicas=env.world_size, rank=env.rank, seed=cfg["seed"])
+    pin = env.device.type == "cuda"
+    loader = make_loader(views, local_batch, num_workers=cfg["num_workers"], pin_memory=pin, sampler=sampler, drop_last=True)
+    return sampler, loader
 
 
 def load_training_data(cfg, env, local_batch):
@@ -108,15 +135,14 @@ def load_training_data(cfg, env, local_batch):
     if len(train_set) < cfg["batch_size"]:
         raise UsageError(f"argument --batch-size: invalid value {cfg['batch_size']}: the training set has only "
                          f"{len(train_set)} images; use at most {len(train_set)}")
-    views = TwoViewDataset(train_set, train_transform(cfg["augmentation"], cfg["image_size"], cfg["dataset"]), cfg["seed"])
-    sampler = EpochSampler(views, num_replicas=env.world_size, rank=env.rank, seed=cfg["seed"])
-    pin = env.device.type == "cuda"
-    loader = make_loader(views, local_batch, num_workers=cfg["num_workers"], pin_memory=pin, sampler=sampler, drop_last=True)
+    sampler, loader = training_loader(cfg, env, train_set, local_batch)
     knn_loader = val_loader = None
     if env.is_main:
+        pin = env.device.type == "cuda"
         knn_loader, val_loader = eval_loaders(cfg, train_set, val_set, EVAL_BATCH_FACTOR * local_batch, pin)
     return TrainingData(
-        train_set, val_set, num_classes(train_set), sampler, loader, len(sampler) // local_batch, knn_loader, val_loader
+        train_set, val_set, num_classes(train_set), sampler, loader, len(sampler) // local_batch, knn_loader, val_loader,
+        isinstance(loader, DeviceTwoViewLoader),
     )
 
 
@@ -129,12 +155,13 @@ class TrainState:
 
     def __init__(self, cfg, device, n_classes, steps_per_epoch):
         self.cfg, self.device = cfg, device
-        self.amp = bool(cfg["amp"]) and device.type == "cuda"
-        self.model = LpJEPA(cfg["backbone"], cfg["stem"]).to(device)
+        self.speed = SpeedSettings.resolve(cfg, device)
+        self.amp = self.speed.amp
+        self.model = prepare_model(LpJEPA(cfg["backbone"], cfg["stem"]).to(device), self.speed)
         self.probes = OnlineProbes(self.model.feature_dim, self.model.feature_dim, n_classes).to(device)
-        self.optimizer = build_optimizer(self.model, cfg)
-        self.probe_optimizer = build_probe_optimizer(self.probes, cfg)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.optimizer = build_optimizer(self.model, cfg, fused=self.speed.fused_optimizer)
+        self.probe_optimizer = build_probe_optimizer(self.probes, cfg, fused=self.speed.fused_optimizer)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.speed.grad_scaling)
         self.scheduler = build_scheduler(self.optimizer, cfg, steps_per_epoch)
         self.global_step = 0
         self.guard = NonFiniteGuard(device, self.scaler)
@@ -172,10 +199,13 @@ class TrainState:
     def step(self, x1, x2, y):
         """One optimisation step of the model on a batch of two views, then one of the probes on its detached outputs.
 
-        Returns the step's numbers, in the keys of ``EpochStats``.
+        Returns ``(values, images)``: the step's numbers in the order of ``EpochStats.MEANS``,
+        a float32 tensor left on the device (reading it would make the host wait for the
+        step), and the number of images. The guard records the step on the device.
         """
-        x1, x2, y = (t.to(self.device, non_blocking=True) for t in (x1, x2, y))
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+        x1, x2 = (t.to(self.device, non_blocking=True, memory_format=self.speed.memory_format) for t in (x1, x2))
+        y = y.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.speed.amp_dtype or torch.float16, enabled=self.amp):
             h1, z1 = self.train_model(x1, with_features=True)
             h2, z2 = self.train_model(x2, with_features=True)
             parts = ssl_loss(z1, z2, self.cfg, self.process_group)
@@ -195,39 +225,43 @@ class TrainState:
         self.probe_optimizer.zero_grad(set_to_none=True)
         probe_loss.backward()
         self.probe_optimizer.step()
-        return {
-            "loss": parts.loss.item(), "invariance": parts.invariance.item(), "regularizer": parts.regularizer.item(),
-            "train_zero_fraction": (z1 == 0).float().mean().item(), "probe_loss": probe_loss.item(), "images": x1.shape[0],
-            # Device tensors, summed on the device over the epoch and read once at its end.
-            "vicreg_variance": vicreg[0], "vicreg_covariance": vicreg[1],
-        }
+        values = [parts.loss, parts.invariance, parts.regularizer, (z1 == 0).float().mean(), probe_loss, *vicreg]
+        return torch.stack([v.detach().float() for v in values]), x1.shape[0]
 
 
 class EpochStats:
-    """Running sums of one epoch's training quantities (saved in a mid-epoch checkpoint)."""
+    """Running sums of one epoch's training quantities (saved in a mid-epoch checkpoint).
 
-    KEYS = ("loss", "invariance", "regularizer", "train_zero_fraction", "probe_loss", "vicreg_variance",
-            "vicreg_covariance", "steps", "images", "data_time", "step_time")
+    The sums of the step values (``MEANS``) stay on the device, in float64, so that adding
+    a step never waits for it; counts and times are the host's. ``sums`` reads them all.
+    """
+
     MEANS = ("loss", "invariance", "regularizer", "train_zero_fraction", "probe_loss", "vicreg_variance",
              "vicreg_covariance")
+    HOST = ("steps", "images", "data_time", "step_time")
+    KEYS = MEANS + HOST
 
-    def __init__(self, state=None):
-        self.sums = dict.fromkeys(self.KEYS, 0.0)
-        self.sums.update(state or {})  # a checkpoint from before a key existed lacks it
+    def __init__(self, device, state=None):
+        state = {**dict.fromkeys(self.KEYS, 0.0), **(state or {})}  # a checkpoint from before a key existed lacks it
+        self.device_sums = torch.tensor([float(state[k]) for k in self.MEANS], dtype=torch.float64).to(device)
+        self.host = {k: state[k] for k in self.HOST}
 
-    def add(self, **values):
-        """Add a step's numbers: Python floats, or 0-dim device tensors that stay on the device."""
-        for key, value in values.items():
-            self.sums[key] += value
+    def add(self, values, images, data_time, step_time):
+        """One step: ``values`` a device tensor in the order of ``MEANS``, the rest host numbers."""
+        self.device_sums += values
+        for key, value in zip(self.HOST, (1, images, data_time, step_time)):
+            self.host[key] += value
 
-    def state(self):
-        """The sums as Python floats, for a checkpoint (reads the device's sums once)."""
-        return {key: float(value) for key, value in self.sums.items()}
+    @property
+    def sums(self):
+        """Every sum as a float, keyed as ``KEYS`` (reads the device)."""
+        return {**dict(zip(self.MEANS, self.device_sums.tolist())), **self.host}
 
     def reduced(self, env, device):
         """Means over the steps of every process; images/s and data-wait share of the epoch."""
-        t = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64, device=device) for k in self.KEYS])
-        s = dict(zip(self.KEYS, torchrun.all_reduce(t, env).tolist()))
+        host = torch.tensor([float(self.host[k]) for k in self.HOST], dtype=torch.float64).to(device)
+        t = torch.cat([self.device_sums, host])
+        s = dict(zip(self.MEANS + self.HOST, torchrun.all_reduce(t, env).tolist()))
         steps = max(s["steps"], 1)
         out = {k: s[k] / steps for k in self.MEANS}
         # The processes step in parallel: the epoch's wall time is their summed step time over their number.
@@ -280,8 +314,8 @@ class Trainer:
         if not self.env.is_main:
             return
         cfg, env, data = self.cfg, self.env, self.data
-        resolved = dict(cfg, world_size=env.world_size, device=str(self.device), amp_active=self.state.amp,
-                        steps_per_epoch=data.steps_per_epoch)
+        resolved = dict(cfg, world_size=env.world_size, device=str(self.device), steps_per_epoch=data.steps_per_epoch,
+                        device_data_active=data.on_device, **self.state.speed.as_config())
         where = f"resuming at epoch {self.start_epoch + 1}, step {self.batches_done}" if self.resumed else "starting"
         print(
             f"{where}: {cfg['dataset']} ({len(data.train_set)} train / {len(data.val_set)} val images, {data.num_classes} classes), "
@@ -302,40 +336,51 @@ class Trainer:
         """
         skip = self.batches_done if epoch == self.start_epoch else 0
         self.data.sampler.set_epoch(epoch, skip=skip * self.local_batch)
-        stats = EpochStats(self.epoch_stats if skip else None)
+        stats = EpochStats(self.device, self.epoch_stats if skip else None)
         self.state.model.train()
         self.state.probes.train()
         show = self.env.is_main and self.cfg["progress"]
         progress = Progress(self.data.steps_per_epoch, f"epoch {epoch + 1}/{self.cfg['epochs']}", show, initial=skip)
-        batch = skip
+        batch, latest = skip, None
         epoch_start = tick = time.perf_counter()
         for x1, x2, y in self.data.loader:
             data_time = time.perf_counter() - tick
-            values = self.state.step(x1, x2, y)
+            values, images = self.state.step(x1, x2, y)
             step_time = time.perf_counter() - tick
-            stats.add(**values, steps=1, data_time=data_time, step_time=step_time)
+            stats.add(values, images, data_time, step_time)
             batch += 1
-            progress.update(self._progress_postfix(values, data_time, step_time))
-            if self.state.guard.due(self.state.global_step):
-                self.state.guard.check()
-            if self.state.global_step % TENSORBOARD_EVERY == 0:
-                step_values = {"loss": values["loss"], "zero_fraction": values["train_zero_fraction"], "lr": self.state.lr}
+            due = self.sync_due(batch)
+            if due:  # one read: the step's values and the non-finite guard's flags
+                read = torch.cat([values.double(), self.state.guard.flags()]).tolist()
+                self.state.guard.raise_if_failed(read[len(EpochStats.MEANS):])
+                latest = dict(zip(EpochStats.MEANS, read))
+                step_values = {"loss": latest["loss"], "zero_fraction": latest["train_zero_fraction"], "lr": self.state.lr}
                 self.log.step(step_values, self.state.global_step)
+            progress.update(self._progress_postfix(latest, images, data_time, step_time))
             if on_step is not None:
                 on_step(epoch, batch)
-            if stop.requested(self.env, self.device):
+            # One process alone knows of its signal; under DDP asking the others is a collective, so only when due.
+            if (due or not self.env.distributed) and stop.requested(self.env, self.device):
                 progress.close()
                 self._save_and_exit(epoch, batch, stats, stop.signum or signal.SIGTERM)
             tick = time.perf_counter()
         progress.close()
         return stats, time.perf_counter() - epoch_start
 
-    def _progress_postfix(self, values, data_time, step_time):
-        images_per_s = values["images"] * self.env.world_size / max(step_time, MIN_SECONDS)
-        return {
-            "loss": f"{values['loss']:.4f}", "zeros": f"{values['train_zero_fraction']:.1%}",
-            "img/s": f"{images_per_s:.0f}", "data": f"{data_time / max(step_time, MIN_SECONDS):.0%}",
-        }
+    def sync_due(self, batch):
+        """Whether the step that ended batch ``batch`` of the epoch reads the device.
+
+        The step loop reads the device at these steps alone: every ``--log-every`` steps and
+        at the epoch's last batch (the non-finite guard's flag, the step values for progress
+        and TensorBoard; under DDP the stop request). Between them the host only queues work.
+        """
+        return self.state.global_step % self.cfg["log_every"] == 0 or batch == self.data.steps_per_epoch
+
+    def _progress_postfix(self, latest, images, data_time, step_time):
+        """The bar's numbers: the last values read from the device (None before the first read), this step's rate."""
+        images_per_s = images * self.env.world_size / max(step_time, MIN_SECONDS)
+        read = {} if latest is None else {"loss": f"{latest['loss']:.4f}", "zeros": f"{latest['train_zero_fraction']:.1%}"}
+        return {**read, "img/s": f"{images_per_s:.0f}", "data": f"{data_time / max(step_time, MIN_SECONDS):.0%}"}
 
     def _save_and_exit(self, epoch, batch, stats, signum):
         """After a stop request: a mid-epoch checkpoint (a resume skips the batches done and ends the epoch as usual)."""
@@ -386,7 +431,7 @@ class Trainer:
         if name == "final.pt":
             state = final_checkpoint(self.cfg, self.state, epoch)
         else:
-            sums = None if stats is None else stats.state()
+            sums = None if stats is None else stats.sums
             state = training_checkpoint(self.cfg, self.state, epoch, batches_done, sums, self.device)
         path = os.path.join(self.cfg["out"], "checkpoints", name)
         save_atomic(state, path)

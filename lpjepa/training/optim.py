@@ -5,10 +5,14 @@ import torch
 LARS_MOMENTUM, LARS_TRUST_COEFF = 0.9, 0.02
 
 
-def build_optimizer(model, cfg):
-    """AdamW over every parameter (the seed's), or timm's LARS without weight decay or adaptation on biases and norms."""
+def build_optimizer(model, cfg, fused=False):
+    """AdamW over every parameter (the seed's), or timm's LARS without weight decay or adaptation on biases and norms.
+
+    ``fused``: AdamW's fused step (one kernel for all parameters, CUDA; it also takes the
+    GradScaler's inf check without a host sync). timm's LARS has no fused step.
+    """
     if cfg["optimizer"] == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        return torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=fused or None)
     from timm.optim import create_optimizer_v2
 
     return create_optimizer_v2(
@@ -17,9 +21,9 @@ def build_optimizer(model, cfg):
     )
 
 
-def build_probe_optimizer(probes, cfg):
-    """AdamW without weight decay for the online probes, apart from the model's optimizer."""
-    return torch.optim.AdamW(probes.parameters(), lr=cfg["probe_lr"], weight_decay=0.0)
+def build_probe_optimizer(probes, cfg, fused=False):
+    """AdamW without weight decay for the online probes, apart from the model's optimizer; ``fused`` as for the model."""
+    return torch.optim.AdamW(probes.parameters(), lr=cfg["probe_lr"], weight_decay=0.0, fused=fused or None)
 
 
 def build_scheduler(optimizer, cfg, steps_per_epoch):
