@@ -4,11 +4,11 @@ A config is a plain dict (saved in ``config.json`` and in every checkpoint); its
 are the flags' names with underscores, plus ``preset``.
 """
 import argparse
+import math
 import os
 import time
 from typing import NamedTuple
 
-from .._checks import check_sigma
 from ..loss import DIRECTION_SCHEMES, SIGMA_CONVENTIONS, TARGET_MODES
 from .checkpoint import checkpoint_path, is_final_checkpoint, load_checkpoint
 from .cli import (DEVICE_ALLOWED, ArgumentParser, Rule, UsageError, at_least, check_rules, finite, finite_above, finite_at_least,
@@ -83,11 +83,16 @@ TARGETS = ("rectified", "dense")
 
 
 def sigma_flag(text):
-    """--sigma: a convention ('gn', 'unit-rectified') or a number > 0, checked as the loss checks its sigma."""
+    """--sigma: a convention ('gn', 'unit-rectified') or a number > 0."""
+    if text in SIGMA_CONVENTIONS:
+        return text
     try:
-        return check_sigma(text if text in SIGMA_CONVENTIONS else float(text))
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {', '.join(SIGMA_CONVENTIONS)} or a number > 0; got {text!r}") from None
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be {', '.join(SIGMA_CONVENTIONS)} or a number > 0; got {text!r}")
+    return value
 
 
 # Keys that define the model or the data a checkpoint was trained on; --resume refuses to change them.
