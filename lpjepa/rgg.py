@@ -4,8 +4,9 @@ A sample is Y = ReLU(mu + sigma * X) with X ~ GN_p(0, 1) in the seed's
 parameterisation: X = S * (p * G)^(1/p), S a fair sign and G ~ Gamma(1/p, 1), so X has
 density proportional to exp(-|x|^p / p) (``scipy.stats.gennorm(p, scale=p**(1/p))``).
 
-Everything is closed form through the regularized incomplete gamma function
-(``torch.special.gammainc``), evaluated in float64, except the moments of the rectified
+Everything is closed form through the regularized incomplete gamma functions (P and Q,
+each computed to full float64 accuracy, the smaller of the two directly: a series or a
+continued fraction), with arguments formed in logs, except the moments of the rectified
 law in the tail, where a difference of incomplete gammas would cancel: those are
 integrated in a form without cancellation (``rectified_moments``). Inverses are solved by
 bisection on monotone functions, so no extra dependency is needed. All functions take
@@ -16,8 +17,6 @@ and return Python floats.
 """
 import functools
 import math
-
-import torch
 
 from ._checks import check_finite, check_p, check_sigma
 
@@ -55,18 +54,63 @@ def _resolve_sigma(p, sigma, mu=None):
     return resolve_sigma(sigma, p, mu)
 
 
-def _gammainc(a, x):
-    """Regularized lower incomplete gamma P(a, x) in float64."""
-    a_t = torch.tensor(a, dtype=torch.float64)
-    x_t = torch.tensor(x, dtype=torch.float64)
-    return float(torch.special.gammainc(a_t, x_t))
+# Terms of the series and of the continued fraction past which the incomplete gammas stop (never reached
+# for the arguments this module makes: both converge geometrically).
+_MAX_TERMS = 10_000
+_RELATIVE_EPS = 1e-16
+_TINY = 1e-300
+
+
+def _log_gamma_series(a, x):
+    """log P(a, x) by its power series, x^a e^-x / Gamma(a) * sum x^n / (a (a+1) ... (a+n)); for x < a + 1."""
+    term = total = 1.0 / a
+    for n in range(1, _MAX_TERMS):
+        term *= x / (a + n)
+        total += term
+        if abs(term) < abs(total) * _RELATIVE_EPS:
+            break
+    return a * math.log(x) - x - math.lgamma(a) + math.log(total)
+
+
+def _log_gamma_continued_fraction(a, x):
+    """log Q(a, x) by Legendre's continued fraction (modified Lentz); for x >= a + 1."""
+    b = x + 1.0 - a
+    c, d = 1.0 / _TINY, 1.0 / b
+    h = d
+    for i in range(1, _MAX_TERMS):
+        an = -i * (i - a)
+        b += 2.0
+        d = an * d + b
+        d = _TINY if abs(d) < _TINY else d
+        c = b + an / c
+        c = _TINY if abs(c) < _TINY else c
+        d = 1.0 / d
+        h *= d * c
+        if abs(d * c - 1.0) < _RELATIVE_EPS:
+            break
+    return a * math.log(x) - x - math.lgamma(a) + math.log(h)
+
+
+def _regularized_gammas(a, x):
+    """(P(a, x), Q(a, x)), the regularized lower and upper incomplete gammas, each to full relative accuracy.
+
+    The smaller of the two is computed directly (series below x = a + 1, continued
+    fraction above) and the other is 1 minus it, so neither loses digits to cancellation.
+    """
+    if x <= 0.0:
+        return 0.0, 1.0
+    if math.isinf(x):
+        return 1.0, 0.0
+    if x < a + 1.0:
+        lower = math.exp(_log_gamma_series(a, x))
+        return lower, 1.0 - lower
+    upper = math.exp(_log_gamma_continued_fraction(a, x))
+    return 1.0 - upper, upper
 
 
 def _gammaincc(a, x):
     """Regularized upper incomplete gamma Q(a, x) = 1 - P(a, x), accurate in the tail."""
-    a_t = torch.tensor(a, dtype=torch.float64)
-    x_t = torch.tensor(x, dtype=torch.float64)
-    return float(torch.special.gammaincc(a_t, x_t))
+    return _regularized_gammas(a, x)[1]
 
 
 def sigma_gn(p):
@@ -78,11 +122,52 @@ def sigma_gn(p):
     return math.exp(0.5 * (math.lgamma(1 / p) - math.lgamma(3 / p)) - math.log(p) / p)
 
 
+# Past these, exp() of a log leaves the float64 range: |x|^p / p is 0 or inf to the gamma functions.
+_LOG_UNDERFLOW, _LOG_OVERFLOW = -700.0, 700.0
+
+
+def _log_gamma_argument(x, p):
+    """log(|x|^p / p), the argument of the incomplete gammas, without forming |x|^p (x != 0)."""
+    return p * math.log(abs(x)) - math.log(p)
+
+
+def _gamma_argument(x, p):
+    """|x|^p / p as a float: 0 or inf where it leaves the float64 range (what the gamma functions need there)."""
+    if x == 0:
+        return 0.0
+    log_t = _log_gamma_argument(x, p)
+    return math.inf if log_t > _LOG_OVERFLOW else math.exp(log_t)
+
+
+def _gn_half_masses(x, p):
+    """(P, Q): P = P(|X| <= |x|) = P(1/p, |x|^p / p) and Q = 1 - P, each to full relative accuracy.
+
+    Where |x|^p / p underflows (large p, small |x|), P is the first term of its series,
+    t^a / Gamma(a + 1) with a = 1/p, computed from log t; the next term is t / (a + 1)
+    times smaller.
+    """
+    a = 1.0 / p
+    if x == 0:
+        return 0.0, 1.0
+    log_t = _log_gamma_argument(x, p)
+    if log_t < _LOG_UNDERFLOW:
+        lower = math.exp(a * log_t - math.lgamma(a + 1.0))
+        return lower, 1.0 - lower
+    if log_t > _LOG_OVERFLOW:
+        return 1.0, 0.0
+    return _regularized_gammas(a, math.exp(log_t))
+
+
 def gn_cdf(x, p):
-    """P(X <= x) for X ~ GN_p(0, 1) in the seed's parameterisation."""
+    """P(X <= x) for X ~ GN_p(0, 1) in the seed's parameterisation.
+
+    Accurate in both tails and near 0 for every p: the far side is 0.5 * Q, never 1 - (...).
+    """
     p = check_p(p)
-    half_mass = 0.5 * _gammainc(1 / p, abs(x) ** p / p)
-    return 0.5 + half_mass if x >= 0 else 0.5 - half_mass
+    lower, upper = _gn_half_masses(x, p)
+    if x < 0:
+        return 0.5 * upper
+    return 0.5 + 0.5 * lower if lower < 0.5 else 1.0 - 0.5 * upper
 
 
 def _gn_upper_moment(k, s, p):
@@ -93,7 +178,7 @@ def _gn_upper_moment(k, s, p):
     """
     a = (k + 1) / p
     log_scale = math.lgamma(a) - math.lgamma(1 / p) + (k / p) * math.log(p) - math.log(2.0)
-    return math.exp(log_scale) * _gammaincc(a, s**p / p)
+    return math.exp(log_scale) * _gammaincc(a, _gamma_argument(s, p))
 
 
 def expected_zero_fraction(p, mu, sigma=None, *, rectify=True):

@@ -160,3 +160,22 @@ def test_bad_sigma_is_named(bad):
 def test_unit_rectified_sigma_needs_mu():
     with pytest.raises(ValueError, match="depends on mu"):
         rgg.mu_for_zero_fraction(0.9, 1.0, sigma="unit-rectified")
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 1.0, 1.5, 2.0, 7.0, 100.0])
+@pytest.mark.parametrize("mu", [-30.0, -3.0, -1e-3, -5e-4, 0.0, 5e-4, 1e-3, 3.0, 9.0, 30.0])
+def test_expected_zero_fraction_is_accurate_in_both_tails_and_near_zero(p, mu):
+    # Against mpmath's upper incomplete gamma at 50 digits: 0.5 * Q(1/p, |x|^p / p) on the
+    # far side (no 1 - P cancellation in the oracle either), where |x|^p can underflow
+    # (p = 100, mu = 5e-4) or the answer be 1e-58 (p = 1.5, mu = 30).
+    with mpmath.workdps(50):
+        x = -mpmath.mpf(mu) / mpmath.mpf(rgg.sigma_gn(p))
+        a, t = 1 / mpmath.mpf(p), abs(x) ** p / p
+        upper = mpmath.gammainc(a, t, mpmath.inf, regularized=True)
+        exact = 0.5 * upper if x < 0 else 1 - 0.5 * upper
+    ours = rgg.expected_zero_fraction(p, mu)
+    assert ours == pytest.approx(float(exact), rel=1e-12, abs=0)
+
+
+def test_mu_for_zero_fraction_half_is_zero_at_large_p():
+    assert abs(rgg.mu_for_zero_fraction(0.5, 100.0)) < 1e-12
