@@ -251,3 +251,9 @@ def test_export_refuses_bad_arguments(finished_run, capsys, tmp_path):
     assert "argument --out: invalid value" in line and "must end in .safetensors" in line
     same = str(tmp_path / "b.safetensors")
     assert "must differ from --out" in refused(lp_export.main, [str(finished_run), "--out", same, "--projector-out", same], capsys)
+
+
+def test_train_refuses_another_optimizer_on_resume(finished_run, capsys, tmp_path):
+    # Its saved state has other parameter groups and moments: it cannot continue exactly.
+    assert_train_refuses(["--resume", str(finished_run), "--epochs", "2", "--optimizer", "lars"],
+                         ["argument --optimizer: the checkpoint was trained with adamw", "cannot change"], capsys, tmp_path)

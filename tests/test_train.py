@@ -276,6 +276,18 @@ def test_resume_with_more_epochs_follows_the_longer_cosine(tiny_folder, tmp_path
     assert float(rows[1]["lr"]) == pytest.approx(optimizer.param_groups[0]["lr"]) == pytest.approx(0.25 * cfg["lr"])
 
 
+def test_flags_given_with_resume_reach_the_optimizers(tiny_folder, tmp_path):
+    out = tmp_path / "retuned"
+    train.main(run_args(tiny_folder, out, "--epochs", "1"))
+    train.main(["--resume", str(out), "--epochs", "2", "--lr", "2e-4", "--weight-decay", "0.05", "--probe-lr", "5e-4",
+                "--no-progress"])
+    last = load(out / "checkpoints" / "last.pt")
+    assert {(g["lr"], g["weight_decay"]) for g in last["optimizer"]["param_groups"]} == {(2e-4, 0.05)}
+    assert {g["lr"] for g in last["probe_optimizer"]["param_groups"]} == {5e-4}
+    rows = runlog.MetricsCSV(out / "metrics.csv", runlog.COLUMNS).read()
+    assert float(rows[1]["lr"]) == pytest.approx(2e-4)
+
+
 def test_sigterm_mid_epoch_saves_and_resumes_exactly(straight_run, tiny_folder, tmp_path):
     out = tmp_path / "interrupted"
     cfg, _ = config(run_args(tiny_folder, out, "--epochs", "2"))
@@ -291,6 +303,10 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(straight_run, tiny_folder, 
     state = load(out / "checkpoints" / "last.pt")
     assert (state["epoch"], state["batches_done"], state["global_step"]) == (0, 2, 2)
     assert not (out / "checkpoints" / "final.pt").exists()
+    # The batch size can change only where an epoch ends: the images already seen are counted in batches.
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--resume", str(out), "--batch-size", "2", "--no-progress"])
+    assert refused.value.code == 2
     train.main(["--resume", str(out / "checkpoints" / "last.pt"), "--no-progress"])
     assert_same_state(load(straight_run / "checkpoints" / "last.pt"), load(out / "checkpoints" / "last.pt"))
 

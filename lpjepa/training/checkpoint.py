@@ -113,16 +113,31 @@ def final_checkpoint(cfg, state, epoch):
     }
 
 
+def _load_optimizer_state(optimizer, saved):
+    """The saved moments and step counts into ``optimizer``, keeping its own hyperparameters.
+
+    ``optimizer`` was just built from the resumed run's config, so a flag given with
+    ``--resume`` (``--lr``, ``--weight-decay``, ``--probe-lr``) takes effect; a plain
+    ``load_state_dict`` would bring the saved values back.
+    """
+    hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, values in zip(optimizer.param_groups, hyperparameters):
+        group.update(values)
+
+
 def restore_training_state(state, checkpoint, device):
     """Load what ``training_checkpoint`` saved back into ``state`` and the RNGs.
 
-    Returns ``(epoch, batches_done, epoch_stats)``: where the run goes on.
+    Returns ``(epoch, batches_done, epoch_stats)``: where the run goes on. A run saved
+    without a grad scaler (bf16 or no AMP) resumed with one starts the scaler afresh.
     """
     state.model.load_state_dict(checkpoint["model"])
     state.probes.load_state_dict(checkpoint["probes"])
-    state.optimizer.load_state_dict(checkpoint["optimizer"])
-    state.probe_optimizer.load_state_dict(checkpoint["probe_optimizer"])
-    state.scaler.load_state_dict(checkpoint["scaler"])
+    _load_optimizer_state(state.optimizer, checkpoint["optimizer"])
+    _load_optimizer_state(state.probe_optimizer, checkpoint["probe_optimizer"])
+    if checkpoint["scaler"]:
+        state.scaler.load_state_dict(checkpoint["scaler"])
     state.global_step = checkpoint["global_step"]
     set_rng_states(checkpoint["rng"], device)
     return checkpoint["epoch"], checkpoint["batches_done"], checkpoint["epoch_stats"]

@@ -95,8 +95,8 @@ def sigma_flag(text):
     return value
 
 
-# Keys that define the model or the data a checkpoint was trained on; --resume refuses to change them.
-FIXED_ON_RESUME = ("backbone", "stem", "dataset", "image_size")
+# Keys that define the model, the data or the optimizer's state a checkpoint holds; --resume refuses to change them.
+FIXED_ON_RESUME = ("backbone", "stem", "dataset", "image_size", "optimizer")
 
 # BatchNorm (the projector's, the backbone's) needs two images per process to compute a variance.
 MIN_BATCH_PER_PROCESS = 2
@@ -317,6 +317,13 @@ def _resumed_config(path, preset, given):
         if key in given and given[key] != cfg[key]:
             raise UsageError(f"argument {flag(key)}: the checkpoint was trained with {cfg[key]}; --resume cannot change it")
     done = checkpoint["epoch"]
+    batches = checkpoint["batches_done"]
+    if batches and "batch_size" in given and given["batch_size"] != cfg["batch_size"]:
+        raise UsageError(
+            f"argument --batch-size: {file} stopped in the middle of epoch {done + 1} (after {batches} batches of "
+            f"{cfg['batch_size']}); the batch size can change only where an epoch ends: resume without --batch-size, "
+            f"then change it in a later --resume"
+        )
     if "epochs" not in given and done >= cfg["epochs"]:
         raise UsageError(
             f"argument --resume: {file} has finished all {done} epochs of its run; pass --epochs N with N > {done} to train longer"
