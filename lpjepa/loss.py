@@ -180,7 +180,10 @@ class RDMReg(nn.Module):
     all-gathered ('auto': whichever moves fewer bytes). ``scale_grad_by_world_size``
     (default True) multiplies the local backward by the world size so that DDP's
     gradient averaging yields the single-process gradient; False gives each rank its
-    exact slice of the single-process gradient. Uneven local batches are handled.
+    exact slice of the single-process gradient. Uneven local batches are handled: the
+    local sizes are all-gathered at each call (one small collective, which waits for the
+    device); ``even_batches=True`` says every rank passes as many rows as this one (a
+    loader with ``drop_last``) and skips it.
     Details: ``lpjepa.distributed``.
     """
 
@@ -199,6 +202,7 @@ class RDMReg(nn.Module):
         rectify=True,
         directions="gaussian",
         targets="shared",
+        even_batches=False,
     ):
         super().__init__()
         self.p = _checks.check_p(p)
@@ -215,6 +219,7 @@ class RDMReg(nn.Module):
         self.rectify = bool(rectify)
         self.directions = _checks.check_choice("directions", directions, _checks.DIRECTION_SCHEMES)
         self.targets = _checks.check_choice("targets", targets, _checks.TARGET_MODES)
+        self.even_batches = bool(even_batches)
 
     def extra_repr(self):
         return (
@@ -243,7 +248,12 @@ class RDMReg(nn.Module):
         _checks.check_views(views)
         first = views[0]
         group = distributed.resolve_process_group(self.process_group)
-        sizes = None if group is None else distributed.batch_sizes(first.shape[0], group, first.device)
+        if group is None:
+            sizes = None
+        elif self.even_batches:  # every rank's batch is this one's: no collective, no host sync
+            sizes = [first.shape[0]] * torch.distributed.get_world_size(group)
+        else:
+            sizes = distributed.batch_sizes(first.shape[0], group, first.device)
         rows = first.shape[0] if sizes is None else sum(sizes)
         if target is None or projections is None:
             if generator is None and group is not None:
@@ -291,6 +301,7 @@ def rectified_lpjepa_loss(
     backend="auto",
     process_group="auto",
     scale_grad_by_world_size=True,
+    even_batches=False,
 ):
     """The full objective: lamb_inv * MSE(z1, z2) + lamb_reg * RDMReg(z1, z2).
 
@@ -298,7 +309,7 @@ def rectified_lpjepa_loss(
     weights, p = 1, mu = 0, 256 projections, sigma 'gn', a rectified target shared by
     the views, Gaussian directions); ``sigma``, ``rectify``, ``directions`` and
     ``targets`` as in ``RDMReg``. Returns ``LossParts(loss, invariance, regularizer)``
-    with float32 tensors, so a training loop reads::
+    in the loss's compute dtype (float32; float64 for float64 inputs), so a training loop reads::
 
         parts = rectified_lpjepa_loss(model(x1), model(x2))
         parts.loss.backward()
@@ -307,12 +318,13 @@ def rectified_lpjepa_loss(
     rows and every part is the global-batch value, the same on every rank: the
     invariance is the MSE over the global batch (one scalar all-reduce) and the
     regularizer draws from one seed stream per process group. Gradients follow
-    ``scale_grad_by_world_size`` for both terms (see ``lpjepa.distributed``).
+    ``scale_grad_by_world_size`` for both terms (see ``lpjepa.distributed``);
+    ``even_batches`` as in ``RDMReg``.
     """
     group = distributed.resolve_process_group(process_group)
     rdmreg = RDMReg(
         p, mu, num_projections, sigma, backend, process_group=group, scale_grad_by_world_size=scale_grad_by_world_size,
-        rectify=rectify, directions=directions, targets=targets,
+        rectify=rectify, directions=directions, targets=targets, even_batches=even_batches,
     )
     if group is not None:
         rdmreg.seed_stream = distributed.default_seed_stream(group)

@@ -257,6 +257,23 @@ def check_triton_per_view_directions_and_targets(rank):
         torch.testing.assert_close(ours.grad, ref.grad[rows], **FP32)
 
 
+def check_even_batches_skip_the_size_gather_and_give_the_same_loss(rank):
+    sizes = (4, 4)
+    z1, z2, target, projections = _global_views(sizes, dim=6, seed=8)
+    rows = _rows(sizes, rank)
+    gathered = []
+    real = distributed.batch_sizes
+    distributed.batch_sizes = lambda *args: gathered.append(args) or real(*args)
+    try:
+        even = lpjepa.RDMReg(even_batches=True)(z1[rows], z2[rows], target=target, projections=projections)
+        assert gathered == []
+        uneven_ready = lpjepa.RDMReg()(z1[rows], z2[rows], target=target, projections=projections)
+        assert len(gathered) == 1
+    finally:
+        distributed.batch_sizes = real
+    torch.testing.assert_close(even, uneven_ready, **FP64)
+
+
 def check_broadcast_seed_makes_ranks_agree(rank):
     """With rank-dependent torch seeds, the seed broadcast from rank 0 still gives one loss."""
     torch.manual_seed(100 + rank)

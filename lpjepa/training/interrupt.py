@@ -34,10 +34,10 @@ class StopRequest:
         if not env.distributed:
             return self.signum is not None
         flag = torch.tensor([0.0 if self.signum is None else float(self.signum)], device=device)
-        torchrun.all_reduce(flag, env, op="max")
-        if self.signum is None and flag.item() > 0:
-            self.signum = int(flag.item())
-        return flag.item() > 0
+        signum = int(torchrun.all_reduce(flag, env, op="max").item())  # the one read of this check
+        if self.signum is None and signum > 0:
+            self.signum = signum
+        return signum > 0
 
     def restore(self):
         for sig, handler in self.previous.items():

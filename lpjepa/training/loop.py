@@ -66,6 +66,7 @@ def ssl_loss(z1, z2, cfg, process_group=None):
         z1, z2, lamb_inv=cfg["lamb_inv"], lamb_reg=cfg["lamb_reg"], p=cfg["p"], mu=cfg["mu"],
         num_projections=cfg["num_projections"], sigma=cfg["sigma"], rectify=cfg["target"] == "rectified",
         directions=cfg["directions"], targets=cfg["targets"], process_group=process_group,
+        even_batches=True,  # the training loader drops the last, short batch: every rank steps with local_batch rows
     )
 
 
