@@ -263,9 +263,10 @@ def floor_case(op, shape, device):
 def model_bound_ms(op, shape, dtype=torch.float32, allow_tf32=None):
     """The static model's lower bound for ``op`` on an H100, in ms (lpjepa.kernels.perf_model), or None.
 
-    The best of the Triton backend's paths: one view (forward, forward + backward) or
-    two views against a shared target (the step, with the target's and the directions'
-    draws as memory writes). A bound, not a prediction: measured times are above it.
+    The best of the Triton backend's paths, charged what the benchmarked call does: one
+    view with its directions drawn (forward, forward + backward), or two views against a
+    shared target with the target drawn too (the step). A bound, not a prediction:
+    measured times are above it.
     """
     from lpjepa.kernels import perf_model as pm
     from lpjepa.kernels.sliced_wasserstein import PROJECTION_PATHS, SORT_PATHS, register_sort_max_batch
@@ -281,8 +282,6 @@ def model_bound_ms(op, shape, dtype=torch.float32, allow_tf32=None):
         if path[1] == "registers" and shape.B > register_sort_max_batch():
             continue
         costs = pm.path_costs(model_shape, path, dtype=dtype, allow_tf32=allow_tf32, views=views,
-                              with_backward=op != "forward")
-        if op == "step":
-            costs.append(pm.KernelCost("draws", 0, 0.0, "lanes", (shape.B + shape.K) * shape.D * 4))
+                              with_backward=op != "forward", with_target_draw=op == "step")
         bounds.append(pm.total_bound_us(costs, gpu)[0])
     return 1e-3 * min(bounds)

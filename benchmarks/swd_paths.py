@@ -64,13 +64,13 @@ def _bound_us(shape, step, path, dtype, allow_tf32, views):
     model_shape = pm.Shape(shape.name, shape.B, shape.D, shape.K)
     gpu = pm.GPUS["H100"]
     if step == "projection":
-        sort = "registers"
-        costs = pm.path_costs(model_shape, (path, sort), dtype=dtype, allow_tf32=allow_tf32, views=views,
-                              with_backward=False)[:2]
-    else:
-        costs = pm.path_costs(model_shape, ("triton", path), dtype=dtype, allow_tf32=allow_tf32, views=views,
-                              with_backward=False)[2:]
-    return pm.total_bound_us(costs, gpu)[0]
+        programs = pm.project_programs(views, model_shape, dtype, allow_tf32) if path == "triton" else 0
+        cost = pm.projection_cost(path, views, shape.B, shape.D, shape.K, dtype.itemsize, allow_tf32, programs)
+        return pm.kernel_bound_us(cost, gpu)
+    costs = pm.path_costs(model_shape, ("triton", path), dtype=dtype, allow_tf32=allow_tf32, views=views,
+                          with_backward=False, with_target_draw=False)
+    sort_kernels = ("_sort_residual_kernel", "torch.sort", "_residual_kernel", "_mean_of_partials_kernel")
+    return pm.total_bound_us([c for c in costs if c.name in sort_kernels], gpu)[0]
 
 
 def sweep(args, log=print):

@@ -231,7 +231,8 @@ def _model_report(compiler, dtype_names):
 
     modes = {"bf16": (torch.bfloat16, False), "fp32-tf32": (torch.float32, True), "fp32": (torch.float32, False)}
     print("\nStatic performance model: a roofline LOWER BOUND per path (datasheet peaks), not a measurement.")
-    print("Two views against one shared target, forward + backward of the loss (the sampler excluded).\n")
+    print("The whole regularizer step on both sides: the target and the directions drawn, two views against one")
+    print("shared target, forward and backward (elementwise kernels charged their memory traffic alone).\n")
     print(f"{'gpu':<10} {'shape':<9} {'mode':<10} {'path':<22} {'kernel':<26} {'programs':>8} {'res/SM':>6} "
           f"{'waves':>5} {'mma':>4} {'GFLOP':>8} {'MB':>8} {'bound us':>9}")
     for gpu in pm.GPUS.values():

@@ -28,10 +28,13 @@ What each kernel is charged (no cache reuse beyond what is said):
   as the projection (its operands are rounded to the features' dtype), reading the
   gradient of the projections and the directions, writing z's gradient.
 
-The seed's sequence (``seed_costs``) is the seed's regularizer step as its notebook writes
-it, on the GPU with a GPU sampler, forward and backward: per view, fresh directions
-(randn, norm, divide), two fp16 matmuls under autocast, two torch.sort along the batch,
-the squared difference and its mean; then the backward through sort and matmul.
+Both sides are charged the same work, the whole regularizer step of a training loop:
+``path_costs`` what ``RDMReg`` launches (the target's and the directions' draws, the
+casts and the stack included), ``seed_costs`` the seed's step as its notebook writes it,
+on the GPU with its Gamma draw moved there, forward and backward: per view, fresh
+directions (randn, norm, divide), autocast's casts, two fp16 matmuls, two torch.sort
+along the batch, the squared difference and its mean, then the backward through sort and
+matmul. Elementwise kernels are charged their memory traffic alone.
 
 Launches are counted too: at the seed's shape every kernel is shorter than PyTorch's
 typical 3-10 microseconds of host time per launch, so ``launch_floor_us`` (3 microseconds
@@ -164,25 +167,43 @@ def mean_cost():
     return KernelCost("_mean_of_partials_kernel", 1, 0.0, "lanes", 0.0)
 
 
-def seed_costs(shape, views=2):
-    """The seed's regularizer step (fp16 autocast, a GPU sampler), forward and backward, kernel by kernel."""
+def _elementwise(name, elements, bytes_per_element):
+    """A memory-bound kernel touching ``elements`` values at ``bytes_per_element`` read + written each."""
+    return KernelCost(name, 0, 0.0, "lanes", elements * bytes_per_element)
+
+
+def direction_draw_costs(shape):
+    """``random_projections``, the seed's draw: randn, the row norms, the division (fp32)."""
+    K, D = shape.K, shape.D
+    return [_elementwise("randn directions", K * D, 4), _elementwise("row norms", K * D, 4),
+            _elementwise("divide by the norms", K * D, 8)]
+
+
+def seed_costs(shape, views=2, with_target_draw=True):
+    """The seed's regularizer, kernel by kernel: fp16 autocast, its Gamma draw moved to the GPU.
+
+    What the seed's training loop runs per step (``with_target_draw``): the target's draw
+    (sign, Gamma variate and 6 elementwise ops), then per view ``rdmreg_loss`` with fresh
+    directions (3 kernels), autocast's fp16 casts of z, P, the target and P again, two
+    fp16 matmuls, two ``torch.sort`` with indices, subtract, square and mean; backward per
+    view the mean's and the square's gradients, the sort's scatter, grad @ P and the cast
+    back; the two views' mean.
+    """
     B, D, K = shape.B, shape.D, shape.K
-    costs = [KernelCost("sample target", 0, 0.0, "lanes", B * D * 4 * 3)]  # sign, gamma, combine
+    costs = [_elementwise(f"target draw {i + 1}/8", B * D, 12) for i in range(8)] if with_target_draw else []
     for _ in range(views):
-        costs += [
-            KernelCost("randn directions", 0, 0.0, "lanes", K * D * 4),
-            KernelCost("norm", 0, 0.0, "lanes", K * D * 4),
-            KernelCost("divide", 0, 0.0, "lanes", 2 * K * D * 4),
-            KernelCost("cast to fp16", 0, 0.0, "lanes", (2 * B * D + K * D) * 6),
-            projection_cost("z @ P.T (fp16)", 1, B, D, K, 2, False, 0),
-            projection_cost("target @ P.T (fp16)", 1, B, D, K, 2, False, 0),
-            KernelCost("torch.sort z", 0, 0.0, "lanes", B * K * (2 + 2 + 8)),
-            KernelCost("torch.sort target", 0, 0.0, "lanes", B * K * (2 + 2 + 8)),
-            KernelCost("subtract, square, mean", 0, 0.0, "lanes", 3 * B * K * 2),
-            KernelCost("backward: square, sort scatter", 0, 0.0, "lanes", 4 * B * K * 2 + B * K * 8),
-            KernelCost("backward: grad @ P (fp16)", 0, 2.0 * B * K * D, "tensor_fp16", (B * K + K * D + B * D) * 2),
-        ]
-    return costs
+        costs += direction_draw_costs(shape)
+        costs += [_elementwise(f"autocast cast {name}", n, 6) for name, n in
+                  (("z", B * D), ("P", K * D), ("target", B * D), ("P again", K * D))]
+        costs += [projection_cost("z @ P.T (fp16)", 1, B, D, K, 2, False, 0),
+                  projection_cost("target @ P.T (fp16)", 1, B, D, K, 2, False, 0),
+                  _elementwise("torch.sort z", B * K, 2 + 2 + 8), _elementwise("torch.sort target", B * K, 2 + 2 + 8),
+                  _elementwise("subtract", B * K, 6), _elementwise("square", B * K, 4), _elementwise("mean", B * K, 2),
+                  _elementwise("backward: mean", B * K, 2), _elementwise("backward: square", B * K, 6),
+                  _elementwise("backward: sort scatter", B * K, 2 + 8 + 2),
+                  KernelCost("backward: grad @ P (fp16)", 0, 2.0 * B * K * D, "tensor_fp16", (B * K + K * D + B * D) * 2),
+                  _elementwise("backward: cast to fp32", B * D, 6)]
+    return costs + [_elementwise("mean of the views", 2, 4)]
 
 
 def project_programs(sources, shape, dtype, allow_tf32):
@@ -192,16 +213,25 @@ def project_programs(sources, shape, dtype, allow_tf32):
 
 
 def path_costs(shape, path, *, dtype=torch.bfloat16, allow_tf32=False, views=2, targets=1,
-               need_target_residual=False, with_backward=True):
-    """The kernels of one (projection path, sort path) for ``shape``, forward (and backward).
+               need_target_residual=False, with_backward=True, with_target_draw=True):
+    """The kernels of one (projection path, sort path) for ``shape``: what ``RDMReg`` launches.
 
-    Program counts come from the launchers' configs; cuBLAS and torch.sort count as
-    filling every SM.
+    Forward: the target's draw (the Triton sampler, ``with_target_draw``), the directions'
+    draw (3 kernels), the stack of the views, the casts of the target and the directions
+    to the features' dtype (fp16 / bf16), the projections, the sort and residual, the
+    reduction; backward (``with_backward``): the residual times its scale, its cast to the
+    features' dtype, z's gradient matmul. Program counts come from the launchers'
+    configs; cuBLAS, torch.sort and torch's elementwise kernels count as filling every SM.
     """
     B, D, K = shape.B, shape.D, shape.K
     projection_path, sort_path = path
     dtype_bytes = dtype.itemsize
-    costs = []
+    costs = [KernelCost("rgg sampler", 0, 0.0, "lanes", B * D * 4)] if with_target_draw else []
+    costs += direction_draw_costs(shape)
+    if views > 1:
+        costs.append(_elementwise("stack the views", views * B * D, 2 * dtype_bytes))
+    if dtype_bytes != 4:
+        costs += [_elementwise(f"cast {name}", n, 4 + dtype_bytes) for name, n in (("target", B * D), ("P", K * D))]
     for sources in (views, targets):
         if projection_path == "triton":
             programs = project_programs(sources, shape, dtype, allow_tf32)
@@ -217,6 +247,9 @@ def path_costs(shape, path, *, dtype=torch.bfloat16, allow_tf32=False, views=2, 
         costs += torch_sort_costs(views, targets, B, K, programs, need_target_residual)
     costs.append(mean_cost())
     if with_backward:
+        costs.append(_elementwise("backward: residual x scale", views * K * B, 8))
+        if dtype_bytes != 4:
+            costs.append(_elementwise("backward: cast to the features' dtype", views * K * B, 4 + dtype_bytes))
         costs.append(backward_cost(views, B, D, K, dtype_bytes, allow_tf32))
     return costs
 
