@@ -78,8 +78,9 @@ def _global_loss(views, target, projections, backend, group, sizes, gather, scal
         ops, dtype, projected_dtype = triton_ops, triton_ops.operand_dtype(first), torch.float32
     num_projections, dim = projections.shape[-2], target.shape[-1]
     with torch.autocast(first.device.type, enabled=False):
-        stacked = torch.stack([view.to(dtype) for view in views])  # (V, b, D)
-        if distributed.gathers_features(gather, num_projections, dim, projected_dtype, first.dtype):
+        # (V, b, D) in the features' own dtype: gathered as such (what gathers_features counts), cast by project.
+        stacked = torch.stack([view.to(first.dtype) for view in views])
+        if distributed.gathers_features(gather, num_projections, dim, projected_dtype, stacked.dtype):
             proj = ops.project(distributed.gather_batch(stacked, sizes, group, dim=1, scale=scale), projections, dtype)
         else:
             proj = distributed.gather_batch(ops.project(stacked, projections, dtype), sizes, group, dim=2, scale=scale)
