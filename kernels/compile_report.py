@@ -57,8 +57,8 @@ def _report_cases(quick):
     """(label, shape text, KernelLaunch) for every launch the report compiles, each kernel specialisation once."""
     import torch
 
-    from lpjepa.kernels.rgg_sample import rgg_launch
-    from lpjepa.kernels.sliced_wasserstein import (
+    from .rgg_sample import rgg_launch
+    from .sliced_wasserstein import (
         REGISTER_SORT_MAX_BATCH,
         project_plan,
         register_sort_max_batch,
@@ -206,7 +206,7 @@ def _model_launches(shape, dtype, allow_tf32, views=REPORT_VIEWS):
     """{kernel name: the KernelLaunch the launchers make} at ``shape``, on meta tensors (both sort paths)."""
     import torch
 
-    from lpjepa.kernels.sliced_wasserstein import project_plan, register_sort_max_batch, sort_residual_plan
+    from .sliced_wasserstein import project_plan, register_sort_max_batch, sort_residual_plan
 
     meta = dict(device="meta")
     x = torch.empty((views, shape.B, shape.D), dtype=dtype, **meta)
@@ -226,8 +226,8 @@ def _model_report(compiler, dtype_names):
     """Prints the static performance model (lpjepa.kernels.perf_model) for H100 and A100."""
     import torch
 
-    from lpjepa.kernels import perf_model as pm
-    from lpjepa.kernels.sliced_wasserstein import PROJECTION_PATHS, SORT_PATHS, register_sort_max_batch
+    from . import perf_model as pm
+    from .sliced_wasserstein import PROJECTION_PATHS, SORT_PATHS, register_sort_max_batch
 
     modes = {"bf16": (torch.bfloat16, False), "fp32-tf32": (torch.float32, True), "fp32": (torch.float32, False)}
     print("\nStatic performance model: a roofline LOWER BOUND per path (datasheet peaks), not a measurement.")

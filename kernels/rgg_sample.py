@@ -8,7 +8,10 @@ seed's ``sample_rgg``: ``X = S * (p * G) ** (1 / p)``, ``S`` a fair random sign 
 Every element ``i`` of the output owns the Philox counters ``(offset + i, round, stream)``
 under the key ``seed``, so the stream of a launch is a pure function of
 ``(seed, offset)`` and a launch consumes exactly ``numel`` counters of the first two
-words (see :func:`rgg_philox_increment`). The exponent ``p`` picks the method:
+words (see :func:`rgg_philox_increment`). The last word, ``stream``, is ``STREAM_TAG`` or
+``STREAM_TAG + 1``: torch's own CUDA random ops use the same key with their thread index
+in the last two words (always below 2**32, so their last word is 0), and the tag keeps
+the two families of counters apart. The exponent ``p`` picks the method:
 
 * ``p == 1`` (Laplace): ``X = S * E`` with ``E = -log(U)`` exponential; one Philox call.
 * ``p == 2`` (Gaussian): ``X ~ N(0, 1)`` by Box-Muller; one Philox call.
@@ -42,6 +45,10 @@ GAUSSIAN = tl.constexpr(1)
 GAMMA = tl.constexpr(2)
 
 GAMMA_MAX_ROUNDS = 20
+
+# The last Philox counter word of this kernel's two streams ("lpje"): never 0, the value
+# torch's CUDA random ops put there, so their counters and this kernel's never coincide.
+STREAM_TAG = tl.constexpr(0x6C706A65)
 
 # A 32-bit word k maps to the uniform (k + 0.5) * 2**-32; the low 31 bits of a word to
 # an angle fraction k * 2**-31 in [0, 1).
@@ -113,22 +120,22 @@ def _rgg_kernel(
     zero = c_lo * 0
 
     if METHOD == LAPLACE:
-        w_sign, w_exp, _, _ = tl.philox(seed, c_lo, c_hi, zero, zero)
+        w_sign, w_exp, _, _ = tl.philox(seed, c_lo, c_hi, zero, zero + STREAM_TAG)
         magnitude = -tl.log(_uniform(w_exp))
         x = tl.where((w_sign >> 31) != 0, -magnitude, magnitude)
         value = mu + sigma * x
     elif METHOD == GAUSSIAN:
-        w_a, w_b, _, _ = tl.philox(seed, c_lo, c_hi, zero, zero)
+        w_a, w_b, _, _ = tl.philox(seed, c_lo, c_hi, zero, zero + STREAM_TAG)
         value = mu + sigma * _box_muller(w_a, w_b)
     else:
-        # Marsaglia-Tsang: round r of lane i uses counters (offset + i, r, 0).
+        # Marsaglia-Tsang: round r of lane i uses counters (offset + i, r, STREAM_TAG).
         log_d = tl.log(mt_d)
         log_g = tl.zeros([BLOCK], dtype=tl.float32)
         accepted = idx >= n_elements  # lanes past the end never need a draw
         n_pending = tl.sum((~accepted).to(tl.int32), axis=0)
         round_ = tl.full([], 0, dtype=tl.int32)
         while (n_pending > 0) & (round_ < MAX_ROUNDS):
-            w_a, w_b, w_u, _ = tl.philox(seed, c_lo, c_hi, zero + round_.to(tl.uint32), zero)
+            w_a, w_b, w_u, _ = tl.philox(seed, c_lo, c_hi, zero + round_.to(tl.uint32), zero + STREAM_TAG)
             normal = _box_muller(w_a, w_b)
             t = 1.0 + mt_c * normal
             v = t * t * t
@@ -139,8 +146,8 @@ def _rgg_kernel(
             accepted = accepted | ok
             n_pending = tl.sum((~accepted).to(tl.int32), axis=0)
             round_ += 1
-        # Sign and boost uniform come from a separate stream: counters (offset + i, 0, 1).
-        w_sign, w_boost, _, _ = tl.philox(seed, c_lo, c_hi, zero, zero + 1)
+        # Sign and boost uniform come from a separate stream: counters (offset + i, 0, STREAM_TAG + 1).
+        w_sign, w_boost, _, _ = tl.philox(seed, c_lo, c_hi, zero, zero + (STREAM_TAG + 1))
         log_g += tl.log(_uniform(w_boost)) * boost_inv_shape
         magnitude = tl.exp(log_sigma + (log_p + log_g) * inv_p)
         value = mu + tl.where((w_sign >> 31) != 0, -magnitude, magnitude)
@@ -188,9 +195,10 @@ def philox_seed_offset(increment, device, generator=None):
 
     * CUDA: the generator state is ``[seed: int64, offset: int64]`` (16 bytes, as in
       FlagGems). The seed is returned as is, the offset is advanced by ``increment``
-      rounded up to a multiple of 4, as torch's own Philox ops do. Torch's ops lay out
-      their counters differently, so the streams of this kernel and of a torch random
-      op are independent draws, not one shared sequence. Not usable while a CUDA graph
+      rounded up to a multiple of 4, as torch's own Philox ops do. This kernel's counters
+      carry ``STREAM_TAG`` in their last word, where torch's ops have 0, so the two
+      never draw from the same counter: independent streams, not one shared sequence.
+      Not usable while a CUDA graph
       is being captured (the state is read on the host).
     * CPU (the Triton interpreter): the generator is an mt19937, which has no counter
       to advance; a fresh 63-bit seed is drawn from it (which advances it) and the

@@ -157,8 +157,7 @@ def default_seed_stream(group):
 
 
 def _all_gather_single(out, x, group):
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, x, group=group)
+    dist.all_gather_into_tensor(out, x, group=group)
 
 
 class _AllGather(torch.autograd.Function):

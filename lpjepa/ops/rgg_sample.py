@@ -9,10 +9,13 @@ import math
 import torch
 
 
+# Half the step of torch.rand's grid k / 2^m (m = 24 in fp32, 53 in fp64).
+_HALF_STEP = {torch.float32: 2.0**-25, torch.float64: 2.0**-54}
+
+
 def _open_uniform(shape, device, dtype, generator):
     """Uniforms in (0, 1]: torch.rand's grid k / 2^m shifted by half a step, so log() is always finite."""
-    half_step = 2.0**-25 if dtype == torch.float32 else 2.0**-54
-    return torch.rand(shape, device=device, dtype=dtype, generator=generator).add_(half_step)
+    return torch.rand(shape, device=device, dtype=dtype, generator=generator).add_(_HALF_STEP[dtype])
 
 
 def _log_gamma(count, shape_a, device, dtype, generator):
@@ -80,8 +83,7 @@ def _generalized_normal(shape, p, device, dtype, generator):
         # Inverse CDF of the Laplace law. torch.rand returns k / 2^m, k < 2^m (m = 24 in
         # fp32); shifting by half a step makes the grid symmetric about 1/2 and keeps both
         # ends away from log(0). One uniform gives sign and magnitude.
-        half_step = 0.5 * torch.finfo(dtype).eps / 2 if dtype == torch.float32 else 2.0**-54
-        centred = uniform.add_(half_step - 0.5).mul_(2.0)  # in (-1, 1), symmetric
+        centred = uniform.add_(_HALF_STEP[dtype] - 0.5).mul_(2.0)  # in (-1, 1), symmetric
         magnitude = torch.log1p(-centred.abs()).neg_()
         return magnitude.copysign_(centred)
     count = math.prod(shape)
