@@ -50,9 +50,12 @@ def train(cfg, checkpoint=None, *, on_step=None):
     """
     env = torchrun.setup(cfg["device"])
     try:
-        return Trainer(cfg, env, checkpoint).run(on_step)
-    finally:
-        torchrun.cleanup()
+        row = Trainer(cfg, env, checkpoint).run(on_step)
+    except BaseException:
+        torchrun.cleanup(finished=False)
+        raise
+    torchrun.cleanup()
+    return row
 
 
 def ssl_loss(z1, z2, cfg, process_group=None):

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from ..distributed import destroy_process_group
 from .cli import UsageError
 
 
@@ -51,8 +52,18 @@ def setup(device_flag="auto"):
     return DistEnv(rank, world_size, local_rank, device)
 
 
-def cleanup():
-    if dist.is_available() and dist.is_initialized():
+def cleanup(finished=True):
+    """Leave the process group, if one was joined.
+
+    After a finished run every rank waits for the others and lets the backend's threads
+    settle first (``lpjepa.distributed.destroy_process_group``); after an error it leaves
+    at once, since the other ranks may never reach that barrier.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished:
+        destroy_process_group()
+    else:
         dist.destroy_process_group()
 
 
