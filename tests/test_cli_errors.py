@@ -187,6 +187,19 @@ def test_train_refuses_to_change_the_model_on_resume(finished_run, capsys, tmp_p
                          ["argument --backbone: the checkpoint was trained with resnet10t", "cannot change"], capsys, tmp_path)
 
 
+def test_train_refuses_a_new_run_in_a_folder_that_holds_one(finished_run, images, capsys, tmp_path):
+    kept = {name: (finished_run / name).read_bytes() for name in ("metrics.csv", "config.json", "checkpoints/last.pt")}
+    line = refused(train.main, run_args(images, finished_run, "--epochs", "1"), capsys)
+    for text in (TRAIN, f"argument --out: {finished_run} already holds a run", "checkpoints/last.pt",
+                 f"continue it with --resume {finished_run}", "give a new --out"):
+        assert text in line, line
+    assert {name: (finished_run / name).read_bytes() for name in kept} == kept  # nothing of the old run touched
+    started_only = tmp_path / "started"  # a run stopped before its first checkpoint still has a config.json
+    started_only.mkdir()
+    (started_only / "config.json").write_text("{}")
+    assert "(config.json)" in refused(train.main, run_args(images, started_only, "--epochs", "1"), capsys)
+
+
 def test_a_bad_flag_prints_no_traceback_in_a_real_process(tmp_path):
     result = subprocess.run([sys.executable, "-m", "lpjepa.train", "--batch-size", "1", "--out", str(tmp_path / "run")],
                             capture_output=True, text=True, timeout=120)

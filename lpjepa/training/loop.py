@@ -33,7 +33,7 @@ from .guard import NON_FINITE_EXIT_CODE, NonFiniteGuard, NonFiniteLoss, describe
 from .interrupt import StopRequest
 from .model import LpJEPA
 from .optim import build_optimizer, build_probe_optimizer, build_scheduler
-from .runlog import Progress, RunLog, format_summary
+from .runlog import Progress, RunLog, format_summary, refuse_a_used_folder
 from .speed import SpeedSettings, prepare_model
 
 # Smallest duration a rate divides by, so that a step faster than the clock's resolution gives no ZeroDivisionError.
@@ -48,6 +48,10 @@ def train(cfg, checkpoint=None, *, on_step=None):
     ``checkpoint``: a loaded checkpoint to continue from. ``on_step(epoch, batch)``: called
     after every training step (tests use it to interrupt a run).
     """
+    if checkpoint is None:
+        # Before the process group exists: rank 0 writes into the folder only after every rank has joined
+        # it, so all ranks see the folder as it was and agree.
+        refuse_a_used_folder(cfg["out"])
     env = torchrun.setup(cfg["device"])
     try:
         row = Trainer(cfg, env, checkpoint).run(on_step)

@@ -6,6 +6,8 @@ import sys
 
 from tqdm import tqdm
 
+from .cli import UsageError
+
 # metrics.csv, one row per epoch; the evaluation columns are empty in epochs without evaluation.
 COLUMNS = (
     "epoch", "step", "lr", "loss", "invariance", "regularizer", "train_zero_fraction", "probe_loss",
@@ -14,6 +16,21 @@ COLUMNS = (
     "knn_top1", "knn_top5", "val_zero_fraction", "val_l0", "val_l1", "val_dead_units", "val_dead_fraction", "prior_zero_fraction",
     "img_per_s", "data_wait", "epoch_time",
 )
+
+
+# What a run writes into its folder; a new run refuses a folder that holds any of them.
+RUN_FILES = ("config.json", "metrics.csv", os.path.join("checkpoints", "last.pt"), os.path.join("checkpoints", "final.pt"))
+
+
+def refuse_a_used_folder(out):
+    """``UsageError`` when ``out`` holds another run, whose checkpoints a new run would overwrite and whose
+    metrics.csv it would cut; the message names both ways on (--resume, or another --out)."""
+    found = [name for name in RUN_FILES if os.path.isfile(os.path.join(out, name))]
+    if found:
+        raise UsageError(
+            f"argument --out: {out} already holds a run ({', '.join(found)}); continue it with --resume {out}, "
+            f"or give a new --out (or delete the folder) to start another"
+        )
 
 
 class MetricsCSV:
