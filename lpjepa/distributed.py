@@ -50,7 +50,7 @@ import torch.distributed as dist
 
 GATHER_CHOICES = ("auto", "projections", "features")
 _MASK64 = (1 << 64) - 1
-# How long the last rank out of the closing barrier releases the GIL, so the backend's worker
+# How long each rank releases the GIL after the closing barrier, so the backend's worker
 # threads can drop the collectives they still hold (see destroy_process_group). Dropping one
 # takes microseconds; 50 ms is a wide margin and is paid once per run.
 _WORKER_RELEASE_S = 0.05
