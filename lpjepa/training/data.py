@@ -322,9 +322,10 @@ def num_classes(dataset):
     return len(dataset.classes)
 
 
-def smallest_class_count(dataset):
-    """The number of images of the dataset's least represented class (torchvision's CIFAR and ImageFolder list ``targets``)."""
-    counts = torch.bincount(torch.as_tensor(dataset.targets))
+def smallest_class_count(labels):
+    """The number of examples of the least represented class in ``labels`` (a sequence or tensor of class indices,
+    e.g. a torchvision dataset's ``targets``)."""
+    counts = torch.bincount(torch.as_tensor(labels).flatten().cpu())
     return int(counts[counts > 0].min())
 
 

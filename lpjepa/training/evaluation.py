@@ -78,8 +78,7 @@ def knn_scores(train_features, train_labels, test_features, num_classes, k=200, 
 def capped_knn_k(k, train_labels):
     """``k``, at most the smallest class's number of training points: more neighbours than a class has
     outvote it by the other classes' nearest points however good the features are."""
-    counts = torch.bincount(train_labels.flatten().cpu())
-    return min(k, int(counts[counts > 0].min()))
+    return min(k, data.smallest_class_count(train_labels))
 
 
 def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, k=200, temperature=0.07):
@@ -166,7 +165,8 @@ def train_linear_probe(train_x, train_y, num_classes, *, epochs=100, lr=1e-3, we
 def evaluate_online(model, probes, knn_loader, val_loader, n_classes, device, amp, cfg):
     """Online probe accuracy, kNN on backbone features and sparsity of the projector output, on the validation split."""
     amp_dtype = AMP_DTYPES[cfg.get("amp_dtype", "fp16")]
-    train_h, _, train_y = (t.to(device) for t in extract_features(model, knn_loader, device, amp, amp_dtype))
+    train_h, _, train_y = extract_features(model, knn_loader, device, amp, amp_dtype)
+    train_h, train_y = train_h.to(device), train_y.to(device)  # the projector outputs are not needed on the device
     val_h, val_z, val_y = extract_features(model, val_loader, device, amp, amp_dtype)
     probes.eval()
     result = probes.accuracy(val_h, val_z, val_y)

@@ -111,9 +111,7 @@ def device_data_active(cfg, device, train_set):
     """Whether the training split goes to the device (``--device-data``; by default on CUDA for in-memory datasets)."""
     if cfg["device_data"] is None:
         return device.type == "cuda" and holds_images_in_memory(train_set)
-    if cfg["device_data"] and not holds_images_in_memory(train_set):
-        raise SystemExit(f"--device-data needs a dataset held in memory as uint8 images (CIFAR); {cfg['dataset']} is not")
-    return bool(cfg["device_data"])
+    return bool(cfg["device_data"])  # check_config has refused --device-data for a dataset not held in memory
 
 
 def training_loader(cfg, env, train_set, local_batch):
@@ -331,7 +329,7 @@ class Trainer:
             f"batch {cfg['batch_size']}, {data.steps_per_epoch} steps/epoch, run folder {cfg['out']}",
             flush=True,
         )
-        smallest = smallest_class_count(data.train_set)
+        smallest = smallest_class_count(data.train_set.targets)
         if cfg["knn_k"] > smallest:
             print(f"note: --knn-k {cfg['knn_k']} is more than the {smallest} training images of the smallest class; "
                   f"the kNN monitor uses k = {smallest}", flush=True)
@@ -354,8 +352,6 @@ class Trainer:
         for x1, x2, y in self.data.loader:
             data_time = time.perf_counter() - tick
             values, images = self.state.step(x1, x2, y)
-            step_time = time.perf_counter() - tick
-            stats.add(values, images, data_time, step_time)
             batch += 1
             due = self.sync_due(batch)
             if due:  # one read: the step's values and the non-finite guard's flags
@@ -364,6 +360,11 @@ class Trainer:
                 latest = dict(zip(EpochStats.MEANS, read))
                 step_values = {"loss": latest["loss"], "zero_fraction": latest["train_zero_fraction"], "lr": self.state.lr}
                 self.log.step(step_values, self.state.global_step)
+            # Timed after the read: the queued steps' device time is spent waiting there, and the
+            # step times must add up to the epoch's wall time for images/s to hold.
+            now = time.perf_counter()
+            step_time, tick = now - tick, now
+            stats.add(values, images, data_time, step_time)
             progress.update(self._progress_postfix(latest, images, data_time, step_time))
             if on_step is not None:
                 on_step(epoch, batch)
@@ -371,7 +372,6 @@ class Trainer:
             if (due or not self.env.distributed) and stop.requested(self.env, self.device):
                 progress.close()
                 self._save_and_exit(epoch, batch, stats, stop.signum or signal.SIGTERM)
-            tick = time.perf_counter()
         progress.close()
         return stats, time.perf_counter() - epoch_start
 
