@@ -9,7 +9,7 @@ the ones the launchers really make: ``rgg_launch``, ``project_plan`` and
 ``sort_residual_plan`` are called on ``meta``-device tensors, and every launch is
 specialised the way Triton's JIT would specialise it (argument types, ``== 1``
 constants, 16-byte divisibility) before being compiled. Shapes: B in {256, 1024, 4096,
-``REGISTER_SORT_MAX_BATCH``}, D in {512, 2048}, K in {256, 8192}, fp32 (IEEE and TF32), fp16
+``register_sort_max_batch()``}, D in {512, 2048}, K in {256, 8192}, fp32 (IEEE and TF32), fp16
 and bf16 inputs, two views against a shared target, with and without the target residual.
 ``--quick``: B in {256, 4096}, D = 512, K = 256, fp32 IEEE, the Gamma sampler only.
 
@@ -38,7 +38,7 @@ import tempfile
 # Largest static + dynamic shared memory one block may use (opt-in), in bytes.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
-REPORT_BATCHES = (256, 1024, 4096)  # plus the register sort's largest batch, REGISTER_SORT_MAX_BATCH
+REPORT_BATCHES = (256, 1024, 4096)  # plus the register sort's largest batch, register_sort_max_batch()
 REPORT_DIMS = (512, 2048)
 REPORT_PROJECTIONS = (256, 8192)
 REPORT_VIEWS = 2
@@ -58,17 +58,12 @@ def _report_cases(quick):
     import torch
 
     from .rgg_sample import rgg_launch
-    from .sliced_wasserstein import (
-        REGISTER_SORT_MAX_BATCH,
-        project_plan,
-        register_sort_max_batch,
-        sort_residual_plan,
-    )
+    from .sliced_wasserstein import project_plan, register_sort_max_batch, sort_paths_for, sort_residual_plan
 
     modes = ((torch.float32, False),) if quick else (
         (torch.float32, False), (torch.float32, True), (torch.float16, False), (torch.bfloat16, False)
     )
-    batches = (256, 4096) if quick else sorted({*REPORT_BATCHES, REGISTER_SORT_MAX_BATCH})
+    batches = (256, 4096) if quick else sorted({*REPORT_BATCHES, register_sort_max_batch()})
     dims = (512,) if quick else REPORT_DIMS
     projection_counts = REPORT_PROJECTIONS[:1] if quick else REPORT_PROJECTIONS
     # (p, rectify): every method rectified, and the dense target (no ReLU) of the Gamma path.
@@ -99,9 +94,7 @@ def _report_cases(quick):
                 shape = f"V={REPORT_VIEWS} B={batch} K={k}"
                 for need_target in (False, True):
                     suffix = " +target" if need_target else ""
-                    fits = batch <= register_sort_max_batch(need_target)
-                    paths = ("registers", "torch_sort") if fits else ("torch_sort",)
-                    for path in paths:
+                    for path in sort_paths_for(batch, need_target):
                         _, launches = sort_residual_plan(proj, proj_t, need_target_residual=need_target, path=path)
                         cases.append((launches[0].kernel.__name__ + suffix, shape, launches[0]))
                         if not need_target and path == "registers":
@@ -206,7 +199,7 @@ def _model_launches(shape, dtype, allow_tf32, views=REPORT_VIEWS):
     """{kernel name: the KernelLaunch the launchers make} at ``shape``, on meta tensors (both sort paths)."""
     import torch
 
-    from .sliced_wasserstein import project_plan, register_sort_max_batch, sort_residual_plan
+    from .sliced_wasserstein import project_plan, sort_paths_for, sort_residual_plan
 
     meta = dict(device="meta")
     x = torch.empty((views, shape.B, shape.D), dtype=dtype, **meta)
@@ -214,8 +207,7 @@ def _model_launches(shape, dtype, allow_tf32, views=REPORT_VIEWS):
                                                 allow_tf32=allow_tf32)[1][0]}
     proj = torch.empty((views, shape.K, shape.B), **meta)
     proj_t = torch.empty((1, shape.K, shape.B), **meta)
-    paths = ("registers", "torch_sort") if shape.B <= register_sort_max_batch() else ("torch_sort",)
-    for path in paths:
+    for path in sort_paths_for(shape.B):
         main, mean = sort_residual_plan(proj, proj_t, path=path)[1]
         launches[main.kernel.__name__] = main
         launches[mean.kernel.__name__] = mean
@@ -227,7 +219,7 @@ def _model_report(compiler, dtype_names):
     import torch
 
     from . import perf_model as pm
-    from .sliced_wasserstein import PROJECTION_PATHS, SORT_PATHS, register_sort_max_batch
+    from .sliced_wasserstein import PROJECTION_PATHS, sort_paths_for
 
     modes = {"bf16": (torch.bfloat16, False), "fp32-tf32": (torch.float32, True), "fp32": (torch.float32, False)}
     print("\nStatic performance model: a roofline LOWER BOUND per path (datasheet peaks), not a measurement.")
@@ -240,9 +232,7 @@ def _model_report(compiler, dtype_names):
             for mode in dtype_names:
                 dtype, allow_tf32 = modes[mode]
                 launches = _model_launches(shape, dtype, allow_tf32)
-                for path in ((p, s) for p in PROJECTION_PATHS for s in SORT_PATHS):
-                    if path[1] == "registers" and shape.B > register_sort_max_batch():
-                        continue
+                for path in ((p, s) for p in PROJECTION_PATHS for s in sort_paths_for(shape.B)):
                     costs = pm.path_costs(shape, path, dtype=dtype, allow_tf32=allow_tf32)
                     for cost in costs:
                         resident = waves = mma = "-"

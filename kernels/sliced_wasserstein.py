@@ -23,7 +23,7 @@ computed in two steps, each with two implementations (a *path*) that a caller pi
    ``_sort_residual_kernel``, one program per ``ROWS`` directions that sorts each
    direction's target once in registers and every view against it (``tl.sort`` on int64
    keys: an order-preserving int32 image of the fp32 value in the high word, the row
-   index in the low word, so the sort is an argsort), for B up to ``REGISTER_SORT_MAX_BATCH``
+   index in the low word, so the sort is an argsort), for B up to ``register_sort_max_batch()``
    (half that with the target's residual).
    ``'torch_sort'``: ``torch.sort`` (stable, with indices) and ``_residual_kernel``, any B.
 
@@ -54,9 +54,6 @@ _SORT_KEYS_PER_THREAD = 8
 _SORT_KEYS_PER_THREAD_WITH_TARGET_RESIDUAL = 4
 _SORT_MAX_WARPS = 16
 
-# Largest batch the register sort takes (one direction per program, 16 warps); larger
-# batches take torch.sort. The largest without the target's residual is the default.
-REGISTER_SORT_MAX_BATCH = 32 * _SORT_MAX_WARPS * _SORT_KEYS_PER_THREAD
 # Programs the sort grid aims for before packing several directions into one program:
 # two per SM of an H100 (132 SMs), so that every SM has work from the seed's K = 256 up.
 _SORT_MIN_PROGRAMS = 264
@@ -334,10 +331,19 @@ def _mean_of_partials_kernel(partial_ptr, out_ptr, n_partials, count, BLOCK: tl.
     tl.store(out_ptr, tl.sum(acc, axis=0) / count)
 
 
+def _sort_keys_per_thread(need_target_residual):
+    return _SORT_KEYS_PER_THREAD_WITH_TARGET_RESIDUAL if need_target_residual else _SORT_KEYS_PER_THREAD
+
+
 def register_sort_max_batch(need_target_residual=False):
-    """The largest batch the register sort takes: 16 warps of 32 threads, each holding its share of keys."""
-    keys = _SORT_KEYS_PER_THREAD_WITH_TARGET_RESIDUAL if need_target_residual else _SORT_KEYS_PER_THREAD
-    return 32 * _SORT_MAX_WARPS * keys
+    """The largest batch the register sort takes (larger ones take torch.sort): 16 warps of 32 threads,
+    each holding its share of keys."""
+    return 32 * _SORT_MAX_WARPS * _sort_keys_per_thread(need_target_residual)
+
+
+def sort_paths_for(batch, need_target_residual=False):
+    """The sort paths that take a batch of ``batch`` rows: both while the register sort fits, else 'torch_sort'."""
+    return SORT_PATHS if batch <= register_sort_max_batch(need_target_residual) else ("torch_sort",)
 
 
 def sort_config(batch, num_projections, need_target_residual=False):
@@ -348,7 +354,7 @@ def sort_config(batch, num_projections, need_target_residual=False):
     several directions into a program, as many as 16 warps hold. Warps give each thread
     its share of keys (1 to 16 warps).
     """
-    keys = _SORT_KEYS_PER_THREAD_WITH_TARGET_RESIDUAL if need_target_residual else _SORT_KEYS_PER_THREAD
+    keys = _sort_keys_per_thread(need_target_residual)
     block_max = register_sort_max_batch(need_target_residual)
     b_pad = max(_MIN_DOT, triton.next_power_of_2(batch))
     rows = max(1, block_max // b_pad)
@@ -438,8 +444,7 @@ def sort_residual_plan(proj, proj_t, *, need_target_residual=False, path="regist
 
 def default_paths(batch, need_target_residual=False):
     """(projection path, sort path) without a measurement: the Triton kernels wherever the register sort fits."""
-    fits = batch <= register_sort_max_batch(need_target_residual)
-    return "triton", "registers" if fits else "torch_sort"
+    return "triton", sort_paths_for(batch, need_target_residual)[0]
 
 
 def sliced_wasserstein_forward(views, targets, projections, *, need_target_residual=False, allow_tf32=False,

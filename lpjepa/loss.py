@@ -77,6 +77,7 @@ def _global_loss(views, target, projections, backend, group, sizes, gather, scal
     else:  # the operands in the features' dtype, the projections fp32
         ops, dtype, projected_dtype = triton_ops, triton_ops.operand_dtype(first), torch.float32
     num_projections, dim = projections.shape[-2], target.shape[-1]
+    projections = projections.to(dtype)  # once, for the views' and the target's projections
     with torch.autocast(first.device.type, enabled=False):
         # (V, b, D) in the features' own dtype: gathered as such (what gathers_features counts), cast by project.
         stacked = torch.stack([view.to(first.dtype) for view in views])

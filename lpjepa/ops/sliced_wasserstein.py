@@ -57,6 +57,14 @@ def argsort_rows(x):
     return torch.sort(x, dim=1).indices
 
 
+def _sorted_with_order(proj_t, need_order):
+    """(each row of proj_t (K, B) sorted, the order that sorts it or None)."""
+    if not need_order:
+        return sort_rows(proj_t), None
+    order = argsort_rows(proj_t)
+    return torch.gather(proj_t, 1, order), order
+
+
 def sorted_projections(x, projections, dtype=None):
     """Projections of the rows of x sorted along the batch: (K, B) from x (B, D), projections (K, D).
 
@@ -118,13 +126,7 @@ def sliced_wasserstein_forward(
         proj_z = P @ z.to(dtype).T  # (K, B)
         order_t = None
         if target_sorted is None:
-            proj_t = P @ target.to(dtype).T
-            if need_target_residual:
-                order_t = argsort_rows(proj_t)
-                target_sorted = torch.gather(proj_t, 1, order_t)
-            else:
-                target_sorted = sort_rows(proj_t)
-            del proj_t
+            target_sorted, order_t = _sorted_with_order(P @ target.to(dtype).T, need_target_residual)
         residual_z, order_z = residual_in_batch_order(proj_z, target_sorted)
         del proj_z, target_sorted
         loss = mean_square(residual_z)
@@ -213,14 +215,6 @@ def project(x, projections, dtype=None):
     """
     dtype = compute_dtype(x, projections) if dtype is None else dtype
     return torch.matmul(projections.to(dtype), x.to(dtype).transpose(1, 2))
-
-
-def _sorted_with_order(proj_t, need_order):
-    """(each row of proj_t (K, B) sorted, the order that sorts it or None)."""
-    if not need_order:
-        return sort_rows(proj_t), None
-    order = argsort_rows(proj_t)
-    return torch.gather(proj_t, 1, order), order
 
 
 @torch.library.custom_op("lpjepa::projected_sliced_wasserstein", mutates_args=())

@@ -134,8 +134,7 @@ triton_project.register_autograd(_project_backward, setup_context=_project_setup
 def sort_path(proj, proj_t, need_target_residual, timing_allowed=None):
     """The sort path for this call (``lpjepa.ops.path_choice``); ``timing_allowed`` None: ``may_time``."""
     views, num_projections, batch = proj.shape
-    fits = batch <= kernels.register_sort_max_batch(need_target_residual)
-    candidates = list(kernels.SORT_PATHS) if fits else ["torch_sort"]
+    candidates = list(kernels.sort_paths_for(batch, need_target_residual))
     key = (f"{device_key(proj)}|V={views}|T={proj_t.shape[0]}|B={bucket(batch)}|K={bucket(num_projections)}"
            f"|target_residual={need_target_residual}")
 
@@ -216,6 +215,7 @@ def views_loss(views, target, projections):
     Projection operands are the first view's dtype (see the module doc).
     """
     dtype = operand_dtype(views[0])
+    projections = projections.to(dtype)  # once, for both projections below
     stacked = torch.stack([view.to(dtype) for view in views]) if len(views) > 1 else views[0].to(dtype)[None]
     proj = project(stacked, projections, dtype)
     targets = target.to(dtype) if target.dim() == 3 else target.to(dtype)[None]
