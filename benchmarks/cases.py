@@ -66,18 +66,8 @@ def default_shapes(device, quick):
 
 
 def default_providers(device, quick):
-    """Provider names a run covers when none are given.
-
-    On the CPU, ``--quick`` leaves ``torch.compile`` out (each compile costs several
-    seconds there) and Triton never runs on the CPU (its interpreter is ~1000x slower).
-    """
-    providers = list(PROVIDERS)
-    if device == "cpu":
-        providers.remove("triton")
-        providers.remove("official")
-        if quick:
-            providers.remove("compiled_reference")
-    return providers
+    """Provider names a run covers when none are given: those ``skip_reason`` leaves in."""
+    return [provider for provider in PROVIDERS if skip_reason(provider, device, quick) is None]
 
 
 def skip_reason(provider, device, quick):
@@ -154,16 +144,20 @@ def gpu_seed_sample_rgg(shape, p=1.0, mu=0.0, device="cpu"):
     return torch.relu(mu + sigma * sign * (p * g).pow(1.0 / p))
 
 
-def official_rdmreg(z, num_projections, p_scale=reference.sigma_gn(1.0), mu=0.0):
+def official_laplace(device, p_scale=reference.sigma_gn(1.0)):
+    """The official recipe's Laplace prior on ``device``, built once per case: building it copies two
+    scalars to the device, which on CUDA waits for the GPU, and timing that would flatter our speed-ups."""
+    return torch.distributions.Laplace(torch.tensor(0.0, device=device), torch.tensor(p_scale, device=device))
+
+
+def official_rdmreg(z, num_projections, laplace, mu=0.0):
     """The official recipe's RDMReg of one view, in plain PyTorch: a fresh Laplace target and directions per call.
 
-    Directions are drawn in z's dtype and normalised; the rectified Laplace target is
-    drawn on z's device (torch.distributions.Laplace) in z's dtype; both are projected and
-    sorted with torch.sort along the batch.
+    Directions are drawn in z's dtype and normalised; the rectified target is drawn from
+    ``laplace`` (``official_laplace``) on z's device and cast to z's dtype; both are
+    projected and sorted with torch.sort along the batch.
     """
-    projections = torch.randn(num_projections, z.shape[1], device=z.device, dtype=z.dtype)
-    projections = projections / projections.norm(dim=1, keepdim=True)
-    laplace = torch.distributions.Laplace(torch.tensor(0.0, device=z.device), torch.tensor(p_scale, device=z.device))
+    projections = reference.random_projections(num_projections, z.shape[1], z.device, dtype=z.dtype)
     target = torch.relu(mu + laplace.sample(z.shape)).to(z.dtype)
     proj_z = torch.sort(z @ projections.T, dim=0).values
     proj_t = torch.sort(target @ projections.T, dim=0).values
@@ -201,16 +195,14 @@ def _lpjepa_work(op, shape, device, backend):
 
 def _official_work(op, shape, device):
     z1, z2, _ = _inputs(shape, device, requires_grad=op != "forward")
-    K = shape.K
+    K, laplace = shape.K, official_laplace(device)
     if op == "sample":
-        scale = reference.sigma_gn(1.0)
-        laplace = torch.distributions.Laplace(torch.tensor(0.0, device=device), torch.tensor(scale, device=device))
         return (lambda: torch.relu(laplace.sample((shape.B, shape.D)))), ()
     if op == "forward":
-        return (lambda: official_rdmreg(z1, K)), ()
+        return (lambda: official_rdmreg(z1, K, laplace)), ()
     if op == "forward_backward":
-        return (lambda: official_rdmreg(z1, K).backward()), (z1,)
-    return (lambda: ((official_rdmreg(z1, K) + official_rdmreg(z2, K)) / 2).backward()), (z1, z2)
+        return (lambda: official_rdmreg(z1, K, laplace).backward()), (z1,)
+    return (lambda: ((official_rdmreg(z1, K, laplace) + official_rdmreg(z2, K, laplace)) / 2).backward()), (z1, z2)
 
 
 def build(op, provider, shape, device):
@@ -269,7 +261,7 @@ def model_bound_ms(op, shape, dtype=torch.float32, allow_tf32=None):
     measured times are above it.
     """
     from lpjepa.kernels import perf_model as pm
-    from lpjepa.kernels.sliced_wasserstein import PROJECTION_PATHS, SORT_PATHS, register_sort_max_batch
+    from lpjepa.kernels.sliced_wasserstein import PROJECTION_PATHS, sort_paths_for
 
     gpu = pm.GPUS["H100"]
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32 if allow_tf32 is None else allow_tf32
@@ -278,9 +270,7 @@ def model_bound_ms(op, shape, dtype=torch.float32, allow_tf32=None):
         return 1e-3 * pm.kernel_bound_us(pm.KernelCost("sample", 0, 0.0, "lanes", shape.B * shape.D * 4), gpu)
     views = 2 if op == "step" else 1
     bounds = []
-    for path in ((p, s) for p in PROJECTION_PATHS for s in SORT_PATHS):
-        if path[1] == "registers" and shape.B > register_sort_max_batch():
-            continue
+    for path in ((p, s) for p in PROJECTION_PATHS for s in sort_paths_for(shape.B)):
         costs = pm.path_costs(model_shape, path, dtype=dtype, allow_tf32=allow_tf32, views=views,
                               with_backward=op != "forward", with_target_draw=op == "step")
         bounds.append(pm.total_bound_us(costs, gpu)[0])

@@ -28,11 +28,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from lpjepa.training.config import DEFAULTS
-from lpjepa.training.data import EpochSampler, TwoViewDataset, load_cifar, make_loader, train_transform
+from lpjepa.training.data import AUGMENTATIONS, EpochSampler, TwoViewDataset, load_cifar, make_loader, train_transform
 from lpjepa.training.device_data import DeviceTwoViewLoader, device_images
 from lpjepa.training.gpu_augment import BatchAugment
 from lpjepa.training.loop import TrainState
 
+from .cases import synchronize
 from .report import machine
 
 # The CPU target of the throughput issue: the batched path's images/s over the PIL pipeline's, same cores.
@@ -83,7 +84,7 @@ def parse_args(argv=None):
     args.train_batch_size = args.train_batch_size or (args.batch_size if on_cuda else 32)
     args.recipes = args.recipes.split(",")
     args.variants = (args.variants or ("plain,default,bf16" if on_cuda else "default")).split(",")
-    for name, values, allowed in (("--recipes", args.recipes, RECIPE_NAMES), ("--variants", args.variants, VARIANTS)):
+    for name, values, allowed in (("--recipes", args.recipes, AUGMENTATIONS), ("--variants", args.variants, VARIANTS)):
         unknown = [v for v in values if v not in allowed]
         if unknown:
             parser.error(f"{name}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
@@ -93,9 +94,6 @@ def parse_args(argv=None):
     if args.images < max(args.batch_size, args.train_batch_size):
         parser.error("--images must hold at least one batch")
     return args
-
-
-RECIPE_NAMES = ("seed", "paper")
 
 
 class GeneratedCIFAR(Dataset):
@@ -135,11 +133,6 @@ def device_batches(dataset, recipe, args, device, batch_size=None):
     for epoch in itertools.count():
         sampler.set_epoch(epoch)
         yield from loader
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_batches(batches, count, device):
@@ -205,7 +198,7 @@ def measure_training(dataset, args, device, log):
             batches = make(dataset, "seed", args, device, args.train_batch_size)
             warmup = max(args.warmup_steps, warmup_batches(path, args, device))
             start = time.perf_counter()
-            total = run_steps(state, batches, warmup)
+            run_steps(state, batches, warmup)  # its loss read at the end waits for the warm-up steps
             first_s = time.perf_counter() - start
             start = time.perf_counter()
             total = run_steps(state, batches, args.steps)
