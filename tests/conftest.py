@@ -5,6 +5,7 @@ when Triton is first imported, so the variable must be set here, before any test
 module imports ``lpjepa`` (which imports the kernels).
 """
 import os
+import socket
 import tempfile
 
 import pytest
@@ -18,6 +19,13 @@ if not torch.cuda.is_available():
 os.environ["LPJEPA_CACHE_DIR"] = tempfile.mkdtemp(prefix="lpjepa-test-cache-")
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 # One statement of the tolerances each dtype earns when a fast path is compared with
 # the reference (atol, rtol). Inputs are cast to fp32 inside the loss, so fp16/bf16

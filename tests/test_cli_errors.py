@@ -22,16 +22,6 @@ from test_train import TINY, make_cifar100_folder, run_args
 TRAIN = "python -m lpjepa.train: error: "
 
 
-@pytest.fixture
-def images(tiny_images):
-    return tiny_images
-
-
-@pytest.fixture
-def finished_run(one_epoch_run):
-    return one_epoch_run
-
-
 def refused(main, argv, capsys):
     """Run a program's main on argv; assert exit code 2 and one error line; returns that line."""
     capsys.readouterr()
@@ -97,25 +87,25 @@ VALUE_CASES = {
 
 
 @pytest.mark.parametrize("argv,expected", list(VALUE_CASES.values()), ids=list(VALUE_CASES))
-def test_train_refuses_a_bad_value(argv, expected, images, capsys, tmp_path):
-    assert_train_refuses([*run_args(images, tmp_path / "unused"), *argv], expected, capsys, tmp_path)
+def test_train_refuses_a_bad_value(argv, expected, tiny_images, capsys, tmp_path):
+    assert_train_refuses([*run_args(tiny_images, tmp_path / "unused"), *argv], expected, capsys, tmp_path)
 
 
-def test_train_refuses_a_gpu_this_machine_lacks(images, capsys, tmp_path):
+def test_train_refuses_a_gpu_this_machine_lacks(tiny_images, capsys, tmp_path):
     missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: cuda:0 on a machine without any
-    assert_train_refuses([*run_args(images, tmp_path), "--device", missing],
+    assert_train_refuses([*run_args(tiny_images, tmp_path), "--device", missing],
                          [f"argument --device: invalid value {missing}", f"this machine has {torch.cuda.device_count()} CUDA GPU(s)"],
                          capsys, tmp_path)
 
 
-def test_train_refuses_a_batch_that_does_not_divide_over_the_processes(images, capsys, tmp_path, monkeypatch):
+def test_train_refuses_a_batch_that_does_not_divide_over_the_processes(tiny_images, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun --nproc_per_node 4 sets it, before any process group exists
-    line = assert_train_refuses([*run_args(images, tmp_path), "--batch-size", "6"], ["argument --batch-size: invalid value 6"], capsys, tmp_path)
+    line = assert_train_refuses([*run_args(tiny_images, tmp_path), "--batch-size", "6"], ["argument --batch-size: invalid value 6"], capsys, tmp_path)
     assert "multiple of the 4 processes" in line and "8, 12" in line
 
 
-def test_train_refuses_a_batch_larger_than_the_training_set(images, capsys, tmp_path):
-    assert_train_refuses([*run_args(images, tmp_path), "--batch-size", "64"],
+def test_train_refuses_a_batch_larger_than_the_training_set(tiny_images, capsys, tmp_path):
+    assert_train_refuses([*run_args(tiny_images, tmp_path), "--batch-size", "64"],
                          ["argument --batch-size: invalid value 64", "only 16 images"], capsys, tmp_path)
 
 
@@ -125,14 +115,14 @@ def test_train_names_a_missing_image_folder(capsys, tmp_path):
     assert "--val-dir" not in line  # the missing folder is the problem, not a missing --val-dir
 
 
-def test_train_names_an_image_folder_without_train_and_val(images, capsys, tmp_path):
-    flat = os.path.join(images, "train")  # class folders, no train/ and val/ inside
+def test_train_names_an_image_folder_without_train_and_val(tiny_images, capsys, tmp_path):
+    flat = os.path.join(tiny_images, "train")  # class folders, no train/ and val/ inside
     assert_train_refuses(["--dataset", "imagefolder", "--data-dir", flat, *TINY],
                          [f"argument --data-dir: {flat} holds no train/ and val/ folders", "--val-dir VAL_DIR"], capsys, tmp_path)
 
 
-def test_train_names_a_missing_val_dir(images, capsys, tmp_path):
-    assert_train_refuses(["--dataset", "imagefolder", "--data-dir", os.path.join(images, "train"), "--val-dir", "/nope/val", *TINY],
+def test_train_names_a_missing_val_dir(tiny_images, capsys, tmp_path):
+    assert_train_refuses(["--dataset", "imagefolder", "--data-dir", os.path.join(tiny_images, "train"), "--val-dir", "/nope/val", *TINY],
                          ["argument --val-dir: /nope/val does not exist"], capsys, tmp_path)
 
 
@@ -169,35 +159,35 @@ def test_train_refuses_a_resume_from_a_file_that_is_no_checkpoint(capsys, tmp_pa
     assert_train_refuses(["--resume", str(bad)], [f"{bad} is not a checkpoint written by lpjepa.train"], capsys, tmp_path)
 
 
-def test_train_says_what_a_resume_from_final_pt_cannot_do(finished_run, capsys, tmp_path):
-    final = finished_run / "checkpoints" / "final.pt"
+def test_train_says_what_a_resume_from_final_pt_cannot_do(one_epoch_run, capsys, tmp_path):
+    final = one_epoch_run / "checkpoints" / "final.pt"
     assert_train_refuses(["--resume", str(final), "--epochs", "2"],
                          ["argument --resume:", "final checkpoint", "no optimizer state", "resume from the run folder", "lpjepa.eval"],
                          capsys, tmp_path)
 
 
-def test_train_says_a_finished_run_needs_more_epochs(finished_run, capsys, tmp_path):
-    assert_train_refuses(["--resume", str(finished_run)], ["has finished all 1 epochs", "pass --epochs N with N > 1"], capsys, tmp_path)
-    assert_train_refuses(["--resume", str(finished_run), "--epochs", "1"],
+def test_train_says_a_finished_run_needs_more_epochs(one_epoch_run, capsys, tmp_path):
+    assert_train_refuses(["--resume", str(one_epoch_run)], ["has finished all 1 epochs", "pass --epochs N with N > 1"], capsys, tmp_path)
+    assert_train_refuses(["--resume", str(one_epoch_run), "--epochs", "1"],
                          ["argument --epochs: invalid value 1", "more than the 1 epochs the checkpoint has finished"], capsys, tmp_path)
 
 
-def test_train_refuses_to_change_the_model_on_resume(finished_run, capsys, tmp_path):
-    assert_train_refuses(["--resume", str(finished_run), "--epochs", "2", "--backbone", "resnet18"],
+def test_train_refuses_to_change_the_model_on_resume(one_epoch_run, capsys, tmp_path):
+    assert_train_refuses(["--resume", str(one_epoch_run), "--epochs", "2", "--backbone", "resnet18"],
                          ["argument --backbone: the checkpoint was trained with resnet10t", "cannot change"], capsys, tmp_path)
 
 
-def test_train_refuses_a_new_run_in_a_folder_that_holds_one(finished_run, images, capsys, tmp_path):
-    kept = {name: (finished_run / name).read_bytes() for name in ("metrics.csv", "config.json", "checkpoints/last.pt")}
-    line = refused(train.main, run_args(images, finished_run, "--epochs", "1"), capsys)
-    for text in (TRAIN, f"argument --out: {finished_run} already holds a run", "checkpoints/last.pt",
-                 f"continue it with --resume {finished_run}", "give a new --out"):
+def test_train_refuses_a_new_run_in_a_folder_that_holds_one(one_epoch_run, tiny_images, capsys, tmp_path):
+    kept = {name: (one_epoch_run / name).read_bytes() for name in ("metrics.csv", "config.json", "checkpoints/last.pt")}
+    line = refused(train.main, run_args(tiny_images, one_epoch_run, "--epochs", "1"), capsys)
+    for text in (TRAIN, f"argument --out: {one_epoch_run} already holds a run", "checkpoints/last.pt",
+                 f"continue it with --resume {one_epoch_run}", "give a new --out"):
         assert text in line, line
-    assert {name: (finished_run / name).read_bytes() for name in kept} == kept  # nothing of the old run touched
+    assert {name: (one_epoch_run / name).read_bytes() for name in kept} == kept  # nothing of the old run touched
     started_only = tmp_path / "started"  # a run stopped before its first checkpoint still has a config.json
     started_only.mkdir()
     (started_only / "config.json").write_text("{}")
-    assert "(config.json)" in refused(train.main, run_args(images, started_only, "--epochs", "1"), capsys)
+    assert "(config.json)" in refused(train.main, run_args(tiny_images, started_only, "--epochs", "1"), capsys)
 
 
 def test_a_bad_flag_prints_no_traceback_in_a_real_process(tmp_path):
@@ -223,8 +213,8 @@ EVAL_CASES = {
 
 
 @pytest.mark.parametrize("argv,expected", list(EVAL_CASES.values()), ids=list(EVAL_CASES))
-def test_eval_refuses_a_bad_value(argv, expected, finished_run, capsys):
-    line = refused(lp_eval.main, ["--checkpoint", str(finished_run), "--num-workers", "0", *argv], capsys)
+def test_eval_refuses_a_bad_value(argv, expected, one_epoch_run, capsys):
+    line = refused(lp_eval.main, ["--checkpoint", str(one_epoch_run), "--num-workers", "0", *argv], capsys)
     assert line.startswith("python -m lpjepa.eval: error: " + expected), line
 
 
@@ -251,22 +241,22 @@ def test_plot_refuses_a_folder_that_is_not_a_run(capsys, tmp_path):
     assert "has no metrics.csv" in line
 
 
-def test_plot_refuses_an_out_that_is_a_file(finished_run, capsys, tmp_path):
+def test_plot_refuses_an_out_that_is_a_file(one_epoch_run, capsys, tmp_path):
     target = tmp_path / "file.png"
     target.write_text("")
-    assert "argument --out: " in refused(lp_plot.main, [str(finished_run), "--out", str(target)], capsys)
+    assert "argument --out: " in refused(lp_plot.main, [str(one_epoch_run), "--out", str(target)], capsys)
 
 
-def test_export_refuses_bad_arguments(finished_run, capsys, tmp_path):
+def test_export_refuses_bad_arguments(one_epoch_run, capsys, tmp_path):
     line = refused(lp_export.main, [str(tmp_path / "nope"), "--out", str(tmp_path / "b.safetensors")], capsys)
     assert line.startswith("python -m lpjepa.export: error: no checkpoint at")
-    line = refused(lp_export.main, [str(finished_run), "--out", str(tmp_path / "b.pt")], capsys)
+    line = refused(lp_export.main, [str(one_epoch_run), "--out", str(tmp_path / "b.pt")], capsys)
     assert "argument --out: invalid value" in line and "must end in .safetensors" in line
     same = str(tmp_path / "b.safetensors")
-    assert "must differ from --out" in refused(lp_export.main, [str(finished_run), "--out", same, "--projector-out", same], capsys)
+    assert "must differ from --out" in refused(lp_export.main, [str(one_epoch_run), "--out", same, "--projector-out", same], capsys)
 
 
-def test_train_refuses_another_optimizer_on_resume(finished_run, capsys, tmp_path):
+def test_train_refuses_another_optimizer_on_resume(one_epoch_run, capsys, tmp_path):
     # Its saved state has other parameter groups and moments: it cannot continue exactly.
-    assert_train_refuses(["--resume", str(finished_run), "--epochs", "2", "--optimizer", "lars"],
+    assert_train_refuses(["--resume", str(one_epoch_run), "--epochs", "2", "--optimizer", "lars"],
                          ["argument --optimizer: the checkpoint was trained with adamw", "cannot change"], capsys, tmp_path)

@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import requires_cuda, tolerance
-from test_train import TINY, assert_same_state, load, make_cifar100_folder
+from test_train import TINY, assert_same_state, config, load, make_cifar100_folder
 
 from lpjepa import train
 from lpjepa.training import loop, runlog
-from lpjepa.training.config import build_parser, resolve_config
 from lpjepa.training.data import EpochSampler, load_splits
 from lpjepa.training.device_data import DeviceTwoViewLoader, device_images, holds_images_in_memory
 from lpjepa.training.gpu_augment import BatchAugment
@@ -38,10 +37,6 @@ def device_args(data, out, *extra):
     """A tiny --device-data run; its batches are made in one worker process (the CPU's way), unless extra says otherwise."""
     return ["--data-dir", data, "--skip-data-check", "--no-download", "--out", str(out), *TINY, "--device-data",
             "--num-workers", "1", *extra]
-
-
-def config(argv):
-    return resolve_config(build_parser().parse_args(argv))
 
 
 # ----------------------------------------------------------------------------- the loader

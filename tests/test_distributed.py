@@ -9,7 +9,6 @@ import copy
 import datetime
 import json
 import os
-import socket
 import time
 import traceback
 
@@ -23,7 +22,7 @@ import lpjepa
 from lpjepa import distributed, reference
 from lpjepa.loss import draw_directions
 from lpjepa.ops import sliced_wasserstein
-from conftest import tolerance
+from conftest import free_port, tolerance
 
 WORLD = 2
 FP64 = dict(zip(("atol", "rtol"), tolerance(torch.float64)))
@@ -166,27 +165,27 @@ def check_triton_global_loss_runs_the_kernels(rank):
     real = triton_ops._launch
     triton_ops._launch = lambda launch: (launched.append(launch.kernel.__name__), real(launch))
     try:
-        for sizes in [(3, 5)]:
-            for gather in ("projections", "features"):
-                launched.clear()
-                z1, z2, target, projections = (t.float() for t in _global_views(sizes, dim=6, seed=4))
-                rows = _rows(sizes, rank)
-                local = _local_leaves([z1, z2], rows)
-                loss = lpjepa.RDMReg(gather=gather, backend="triton", scale_grad_by_world_size=False)(
-                    *local, target=target, projections=projections
-                )
-                loss.backward()
-                across = _all_equal_across_ranks(loss)
-                whole = [z1.double().requires_grad_(), z2.double().requires_grad_()]
-                seed = sum(reference.rdmreg_loss(v, target.double(), projections=projections.double()) for v in whole) / 2
-                seed.backward()
-                where = f"sizes={sizes}, gather={gather}"
-                assert across[0] == across[1], f"{where}: ranks disagree {across}"
-                assert launched == ["_project_kernel", "_project_kernel", "_sort_residual_kernel",
-                                    "_mean_of_partials_kernel"], f"{where}: {launched}"
-                torch.testing.assert_close(loss.double(), seed, **FP32, msg=where)
-                for ours, ref in zip(local, whole):
-                    torch.testing.assert_close(ours.grad.double(), ref.grad[rows], **FP32, msg=f"{where}: gradient")
+        sizes = (3, 5)
+        for gather in ("projections", "features"):
+            launched.clear()
+            z1, z2, target, projections = (t.float() for t in _global_views(sizes, dim=6, seed=4))
+            rows = _rows(sizes, rank)
+            local = _local_leaves([z1, z2], rows)
+            loss = lpjepa.RDMReg(gather=gather, backend="triton", scale_grad_by_world_size=False)(
+                *local, target=target, projections=projections
+            )
+            loss.backward()
+            across = _all_equal_across_ranks(loss)
+            whole = [z1.double().requires_grad_(), z2.double().requires_grad_()]
+            seed = sum(reference.rdmreg_loss(v, target.double(), projections=projections.double()) for v in whole) / 2
+            seed.backward()
+            where = f"sizes={sizes}, gather={gather}"
+            assert across[0] == across[1], f"{where}: ranks disagree {across}"
+            assert launched == ["_project_kernel", "_project_kernel", "_sort_residual_kernel",
+                                "_mean_of_partials_kernel"], f"{where}: {launched}"
+            torch.testing.assert_close(loss.double(), seed, **FP32, msg=where)
+            for ours, ref in zip(local, whole):
+                torch.testing.assert_close(ours.grad.double(), ref.grad[rows], **FP32, msg=f"{where}: gradient")
     finally:
         triton_ops._launch = real
 
@@ -390,16 +389,10 @@ def _worker(rank, port, out_dir):
         distributed.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("distributed"))
-    context = mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False)
+    context = mp.spawn(_worker, args=(free_port(), out_dir), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 180
     while not context.join(timeout=1):
         if time.monotonic() > deadline:

@@ -20,11 +20,6 @@ from test_train import load
 IMAGES = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture
-def trained_run(one_epoch_run):
-    return one_epoch_run
-
-
 def trained_model(checkpoint):
     cfg = checkpoint["config"]
     model = LpJEPA(cfg["backbone"], cfg["stem"])
@@ -40,13 +35,13 @@ def run_loading_code(code):
 
 
 @torch.no_grad()
-def test_export_of_a_trained_run_loads_back_with_the_same_features(trained_run, tmp_path, capsys):
+def test_export_of_a_trained_run_loads_back_with_the_same_features(one_epoch_run, tmp_path, capsys):
     out = tmp_path / "exported" / "backbone.safetensors"
-    lp_export.main([str(trained_run), "--out", str(out)])
+    lp_export.main([str(one_epoch_run), "--out", str(out)])
     printed = capsys.readouterr().out
     projector_file = tmp_path / "exported" / "backbone-projector.safetensors"
     assert out.is_file() and projector_file.is_file()
-    checkpoint = load(trained_run / "checkpoints" / "last.pt")
+    checkpoint = load(one_epoch_run / "checkpoints" / "last.pt")
     model = trained_model(checkpoint)
     h, z = model.features(IMAGES)
 
@@ -94,7 +89,7 @@ def test_each_stem_loads_through_timm_with_the_same_features(backbone, stem, tmp
     torch.testing.assert_close(run_loading_code(code)(images), expected, rtol=0, atol=0)
 
 
-def test_the_export_metadata_is_plain_json_strings(trained_run, tmp_path):
-    out, projector = export_checkpoint(load(trained_run / "checkpoints" / "final.pt"), str(tmp_path / "x.safetensors"))
+def test_the_export_metadata_is_plain_json_strings(one_epoch_run, tmp_path):
+    out, projector = export_checkpoint(load(one_epoch_run / "checkpoints" / "final.pt"), str(tmp_path / "x.safetensors"))
     assert projector.endswith("x-projector.safetensors")
     json.dumps(read_metadata(out))  # safetensors keeps str -> str only

@@ -9,7 +9,6 @@ The README must link nothing outside the repository.
 import os
 import pathlib
 import re
-import socket
 import subprocess
 import sys
 
@@ -19,6 +18,7 @@ import torch
 from lpjepa.training.checkpoint import final_checkpoint
 from lpjepa.training.export import export_checkpoint
 from lpjepa.training.model import LpJEPA
+from conftest import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -26,16 +26,10 @@ SNIPPETS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 SNIPPET_TIMEOUT_S = 300
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _command(path, code):
     if "init_process_group" in code:
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(_free_port()), str(path)]
+                "--master_port", str(free_port()), str(path)]
     return [sys.executable, str(path)]
 
 

@@ -10,7 +10,6 @@ import os
 import pickle
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -27,6 +26,7 @@ from lpjepa.training import evaluation, loop, optim, plot, runlog
 from lpjepa.training.config import build_parser, resolve_config
 from lpjepa.training.data import DataNotFound, load_splits
 from lpjepa.training.model import LpJEPA
+from conftest import free_port
 
 TINY = ["--backbone", "resnet10t", "--image-size", "16", "--batch-size", "4", "--num-workers", "0",
         "--num-projections", "16", "--knn-k", "5", "--no-progress"]
@@ -61,11 +61,6 @@ def make_cifar100_folder(root, n_train=16, n_test=8, classes=4):
     return root
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    return make_imagefolder(str(tmp_path_factory.mktemp("tiny")))
-
-
 def run_args(data, out, *extra):
     return ["--dataset", "imagefolder", "--data-dir", data, "--out", str(out), *TINY, *extra]
 
@@ -75,10 +70,10 @@ def config(argv):
 
 
 @pytest.fixture(scope="module")
-def straight_run(tiny_folder, tmp_path_factory):
+def straight_run(tiny_images, tmp_path_factory):
     """Two epochs without interruption: the reference for every resume test."""
     out = tmp_path_factory.mktemp("straight")
-    train.main(run_args(tiny_folder, out, "--epochs", "2"))
+    train.main(run_args(tiny_images, out, "--epochs", "2"))
     return out
 
 
@@ -206,7 +201,7 @@ def test_vicreg_statistics_are_device_tensors_of_both_views():
 # ----------------------------------------------------------------------------- runs
 
 
-def test_run_folder_eval_and_plot(straight_run, tiny_folder, capsys):
+def test_run_folder_eval_and_plot(straight_run, tiny_images, capsys):
     cfg = json.load(open(straight_run / "config.json"))
     assert cfg["epochs"] == 2 and cfg["backbone"] == "resnet10t" and cfg["world_size"] == 1
     rows = runlog.MetricsCSV(straight_run / "metrics.csv", runlog.COLUMNS).read()
@@ -238,9 +233,9 @@ def test_run_folder_eval_and_plot(straight_run, tiny_folder, capsys):
     assert all(os.path.getsize(p) > 1000 for p in paths)
 
 
-def test_dense_per_view_svd_run_logs_its_family(tiny_folder, tmp_path):
+def test_dense_per_view_svd_run_logs_its_family(tiny_images, tmp_path):
     out = tmp_path / "family"
-    train.main(run_args(tiny_folder, out, "--epochs", "1", "--target", "dense", "--sigma", "unit-rectified",
+    train.main(run_args(tiny_images, out, "--epochs", "1", "--target", "dense", "--sigma", "unit-rectified",
                         "--directions", "svd-bottom-half", "--targets", "per-view"))
     cfg = json.load(open(out / "config.json"))
     assert (cfg["target"], cfg["sigma"], cfg["directions"], cfg["targets"]) == (
@@ -250,9 +245,9 @@ def test_dense_per_view_svd_run_logs_its_family(tiny_folder, tmp_path):
     assert float(row["vicreg_variance"]) >= 0 and math.isfinite(float(row["vicreg_covariance"]))
 
 
-def test_resume_continues_exactly(straight_run, tiny_folder, tmp_path):
+def test_resume_continues_exactly(straight_run, tiny_images, tmp_path):
     out = tmp_path / "resumed"
-    train.main(run_args(tiny_folder, out, "--epochs", "1"))
+    train.main(run_args(tiny_images, out, "--epochs", "1"))
     assert load(out / "checkpoints" / "last.pt")["epoch"] == 1
     train.main(["--resume", str(out), "--epochs", "2", "--no-progress"])
     assert_same_state(load(straight_run / "checkpoints" / "last.pt"), load(out / "checkpoints" / "last.pt"))
@@ -261,13 +256,13 @@ def test_resume_continues_exactly(straight_run, tiny_folder, tmp_path):
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
 
 
-def test_resume_with_more_epochs_follows_the_longer_cosine(tiny_folder, tmp_path):
+def test_resume_with_more_epochs_follows_the_longer_cosine(tiny_images, tmp_path):
     out = tmp_path / "extended"
-    train.main(run_args(tiny_folder, out, "--epochs", "1", "--schedule", "cosine"))
+    train.main(run_args(tiny_images, out, "--epochs", "1", "--schedule", "cosine"))
     train.main(["--resume", str(out), "--epochs", "3", "--no-progress"])
     rows = runlog.MetricsCSV(out / "metrics.csv", runlog.COLUMNS).read()
     assert [int(r["step"]) for r in rows] == [4, 8, 12]
-    cfg, _ = config(run_args(tiny_folder, out, "--epochs", "3", "--schedule", "cosine"))
+    cfg, _ = config(run_args(tiny_images, out, "--epochs", "3", "--schedule", "cosine"))
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg["lr"])
     three_epochs = optim.build_scheduler(optimizer, cfg, steps_per_epoch=4)
     three_epochs.step_update(8)
@@ -276,9 +271,9 @@ def test_resume_with_more_epochs_follows_the_longer_cosine(tiny_folder, tmp_path
     assert float(rows[1]["lr"]) == pytest.approx(optimizer.param_groups[0]["lr"]) == pytest.approx(0.25 * cfg["lr"])
 
 
-def test_flags_given_with_resume_reach_the_optimizers(tiny_folder, tmp_path):
+def test_flags_given_with_resume_reach_the_optimizers(tiny_images, tmp_path):
     out = tmp_path / "retuned"
-    train.main(run_args(tiny_folder, out, "--epochs", "1"))
+    train.main(run_args(tiny_images, out, "--epochs", "1"))
     train.main(["--resume", str(out), "--epochs", "2", "--lr", "2e-4", "--weight-decay", "0.05", "--probe-lr", "5e-4",
                 "--no-progress"])
     last = load(out / "checkpoints" / "last.pt")
@@ -288,9 +283,9 @@ def test_flags_given_with_resume_reach_the_optimizers(tiny_folder, tmp_path):
     assert float(rows[1]["lr"]) == pytest.approx(2e-4)
 
 
-def test_sigterm_mid_epoch_saves_and_resumes_exactly(straight_run, tiny_folder, tmp_path):
+def test_sigterm_mid_epoch_saves_and_resumes_exactly(straight_run, tiny_images, tmp_path):
     out = tmp_path / "interrupted"
-    cfg, _ = config(run_args(tiny_folder, out, "--epochs", "2"))
+    cfg, _ = config(run_args(tiny_images, out, "--epochs", "2"))
 
     def terminate_at_step_two(epoch, batch):
         if (epoch, batch) == (0, 2):
@@ -356,24 +351,18 @@ def test_knn_and_topk_on_separable_clusters():
 # ----------------------------------------------------------------------------- DDP
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun_two_cpu_processes(*train_args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "lpjepa.train", *train_args]
+           "--master_port", str(free_port()), "-m", "lpjepa.train", *train_args]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
-def test_torchrun_two_cpu_processes_and_exact_resume(tiny_folder, tmp_path):
+def test_torchrun_two_cpu_processes_and_exact_resume(tiny_images, tmp_path):
     out = tmp_path / "ddp"
-    result = _torchrun_two_cpu_processes(*run_args(tiny_folder, out, "--epochs", "1"))
+    result = _torchrun_two_cpu_processes(*run_args(tiny_images, out, "--epochs", "1"))
     assert result.stdout.count("epoch 1/1 | loss") == 1  # rank 0 alone logs
     cfg = json.load(open(out / "config.json"))
     assert cfg["world_size"] == 2
@@ -384,7 +373,7 @@ def test_torchrun_two_cpu_processes_and_exact_resume(tiny_folder, tmp_path):
     # loss's seed stream picks up at the checkpoint's step.
     _torchrun_two_cpu_processes("--resume", str(out), "--epochs", "2", "--no-progress")
     straight = tmp_path / "ddp_straight"
-    _torchrun_two_cpu_processes(*run_args(tiny_folder, straight, "--epochs", "2"))
+    _torchrun_two_cpu_processes(*run_args(tiny_images, straight, "--epochs", "2"))
     assert_same_state(load(straight / "checkpoints" / "last.pt"), load(out / "checkpoints" / "last.pt"))
     shutil.rmtree(out)
     shutil.rmtree(straight)
