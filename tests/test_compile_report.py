@@ -234,3 +234,34 @@ def test_device_gpu_takes_the_figures_of_the_device_it_runs_on(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="GPUS"):
         device_gpu()
+
+
+_SPLIT_CHECK = """
+import tempfile, torch
+from triton import knobs
+from lpjepa.kernels.compile_report import _Compiler, _cuobjdump
+from lpjepa.kernels.sliced_wasserstein import sort_residual_plan
+knobs.compilation.always_compile = True
+knobs.nvidia.dump_ptxas_log = True
+with tempfile.TemporaryDirectory() as workdir:
+    compiler = _Compiler(_cuobjdump(), workdir)
+    proj = torch.empty((2, 256, 256), device="meta")
+    for targets in (1, 2):
+        mix = compiler.measure(sort_residual_plan(proj, torch.empty((targets, 256, 256), device="meta"))[1][0], 90)["mix"]
+        print("MIX", mix["loops"], sum(mix["once"].values()), sum(mix["loop"].values()))
+"""
+
+
+@pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump (bundled with Triton's NVIDIA backend) is missing")
+def test_the_register_sort_sass_splits_at_the_loop_over_the_views():
+    # A shared target is sorted once before the views' loop; one target per view is sorted inside it.
+    # If the split is the views' loop, the target's sort moves from outside to inside, same size.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _SPLIT_CHECK], capture_output=True, text=True, timeout=300, env=env,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr
+    (loops_1, once_1, loop_1), (loops_2, once_2, loop_2) = (
+        [int(n) for n in line.split()[1:]] for line in result.stdout.splitlines() if line.startswith("MIX"))
+    assert loops_1 == loops_2 == 1
+    moved_out, moved_in = once_1 - once_2, loop_2 - loop_1
+    assert moved_out > 0.3 * loop_1 and moved_in == pytest.approx(moved_out, rel=0.02), (once_1, loop_1, once_2, loop_2)
