@@ -252,8 +252,10 @@ def floor_case(op, shape, device):
     return Case(op, "matmul floor", shape, device, matmuls)
 
 
-def model_bound_ms(op, shape, dtype=torch.float32, allow_tf32=None):
-    """The static model's lower bound for ``op`` on an H100, in ms (lpjepa.kernels.perf_model), or None.
+def model_bound_ms(op, shape, dtype=torch.float32, allow_tf32=None, gpu=None):
+    """The static model's lower bound for ``op``, in ms (lpjepa.kernels.perf_model), or None.
+
+    gpu: a ``perf_model.GPU`` (default: the current CUDA device's, ``perf_model.device_gpu``).
 
     The best of the Triton backend's paths, charged what the benchmarked call does: one
     view with its directions drawn (forward, forward + backward), or two views against a
@@ -263,7 +265,7 @@ def model_bound_ms(op, shape, dtype=torch.float32, allow_tf32=None):
     from lpjepa.kernels import perf_model as pm
     from lpjepa.kernels.sliced_wasserstein import PROJECTION_PATHS, sort_paths_for
 
-    gpu = pm.GPUS["H100"]
+    gpu = pm.device_gpu() if gpu is None else gpu
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32 if allow_tf32 is None else allow_tf32
     model_shape = pm.Shape(shape.name, shape.B, shape.D, shape.K)
     if op == "sample":

@@ -6,9 +6,9 @@ For each shape and operation it builds every provider (``benchmarks.cases``), ti
 alternately in this one process, then measures each one's memory peak
 (``benchmarks.measure``), and prints a Markdown table: median time, min-max, speedup
 over the reference, peak memory and its ratio to the reference's (on CUDA also the
-matmul floor, the static model's H100 lower bound for the Triton backend's best path,
-and each time as a multiple of both). It writes ``table.md``, ``results.json`` and
-``speedup.png`` to ``--out``.
+matmul floor, the static model's lower bound for the Triton backend's best path on the
+figures of the GPU it runs on, and each time as a multiple of both). It writes
+``table.md``, ``results.json`` and ``speedup.png`` to ``--out``.
 """
 import argparse
 import json
@@ -116,6 +116,12 @@ def run(args, log=print):
     with_floor = device == "cuda" or args.floor
 
     notes = []
+    bound_gpu = None
+    if device == "cuda":
+        from lpjepa.kernels.perf_model import device_gpu
+
+        bound_gpu = device_gpu()
+        notes.append(f"Model bound: {bound_gpu.name}'s figures ({bound_gpu.source}).")
     for provider in bench_cases.PROVIDERS:
         reason = bench_cases.skip_reason(provider, device, args.quick) if provider not in providers else None
         if reason:
@@ -135,7 +141,7 @@ def run(args, log=print):
             timed = dict(built, **({"matmul floor": floor} if floor else {}))
             times = measure.time_alternating(timed, min_rounds=min_rounds, budget_s=budget)
             floor_ms = measure.summary_ms(times.pop("matmul floor"))[0] if floor else None
-            bound_ms = bench_cases.model_bound_ms(op, shape) if device == "cuda" else None
+            bound_ms = bench_cases.model_bound_ms(op, shape, gpu=bound_gpu) if bound_gpu else None
             group = []
             for provider, case in built.items():
                 median, low, high = measure.summary_ms(times[provider])

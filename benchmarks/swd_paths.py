@@ -6,8 +6,9 @@ shape and keeps the fastest in its cache file. This script makes those first cal
 for the shapes a run meets (the benchmark shapes, one and two views, fp32 and bf16),
 so later processes start with every decision made, and prints what was measured: the
 median ms of every path, the one chosen, and the static model's lower bound for it
-(``lpjepa.kernels.perf_model``, H100 figures). It measures afresh: the cache file then
-holds this sweep's decisions (other shapes are measured again at their first call).
+(``lpjepa.kernels.perf_model``, on the device's figures; the H100's on ``--device cpu``).
+It measures afresh: the cache file then holds this sweep's decisions (other shapes are
+measured again at their first call).
 
     python -m benchmarks.swd_paths                       # CUDA; a minute or two, most of it compiling
     python -m benchmarks.swd_paths --out bench_out/gpu   # also writes paths.json and paths.md
@@ -57,12 +58,18 @@ def _wall_clock_timer(run):
     return (time.perf_counter() - start) * 1e3
 
 
-def _bound_us(shape, step, path, dtype, allow_tf32, views):
-    """The model's bound of one step on one path (H100), in microseconds."""
+def bound_gpu(device):
+    """The GPU figures of the bound: the CUDA device's (``perf_model.device_gpu``), the H100's off CUDA."""
+    from lpjepa.kernels import perf_model as pm
+
+    return pm.device_gpu() if device == "cuda" else pm.GPUS["H100"]
+
+
+def _bound_us(shape, step, path, dtype, allow_tf32, views, gpu):
+    """The model's bound of one step on one path on ``gpu`` (a ``perf_model.GPU``), in microseconds."""
     from lpjepa.kernels import perf_model as pm
 
     model_shape = pm.Shape(shape.name, shape.B, shape.D, shape.K)
-    gpu = pm.GPUS["H100"]
     if step == "projection":
         programs = pm.project_programs(views, model_shape, dtype, allow_tf32) if path == "triton" else 0
         cost = pm.projection_cost(path, views, shape.B, shape.D, shape.K, dtype.itemsize, allow_tf32, programs)
@@ -83,6 +90,7 @@ def sweep(args, log=print):
     if args.device != "cuda":
         CHOOSER.timer = _wall_clock_timer
     CHOOSER.forget()  # measure every path again, whatever an earlier run decided
+    gpu = bound_gpu(args.device)
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     generator = torch.Generator().manual_seed(0)
     rows = []
@@ -106,7 +114,8 @@ def sweep(args, log=print):
                         rows.append(dict(shape=shape.name, B=shape.B, D=shape.D, K=shape.K, dtype=dtype_name,
                                          views=views, step=what, path=path, ms=ms,
                                          chosen=path == CHOOSER.decisions[key],
-                                         bound_us=_bound_us(shape, step, path, dtype, allow_tf32, sources)))
+                                         bound_us=_bound_us(shape, step, path, dtype, allow_tf32, sources, gpu),
+                                         bound_gpu=gpu.name))
                 log(f"{shape.name} {dtype_name} V={views}: " + ", ".join(
                     f"{key.split('|')[0]} {CHOOSER.decisions[key]}" for key in CHOOSER.measured), flush=True)
                 CHOOSER.measured.clear()
@@ -114,8 +123,10 @@ def sweep(args, log=print):
 
 
 def markdown(rows, device_name, cache_file):
+    figures = rows[0]["bound_gpu"] if rows else "no"
     lines = [
-        f"Triton backend paths on {device_name} (median ms per call; bound: the static model's H100 lower bound):",
+        f"Triton backend paths on {device_name} (median ms per call; bound: the static model's lower bound, "
+        f"{figures} figures):",
         "",
         "| shape (B, D, K) | dtype | views | step | path | ms | bound ms | × bound | chosen |",
         "|---|---|---:|---|---|---:|---:|---:|---|",

@@ -141,7 +141,73 @@ def _compile_and_measure(launch, specialisation, target, cuobjdump, workdir):
         smem_static=int(fields["SHARED"]),
         smem_dynamic=int(compiled.metadata.shared),
         num_warps=compiled.metadata.num_warps,
+        **_instruction_fields(sass),
     )
+
+
+# SASS opcodes (before the first '.') by the pipe they issue to; anything else is "other".
+# Integer ALU: add, compare, logic, select, shift, min / max, moves (the ALU pipe, not IMAD).
+_SASS_CLASSES = {
+    "int_alu": {"IADD3", "IADD", "IADD32I", "LOP3", "LOP", "LOP32I", "SHF", "SHL", "SHR", "ISETP", "ISET", "SEL",
+                "PRMT", "LEA", "IABS", "IMNMX", "VIMNMX", "VIMNMX3", "VIADD", "VIADDMNMX", "SGXT", "BMSK", "POPC",
+                "FLO", "BREV", "PLOP3", "P2R", "R2P", "MOV", "MOV32I", "ISCADD", "BFE", "BFI", "ICMP", "VABSDIFF",
+                "VABSDIFF4", "CS2R"},
+    "int_mul": {"IMAD", "IMAD32I", "IMUL", "IMUL32I", "IDP", "IDP4A", "IMADSP"},
+    "fp32": {"FADD", "FADD32I", "FMUL", "FMUL32I", "FFMA", "FFMA32I", "FSETP", "FSET", "FMNMX", "FSEL", "FCHK",
+             "FSWZADD", "FMNMX3", "FFMA2", "FADD2", "FMUL2"},
+    "shuffle": {"SHFL"},
+    "shared": {"LDS", "STS", "LDSM", "STSM", "ATOMS", "REDS"},
+    "global": {"LDG", "STG", "LD", "ST", "LDL", "STL", "RED", "REDG", "ATOM", "ATOMG", "LDGSTS", "LDGDEPBAR"},
+    "control": {"BRA", "BRX", "JMP", "JMX", "CALL", "RET", "EXIT", "BSSY", "BSYNC", "WARPSYNC", "BAR", "NANOSLEEP",
+                "YIELD", "BPT", "BREAK", "KILL", "DEPBAR", "MEMBAR", "ERRBAR", "FENCE", "NOP", "PREEXIT", "VOTE"},
+}
+_SASS_CLASS_OF = {opcode: cls for cls, opcodes in _SASS_CLASSES.items() for opcode in opcodes}
+# "  /*0a30*/   @!P1 ISETP.GT.U32.AND P0, PT, R3, R4, PT ;": address, optional predicate, opcode.
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)[^;]*?(?:\s(0x[0-9a-f]+))?\s*;")
+
+
+def sass_class(opcode):
+    """The issue class (perf_model.ISSUE_CLASSES) of one SASS opcode, without its '.' modifiers."""
+    base = opcode.split(".")[0]
+    if base in _SASS_CLASS_OF:
+        return _SASS_CLASS_OF[base]
+    if base.startswith("U") or base in ("S2UR", "R2UR"):
+        return "uniform"  # the uniform datapath: one per warp, through the scheduler
+    return "other"
+
+
+def sass_instruction_mix(sass):
+    """Instructions per thread of the first kernel in ``cuobjdump -sass`` text, by issue class, split by loops.
+
+    Returns dict(once={class: n}, loop={class: n}, loops=k, static=n): ``loop`` counts
+    the instructions inside a loop body (between a backward branch and its target, once
+    each), ``once`` the rest, ``loops`` the backward branches found. The dump ends at the
+    branch to itself after the last EXIT (what follows is padding). A runtime loop's body
+    runs its trip count times: the dynamic count is once + trips x loop (one loop) when no
+    path inside is skipped.
+    """
+    rows = []  # (address, opcode, branch target or None)
+    for line in sass.split("Function :", 2)[1 if "Function :" in sass else 0].splitlines():
+        match = _SASS_LINE.match(line)
+        if match is None:
+            continue
+        address, opcode, target = int(match.group(1), 16), match.group(2), match.group(3)
+        target = int(target, 16) if target is not None and opcode in ("BRA", "JMP") else None
+        if target == address:
+            break  # the terminal self-branch
+        rows.append((address, opcode, target))
+    loops = [(target, address) for address, _, target in rows if target is not None and target < address]
+    mix = dict(once={}, loop={}, loops=len(loops), static=len(rows))
+    for address, opcode, _ in rows:
+        part = mix["loop"] if any(start <= address <= end for start, end in loops) else mix["once"]
+        cls = sass_class(opcode)
+        part[cls] = part.get(cls, 0) + 1
+    return mix
+
+
+def _instruction_fields(sass):
+    """The fields of the instruction mix added to a compiled kernel's measure."""
+    return dict(mix=sass_instruction_mix(sass))
 
 
 def report_problems(measure, arch):
@@ -214,8 +280,34 @@ def _model_launches(shape, dtype, allow_tf32, views=REPORT_VIEWS):
     return launches
 
 
+def _model_kernel_row(prefix, cost, launches, compiler, gpu):
+    """One kernel's row of the model: issue source, instructions, scheduler share, residency, waves, bound."""
+    from . import perf_model as pm
+
+    resident = waves = mma = "-"
+    if cost.name in launches:
+        m = compiler.measure(launches[cost.name], gpu.arch)
+        res = pm.residency(m["regs"], m["num_warps"], m["smem_static"] + m["smem_dynamic"], gpu)
+        resident, mma = res, m["mma"]
+        waves = -(-cost.programs // max(1, gpu.sms * res))
+    instructions = f"{sum(cost.instructions.values()) / 1e9:.3f}" if cost.instructions else "-"
+    return (f"{prefix} {cost.name:<26} {cost.source or '-':>7} {instructions:>7} "
+            f"{pm.scheduler_fraction(cost, gpu):>5.2f} {cost.programs or '-':>8} {resident:>6} {waves:>5} {mma:>4} "
+            f"{cost.flops / 1e9:>8.3f} {cost.dram_bytes / 1e6:>8.2f} {pm.kernel_bound_us(cost, gpu):>9.2f}")
+
+
+def _model_total_row(prefix, label, step):
+    """A path's total: the GPU bound, the host time (plans + launches) and the step's bound, their max."""
+    return (f"{prefix} {label:<26} {step.launches:>8} launches: GPU bound {step.gpu_us:.2f} us, host >= "
+            f"{step.host_us:.1f} us, step >= {step.step_us:.2f} us")
+
+
 def _model_report(compiler, dtype_names):
-    """Prints the static performance model (lpjepa.kernels.perf_model) for H100 and A100."""
+    """Prints the static performance model (lpjepa.kernels.perf_model) for the GPUs of ``perf_model.MODEL_GPUS``.
+
+    The register sort's instructions come from its compiled SASS (``sass_instruction_mix``)
+    for each GPU's arch; the host time of the plans is measured here, on meta tensors.
+    """
     import torch
 
     from . import perf_model as pm
@@ -224,32 +316,33 @@ def _model_report(compiler, dtype_names):
     modes = {"bf16": (torch.bfloat16, False), "fp32-tf32": (torch.float32, True), "fp32": (torch.float32, False)}
     print("\nStatic performance model: a roofline LOWER BOUND per path (datasheet peaks), not a measurement.")
     print("The whole regularizer step on both sides: the target and the directions drawn, two views against one")
-    print("shared target, forward and backward (elementwise kernels charged their memory traffic alone).\n")
-    print(f"{'gpu':<10} {'shape':<9} {'mode':<10} {'path':<22} {'kernel':<26} {'programs':>8} {'res/SM':>6} "
-          f"{'waves':>5} {'mma':>4} {'GFLOP':>8} {'MB':>8} {'bound us':>9}")
-    for gpu in pm.GPUS.values():
+    print("shared target, forward and backward (elementwise kernels charged their memory traffic alone).")
+    print("issue: where the sort's instructions come from (sass: its compiled mix, the views' loop x V; formula:")
+    print("bitonic steps); Ginst: lane instructions (1e9); sched: share of the 4 warp schedulers kept busy.")
+    print(f"Host: the plans of one loss call built on this machine (meta tensors, median) + {pm.LAUNCH_US:g} us a launch;")
+    print("a step takes at least the larger of the GPU bound and the host time.\n")
+    print(f"{'gpu':<10} {'shape':<9} {'mode':<10} {'path':<22} {'kernel':<26} {'issue':>7} {'Ginst':>7} {'sched':>5} "
+          f"{'programs':>8} {'res/SM':>6} {'waves':>5} {'mma':>4} {'GFLOP':>8} {'MB':>8} {'bound us':>9}")
+    plan_us = {}
+    for gpu in (pm.GPUS[key] for key in pm.MODEL_GPUS):
         for shape in pm.MODEL_SHAPES:
             for mode in dtype_names:
                 dtype, allow_tf32 = modes[mode]
                 launches = _model_launches(shape, dtype, allow_tf32)
+                sort = launches.get("_sort_residual_kernel")
+                sort_compiled = compiler.measure(sort, gpu.arch) if sort is not None else None
                 for path in ((p, s) for p in PROJECTION_PATHS for s in sort_paths_for(shape.B)):
-                    costs = pm.path_costs(shape, path, dtype=dtype, allow_tf32=allow_tf32)
+                    costs = pm.path_costs(shape, path, dtype=dtype, allow_tf32=allow_tf32, sort_compiled=sort_compiled)
+                    prefix = f"{gpu.name[:10]:<10} {shape.name:<9} {mode:<10} {'/'.join(path):<22}"
                     for cost in costs:
-                        resident = waves = mma = "-"
-                        if cost.name in launches:
-                            m = compiler.measure(launches[cost.name], gpu.arch)
-                            res = pm.residency(m["regs"], m["num_warps"], m["smem_static"] + m["smem_dynamic"], gpu)
-                            resident, mma = res, m["mma"]
-                            waves = -(-cost.programs // max(1, gpu.sms * res))
-                        print(f"{gpu.name[:10]:<10} {shape.name:<9} {mode:<10} {'/'.join(path):<22} {cost.name:<26} "
-                              f"{cost.programs or '-':>8} {resident:>6} {waves:>5} {mma:>4} {cost.flops / 1e9:>8.3f} "
-                              f"{cost.dram_bytes / 1e6:>8.2f} {pm.kernel_bound_us(cost, gpu):>9.2f}")
-                    bound, launched, floor = pm.total_bound_us(costs, gpu)
-                    print(f"{gpu.name[:10]:<10} {shape.name:<9} {mode:<10} {'/'.join(path):<22} {'= path total':<26} "
-                          f"{launched:>8} launches, launch floor {floor:.0f} us, bound {bound:.2f} us", flush=True)
-            seed_bound, launched, floor = pm.total_bound_us(pm.seed_costs(shape), gpu)
-            print(f"{gpu.name[:10]:<10} {shape.name:<9} {'fp16 amp':<10} {'seed sequence':<22} {'= total':<26} "
-                  f"{launched:>8} launches, launch floor {floor:.0f} us, bound {seed_bound:.2f} us", flush=True)
+                        print(_model_kernel_row(prefix, cost, launches, compiler, gpu))
+                    key = (shape, mode, path)
+                    if key not in plan_us:
+                        plan_us[key] = pm.host_plan_us(shape, path, dtype=dtype, allow_tf32=allow_tf32)
+                    print(_model_total_row(prefix, "= path total", pm.step_bound_us(costs, gpu, plan_us[key])),
+                          flush=True)
+            prefix = f"{gpu.name[:10]:<10} {shape.name:<9} {'fp16 amp':<10} {'seed sequence':<22}"
+            print(_model_total_row(prefix, "= total", pm.step_bound_us(pm.seed_costs(shape), gpu, 0.0)), flush=True)
 
 
 def _run_worker(arches, quick, model):
@@ -274,7 +367,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m lpjepa.kernels.compile_report", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_LIMIT))
     parser.add_argument("--quick", action="store_true", help="a small subset, for CI")
-    parser.add_argument("--model", action="store_true", help="add the static performance model (H100, A100)")
+    parser.add_argument("--model", action="store_true", help="add the static performance model (H100, A100, H200)")
     parser.add_argument(_WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._worker:

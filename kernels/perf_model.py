@@ -1,25 +1,34 @@
 """A static performance model of the sliced-Wasserstein loss: a roofline lower bound per path, not a measurement.
 
 For each kernel a path launches, the bound is the larger of its arithmetic at the
-datasheet peak of the units it runs on and its DRAM traffic at the datasheet bandwidth,
-each scaled down when the kernel has fewer programs than the GPU has SMs (an idle SM
+datasheet peak of the units it runs on (or, for the register sort, its instructions at
+the issue rates of the SM's pipes) and its DRAM traffic at the datasheet bandwidth, each
+scaled down when the kernel has fewer programs than the GPU has SMs (an idle SM
 contributes nothing); a path's bound is the sum over its kernels, which run one after
 another. Real kernels reach a fraction of these peaks, so a measured time is always
 above the bound; the ratio says how far a kernel is from its roofline. ``compile_report
 --model`` adds what the compiled code says: registers, shared memory and warps give the
-programs resident per SM and the waves, and the SASS the tensor-core instructions.
+programs resident per SM and the waves, the SASS the tensor-core instructions and the
+register sort's instruction mix.
 
 What each kernel is charged (no cache reuse beyond what is said):
 
 * projection (``_project_kernel`` or cuBLAS): 2 S K B D flops on the tensor cores (fp16 /
   bf16; TF32 for fp32 when allowed) or the FMA units (IEEE fp32); reads the S B D rows and
   the K D directions once, writes S K B fp32.
-* register sort (``_sort_residual_kernel``): a bitonic sort of n keys makes
-  n log2(n) (log2(n) + 1) / 2 element-steps; each costs at least 2 lane instructions for
-  an int32 key and 4 for an int64 key, issued at the FP32 lane rate (half the FMA flop
-  rate), the fastest any SM issues. Sorts: the target once (int32 keys without its
-  residual) and each view (int64 keys, an argsort); reads the projections, writes the
-  residuals.
+* register sort (``_sort_residual_kernel``): its instructions per thread, by class, read
+  from the compiled SASS (``compile_report.sass_instruction_mix``: the code outside the
+  loop over the views once, the loop's body V times), times the threads launched, each
+  class at its pipe's rate per SM (integer ALU ops at the INT32 lanes, half the FP32
+  lanes of an H100; IMAD, FP32, shuffles and shared memory at theirs; every instruction
+  through the 4 warp schedulers), over the SMs the programs occupy. An SM has 4 warp
+  schedulers, each feeding its own quarter of the pipes: with fewer than 4 warps resident
+  per SM (programs of one warp each, the small-batch configs) the issue rate is
+  min(4, resident warps) / 4 of the peak. Without a compiled count (``path_costs`` alone,
+  the benchmarks) a fallback formula stands in, and the row says so: a bitonic sort of n
+  keys makes n log2(n) (log2(n) + 1) / 2 element-steps, each at least 2 integer ALU
+  instructions for an int32 key and 4 for an int64 key. The SASS count is about 2.3x the
+  formula at the official shape. Reads the projections, writes the residuals.
 * torch.sort + ``_residual_kernel``: the sort at least reads its fp32 keys and writes
   them with their int64 indices; the residual kernel reads both back and writes the
   residual.
@@ -36,12 +45,41 @@ directions (randn, norm, divide), autocast's casts, two fp16 matmuls, two torch.
 along the batch, the squared difference and its mean, then the backward through sort and
 matmul. Elementwise kernels are charged their memory traffic alone.
 
-Launches are counted too: at the seed's shape every kernel is shorter than PyTorch's
-typical 3-10 microseconds of host time per launch, so ``launch_floor_us`` (3 microseconds
-a launch, the low end) can exceed the roofline bound there.
+The host issues every launch, so a step takes at least its host time as well: the
+launch plans of one loss call built in Python (``host_plan_us``, measured on the machine
+running the model) plus ``LAUNCH_US`` per launch (3 microseconds, the low end of
+PyTorch's typical 3-10). ``step_bound_us`` is the larger of the GPU bound and that host
+time; at the seed's shape the host time is the larger.
+
+GPU figures: ``GPUS`` holds datasheet peaks of the common data-center GPUs and the
+RTX 4090, each with its source; ``device_gpu()`` picks the current CUDA device's row by its
+name, or, for a GPU not in the table, scales the nearest known GPU of the same
+architecture by SM count and says so in its name.
+
+What the bound ignores (each makes real time longer, never shorter):
+
+* caches: L2 and L1 reuse beyond what is charged, and L2 misses beyond one DRAM pass;
+  every byte is charged once at the datasheet HBM bandwidth;
+* instruction latency and dependency stalls: instructions are charged at issue rate, as
+  if every scheduler always had a ready warp (beyond the idle-scheduler charge);
+* shared-memory bank conflicts, uncoalesced or partial-sector accesses, and the width of
+  shared and global accesses (one issue slot each);
+* the tail of partial waves beyond the busy-SM fraction (programs are spread evenly over
+  the SMs they occupy), and launch ramp-up and drain inside a kernel;
+* clocks below the boost clock (power and thermal limits) and the datasheet peaks being
+  peaks: tensor cores, FMA units and HBM never sustain them;
+* the real efficiency of torch's elementwise kernels, cuBLAS and torch.sort (charged their
+  minimal traffic or flops at full occupancy);
+* host time beyond the measured plan building and ``LAUNCH_US`` per launch: Python and
+  autograd overhead of the ops, the allocator, synchronisations, gaps between launches;
+* overlap between kernels (none is assumed: kernels run one after another) and between
+  the host and the GPU (the step is the larger of the two, not their sum).
 """
 import math
-from typing import NamedTuple
+import re
+import statistics
+import time
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -50,25 +88,131 @@ from . import sliced_wasserstein as kernels
 
 
 class GPU(NamedTuple):
-    """Datasheet peaks (dense) of one GPU, from the vendor's published figures."""
+    """Datasheet peaks (dense) and per-SM limits of one GPU, with where the figures come from."""
 
     name: str
-    arch: int
+    arch: int  # compute capability, major * 10 + minor
     sms: int
     fp32_tflops: float  # FMA units
-    tf32_tflops: float  # tensor cores
+    tf32_tflops: float  # tensor cores (the FMA units' fp32 rate where there are no TF32 tensor cores)
     fp16_tflops: float  # tensor cores, fp32 accumulate (bf16 alike)
     hbm_tbps: float
     regs_per_sm: int
     smem_per_sm: int  # bytes
     max_threads_per_sm: int
     max_blocks_per_sm: int
+    clock_ghz: float  # boost clock: fp32_tflops = sms x fp32_lanes x 2 flops x clock
+    fp32_lanes: int  # FP32 add / multiply / FMA results per SM per clock
+    int32_lanes: int  # INT32 add / compare / logic / select results per SM per clock
+    source: str
 
 
-GPUS = {
-    "H100": GPU("H100 SXM5", 90, 132, 66.9, 494.7, 989.4, 3.35, 65536, 228 * 1024, 2048, 32),
-    "A100": GPU("A100 SXM4", 80, 108, 19.5, 156.0, 312.0, 2.04, 65536, 164 * 1024, 2048, 32),
+# Issue rates per SM per clock that do not differ between sm_75 and sm_90 (CUDA C++
+# Programming Guide, "Arithmetic Instructions": warp shuffle 32 results per clock per SM,
+# 32-bit integer multiply / multiply-add 64); shared memory serves 128 bytes a clock per SM,
+# one 32-bit word for each of 32 lanes. Every SM has 4 warp schedulers (sub-partitions), each
+# issuing one warp instruction a clock to its own quarter of the pipes.
+SHUFFLE_LANES = 32
+SHARED_LANES = 32
+INT_MUL_LANES = 64
+SCHEDULERS = 4
+WARP = 32
+
+# Per-SM limits and lanes by compute capability (CUDA C++ Programming Guide: technical
+# specifications per compute capability; arithmetic instruction throughput): 32-bit
+# registers, shared memory (bytes), threads, resident blocks, FP32 lanes, INT32 lanes.
+SM_LIMITS = {
+    75: (65536, 64 * 1024, 1024, 16, 64, 64),
+    80: (65536, 164 * 1024, 2048, 32, 64, 64),
+    86: (65536, 100 * 1024, 1536, 16, 128, 64),
+    89: (65536, 100 * 1024, 1536, 24, 128, 64),
+    90: (65536, 228 * 1024, 2048, 32, 128, 64),
 }
+
+
+def _gpu(name, arch, sms, fp32, tf32, fp16, hbm, clock, source):
+    """A GPUS row: its datasheet peaks (TFLOP/s, TB/s, boost clock in GHz) and its architecture's per-SM limits."""
+    regs, smem, threads, blocks, fp32_lanes, int32_lanes = SM_LIMITS[arch]
+    return GPU(name, arch, sms, fp32, tf32, fp16, hbm, regs, smem, threads, blocks, clock, fp32_lanes, int32_lanes,
+               source + "; per-SM limits and lanes: CUDA C++ Programming Guide")
+
+
+_DATASHEET = "NVIDIA datasheet, dense peaks, boost clock: "
+# Name, arch, SMs, FP32, TF32, FP16 / BF16 tensor with FP32 accumulate (TFLOP/s), HBM (TB/s),
+# boost clock (GHz). H100 SXM5, H200 and A100 SXM4 80 GB as the project's GPU figures table has them.
+GPUS = {
+    "H100": _gpu("H100 SXM5", 90, 132, 66.9, 494.7, 989.4, 3.35, 1.98, _DATASHEET + "H100 SXM5 80 GB"),
+    "H100 PCIe": _gpu("H100 PCIe", 90, 114, 51.2, 378.0, 756.0, 2.0, 1.755, _DATASHEET + "H100 PCIe 80 GB"),
+    "H100 NVL": _gpu("H100 NVL", 90, 132, 60.0, 417.5, 835.5, 3.9, 1.785,
+                     _DATASHEET + "H100 NVL 94 GB (its sparse tensor figures halved)"),
+    "H200": _gpu("H200 SXM", 90, 132, 66.9, 494.7, 989.4, 4.8, 1.98, _DATASHEET + "H200 SXM 141 GB"),
+    "A100": _gpu("A100 SXM4", 80, 108, 19.5, 156.0, 312.0, 2.04, 1.41, _DATASHEET + "A100 SXM4 80 GB"),
+    "A100 40GB": _gpu("A100 40GB", 80, 108, 19.5, 156.0, 312.0, 1.555, 1.41, _DATASHEET + "A100 SXM4 / PCIe 40 GB"),
+    "A100 PCIe": _gpu("A100 PCIe", 80, 108, 19.5, 156.0, 312.0, 1.935, 1.41, _DATASHEET + "A100 PCIe 80 GB"),
+    "L4": _gpu("L4", 89, 58, 30.3, 60.0, 121.0, 0.3, 2.04, _DATASHEET + "L4 (its sparse tensor figures halved)"),
+    "A10": _gpu("A10", 86, 72, 31.2, 62.5, 125.0, 0.6, 1.695, _DATASHEET + "A10 (its sparse tensor figures halved)"),
+    "T4": _gpu("T4", 75, 40, 8.1, 8.1, 65.0, 0.32, 1.59,
+               _DATASHEET + "T4 (no TF32 tensor cores: TF32 is the FMA units' FP32 rate)"),
+    "RTX 4090": _gpu("RTX 4090", 89, 128, 82.6, 82.6, 165.2, 1.008, 2.52,
+                     "NVIDIA Ada GPU architecture whitepaper, GeForce RTX 4090, dense, FP16 with FP32 accumulate"),
+}
+
+# The GPUs compile_report --model prints (it runs without a GPU).
+MODEL_GPUS = ("H100", "A100", "H200")
+
+# torch.cuda.get_device_name() patterns (lower case), first match wins: e.g. "NVIDIA H100 80GB HBM3",
+# "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe", "Tesla T4", "NVIDIA GeForce RTX 4090".
+DEVICE_NAMES = (
+    (r"h200(?!.*nvl)", "H200"),
+    (r"h100.*nvl", "H100 NVL"),
+    (r"h100.*pcie", "H100 PCIe"),
+    (r"h100", "H100"),
+    (r"a100.*40gb", "A100 40GB"),
+    (r"a100.*pcie", "A100 PCIe"),
+    (r"a100", "A100"),
+    (r"\bl4\b", "L4"),
+    (r"\ba10\b", "A10"),
+    (r"\bt4\b", "T4"),
+    (r"rtx 4090", "RTX 4090"),
+)
+
+
+def _scaled(gpu, sms, name, props):
+    """``gpu``'s peaks scaled to ``sms`` SMs, with the per-SM limits torch reports for the device."""
+    ratio = sms / gpu.sms
+    return gpu._replace(
+        name=name, sms=sms, fp32_tflops=gpu.fp32_tflops * ratio, tf32_tflops=gpu.tf32_tflops * ratio,
+        fp16_tflops=gpu.fp16_tflops * ratio, hbm_tbps=gpu.hbm_tbps * ratio,
+        regs_per_sm=props.regs_per_multiprocessor or gpu.regs_per_sm,
+        smem_per_sm=props.shared_memory_per_multiprocessor or gpu.smem_per_sm,
+        max_threads_per_sm=props.max_threads_per_multi_processor or gpu.max_threads_per_sm,
+        source=f"estimate: {gpu.name}'s peaks x {sms}/{gpu.sms} SMs; per-SM limits from the device's properties",
+    )
+
+
+def device_gpu(device=None):
+    """The GPU figures of a CUDA device (default: the current one), from its name, else an estimate.
+
+    A name in ``DEVICE_NAMES`` takes its ``GPUS`` row (scaled by SM count when torch reports
+    fewer SMs, as on a MIG slice). Any other GPU is labelled "unknown GPU" and takes the
+    peaks of the known GPU of its architecture (else its major architecture, else the
+    H100) with the nearest SM count, scaled by SM count, and the per-SM limits torch
+    reports. Raises RuntimeError when torch sees no CUDA device.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("device_gpu needs a CUDA device; without one pass a GPUS row, e.g. GPUS['H100']")
+    name = torch.cuda.get_device_name(device)
+    props = torch.cuda.get_device_properties(device)
+    sms, arch = props.multi_processor_count, props.major * 10 + props.minor
+    for pattern, key in DEVICE_NAMES:
+        if re.search(pattern, name.lower()):
+            gpu = GPUS[key]
+            return gpu if sms == gpu.sms else _scaled(gpu, sms, f"{gpu.name} ({sms} of {gpu.sms} SMs)", props)
+    candidates = ([g for g in GPUS.values() if g.arch == arch] or
+                  [g for g in GPUS.values() if g.arch // 10 == props.major] or [GPUS["H100"]])
+    nearest = min(candidates, key=lambda g: abs(g.sms - sms))
+    label = f"unknown GPU {name}: peaks scaled from {nearest.name} by SM count"
+    return _scaled(nearest, sms, label, props)._replace(arch=arch)
 
 
 class Shape(NamedTuple):
@@ -86,13 +230,30 @@ LAUNCH_US = 3.0  # the low end of PyTorch's typical host time per kernel launch
 
 
 class KernelCost(NamedTuple):
-    """What one launch must do: its programs, flops (on which units) and DRAM bytes."""
+    """What one launch must do: its programs, flops (on which units), DRAM bytes and, for the sort, instructions.
+
+    ``instructions``: lane instructions of the whole launch (per thread x threads) by
+    class (``ISSUE_CLASSES``), charged at the issue rates of the SM's pipes; ``source``
+    says where they come from. ``warps``, ``regs`` and ``smem`` (bytes) of one program
+    give its residency; with ``warps`` set, fewer than 4 resident warps per SM leave warp
+    schedulers idle and the compute time grows by 4 / min(4, resident warps).
+    """
 
     name: str
     programs: int
     flops: float
     unit: str  # 'tensor_fp16', 'tensor_tf32', 'fma_fp32' or 'lanes' (instructions at the FP32 lane rate)
     dram_bytes: float
+    instructions: Optional[dict] = None
+    source: str = ""
+    warps: int = 0
+    regs: int = 0
+    smem: int = 0
+
+
+# The instruction classes compile_report.sass_instruction_mix sorts SASS into, and the pipes
+# they issue to. The others issue at the schedulers' rate alone.
+ISSUE_CLASSES = ("int_alu", "int_mul", "fp32", "shuffle", "shared", "global", "control", "uniform", "other")
 
 
 def peak_per_second(gpu, unit):
@@ -104,10 +265,46 @@ def peak_per_second(gpu, unit):
     }[unit] * 1e12
 
 
+def scheduler_fraction(cost, gpu):
+    """min(4, warps resident per SM) / 4: the share of the warp schedulers a launch keeps busy (1 without ``warps``).
+
+    Resident warps: the programs an SM holds (``residency``, at most the programs each busy
+    SM gets) times the warps of one.
+    """
+    if not cost.warps or not cost.programs:
+        return 1.0
+    per_sm = math.ceil(cost.programs / min(cost.programs, gpu.sms))
+    resident = min(per_sm, residency(cost.regs, cost.warps, cost.smem, gpu))
+    return min(SCHEDULERS, max(1, resident) * cost.warps) / SCHEDULERS
+
+
+def issue_cycles(instructions, gpu):
+    """Clocks one SM needs for ``instructions`` (lane instructions by class): its busiest pipe, at full issue.
+
+    Pipes: integer ALU ops (add, compare, logic, select, shift) at the INT32 lanes; IMAD at
+    64; FP32 at the FP32 lanes, sharing the FMA pipe with IMAD; shuffles and shared memory
+    at 32; every instruction through 4 schedulers of one warp instruction a clock.
+    """
+    n = {cls: instructions.get(cls, 0.0) for cls in ISSUE_CLASSES}
+    return max(
+        sum(n.values()) / (SCHEDULERS * WARP),
+        n["int_alu"] / gpu.int32_lanes,
+        n["int_mul"] / INT_MUL_LANES,
+        (n["fp32"] + n["int_mul"]) / gpu.fp32_lanes,
+        n["shuffle"] / SHUFFLE_LANES,
+        n["shared"] / SHARED_LANES,
+    )
+
+
 def kernel_bound_us(cost, gpu):
     """The roofline lower bound of one kernel, in microseconds (the SMs it can occupy only)."""
     busy = min(1.0, cost.programs / gpu.sms) if cost.programs else 1.0
     compute = cost.flops / (peak_per_second(gpu, cost.unit) * busy)
+    if cost.instructions:
+        busy_sms = min(cost.programs, gpu.sms) if cost.programs else gpu.sms
+        per_sm = {cls: count / busy_sms for cls, count in cost.instructions.items()}
+        compute = max(compute, issue_cycles(per_sm, gpu) / (gpu.clock_ghz * 1e9))
+    compute /= scheduler_fraction(cost, gpu)
     memory = cost.dram_bytes / (gpu.hbm_tbps * 1e12)
     return 1e6 * max(compute, memory)
 
@@ -141,13 +338,40 @@ def projection_cost(name, sources, B, D, K, dtype_bytes, allow_tf32, programs):
                       sources * B * D * dtype_bytes + K * D * dtype_bytes + sources * K * B * 4)
 
 
-def register_sort_cost(views, targets, B, K, programs, need_target_residual):
+def sort_instructions_per_thread(mix, views):
+    """Dynamic instructions per thread by class from a SASS mix: the code outside the loop once, its body ``views`` times.
+
+    ``mix``: ``compile_report.sass_instruction_mix``'s dict (``once``, ``loop``, ``loops``);
+    the register sort's one loop is the loop over the views. None when the SASS holds
+    another number of loops (the split would not be the views').
+    """
+    if mix is None or mix["loops"] != 1:
+        return None
+    classes = set(mix["once"]) | set(mix["loop"])
+    return {cls: mix["once"].get(cls, 0) + views * mix["loop"].get(cls, 0) for cls in classes}
+
+
+def register_sort_cost(views, targets, B, K, programs, need_target_residual, compiled=None):
+    """``_sort_residual_kernel``'s cost: its SASS instruction mix when ``compiled`` has one, else the bitonic formula.
+
+    compiled: ``compile_report``'s measure of the launch (``mix``, ``regs``, ``num_warps``,
+    shared memory); without it the warps come from ``sort_config`` and the instructions
+    from ``bitonic_steps`` (``source`` says which).
+    """
+    written = views + (targets if need_target_residual else 0)
+    dram_bytes = (views + targets + written) * K * B * 4
+    per_thread = sort_instructions_per_thread(compiled.get("mix"), views) if compiled else None
+    if per_thread is not None:
+        threads = programs * compiled["num_warps"] * WARP
+        instructions = {cls: count * threads for cls, count in per_thread.items()}
+        return KernelCost("_sort_residual_kernel", programs, 0.0, "lanes", dram_bytes, instructions, "sass",
+                          compiled["num_warps"], compiled["regs"], compiled["smem_static"] + compiled["smem_dynamic"])
     b_pad = 1 << max(0, B - 1).bit_length()
     target_instructions = 4 if need_target_residual else 2
-    instructions = K * bitonic_steps(b_pad) * (targets * target_instructions + views * 4)
-    written = views + (targets if need_target_residual else 0)
-    return KernelCost("_sort_residual_kernel", programs, instructions, "lanes",
-                      (views + targets + written) * K * B * 4)
+    lane_instructions = K * bitonic_steps(b_pad) * (targets * target_instructions + views * 4)
+    warps = kernels.sort_config(B, K, need_target_residual)["num_warps"]
+    return KernelCost("_sort_residual_kernel", programs, 0.0, "lanes", dram_bytes,
+                      {"int_alu": lane_instructions}, "formula", warps)
 
 
 def torch_sort_costs(views, targets, B, K, residual_programs, need_target_residual):
@@ -213,7 +437,7 @@ def project_programs(sources, shape, dtype, allow_tf32):
 
 
 def path_costs(shape, path, *, dtype=torch.bfloat16, allow_tf32=False, views=2, targets=1,
-               need_target_residual=False, with_backward=True, with_target_draw=True):
+               need_target_residual=False, with_backward=True, with_target_draw=True, sort_compiled=None):
     """The kernels of one (projection path, sort path) for ``shape``: what ``RDMReg`` launches.
 
     Forward: the target's draw (the Triton sampler, ``with_target_draw``), the directions'
@@ -222,6 +446,7 @@ def path_costs(shape, path, *, dtype=torch.bfloat16, allow_tf32=False, views=2, 
     reduction; backward (``with_backward``): the residual times its scale, its cast to the
     features' dtype, z's gradient matmul. Program counts come from the launchers'
     configs; cuBLAS, torch.sort and torch's elementwise kernels count as filling every SM.
+    sort_compiled: the compiled register sort's measure (``register_sort_cost``), or None.
     """
     B, D, K = shape.B, shape.D, shape.K
     projection_path, sort_path = path
@@ -240,7 +465,7 @@ def path_costs(shape, path, *, dtype=torch.bfloat16, allow_tf32=False, views=2, 
             costs.append(projection_cost("cuBLAS", sources, B, D, K, dtype_bytes, allow_tf32, 0))
     if sort_path == "registers":
         programs = triton.cdiv(K, kernels.sort_config(B, K, need_target_residual)["ROWS"])
-        costs.append(register_sort_cost(views, targets, B, K, programs, need_target_residual))
+        costs.append(register_sort_cost(views, targets, B, K, programs, need_target_residual, sort_compiled))
     else:
         cfg = kernels.residual_config(B, K)
         programs = triton.cdiv(K, cfg["BLOCK_K"]) * triton.cdiv(B, cfg["BLOCK_B"])
@@ -258,3 +483,51 @@ def total_bound_us(costs, gpu):
     """(roofline bound in microseconds, launches, launch floor in microseconds) of a kernel sequence."""
     bound = sum(kernel_bound_us(cost, gpu) for cost in costs)
     return bound, len(costs), len(costs) * LAUNCH_US
+
+
+def host_plan_us(shape, path=("triton", "registers"), *, dtype=torch.bfloat16, allow_tf32=False, views=2,
+                 device="meta", repeats=200):
+    """Median host time, in microseconds, of building one loss call's launch plans, measured here and now.
+
+    The plans the Triton backend builds per call: the target's draw (``rgg_launch``), the
+    projections of the views and of the shared target (``project_plan`` twice) and the sort
+    and residual (``sort_residual_plan``), on ``device`` tensors of ``shape`` (the plans
+    allocate their outputs; on ``meta`` that costs nothing, so this is the Python work
+    alone). ``repeats`` rounds of all four, timed with ``time.perf_counter``.
+    """
+    from .rgg_sample import rgg_launch
+
+    projection_path, sort_path = path
+    x = torch.empty((views, shape.B, shape.D), dtype=dtype, device=device)
+    target = torch.empty((1, shape.B, shape.D), dtype=dtype, device=device)
+    directions = torch.empty((shape.K, shape.D), dtype=dtype, device=device)
+    proj = torch.empty((views, shape.K, shape.B), dtype=torch.float32, device=device)
+    proj_t = torch.empty((1, shape.K, shape.B), dtype=torch.float32, device=device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        rgg_launch(target, p=1.0, mu=0.0, sigma=1.0, seed=12345, offset=0)
+        kernels.project_plan(x, directions, path=projection_path, allow_tf32=allow_tf32)
+        kernels.project_plan(target, directions, path=projection_path, allow_tf32=allow_tf32)
+        kernels.sort_residual_plan(proj, proj_t, path=sort_path)
+        times.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(times)
+
+
+class StepBound(NamedTuple):
+    """A step's lower bound: the GPU's (the kernels in sequence) and the host's (plans + launches)."""
+
+    gpu_us: float
+    host_us: float
+    launches: int
+
+    @property
+    def step_us(self):
+        """The host must issue everything the GPU runs: the larger of the two."""
+        return max(self.gpu_us, self.host_us)
+
+
+def step_bound_us(costs, gpu, plan_us):
+    """StepBound of a kernel sequence: host time = ``plan_us`` (``host_plan_us``) + launches x ``LAUNCH_US``."""
+    bound, launches, launch_floor = total_bound_us(costs, gpu)
+    return StepBound(bound, plan_us + launch_floor, launches)
