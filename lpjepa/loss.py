@@ -130,7 +130,7 @@ def rdmreg_loss(
     fp64). The torch backend computes in fp32 (fp64 for fp64 inputs); the Triton
     backend projects in the features' precision, as torch's own matmuls would (the
     target and directions rounded to fp16 / bf16 features' dtype; TF32 when torch allows
-    it), and sorts in fp32 (README, "Precision"). B = 1 gives the seed's value, the
+    it), and sorts in fp32 (docs/kernels.md, "Precision"). B = 1 gives the seed's value, the
     mean squared difference of the single projected pair. projections: optional (K, D)
     directions; when omitted, ``num_projections`` are drawn on z's device (from
     ``generator`` if given) by the ``directions`` scheme: 'gaussian' (the default)

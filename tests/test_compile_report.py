@@ -86,8 +86,8 @@ def test_bounds_scale_with_the_work():
     fwd = pm.path_costs(seed, ("triton", "registers"), with_backward=False)
     both = pm.path_costs(seed, ("triton", "registers"))
     assert pm.total_bound_us(both, h100)[0] > pm.total_bound_us(fwd, h100)[0]
-    # The README's count: the target draw, 3 for the directions, the stack, 2 casts, 2 projections,
-    # the sort-residual and the mean forward; the residual scale, its cast and one matmul backward.
+    # path_costs' count (kernels/perf_model.py): the target draw, 3 for the directions, the stack, 2 casts,
+    # 2 projections, the sort-residual and the mean forward; the residual scale, its cast and one matmul backward.
     assert pm.total_bound_us(fwd, h100)[1:] == (11, 11 * pm.LAUNCH_US)
     assert pm.total_bound_us(both, h100)[1:] == (14, 14 * pm.LAUNCH_US)
 

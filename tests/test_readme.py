@@ -1,14 +1,21 @@
-"""The README's Python snippets run as they are, in the order they appear, in one fresh folder.
+"""The README's and the docs pages' Python snippets run as they are, and their links stay inside the repository.
 
-A snippet that starts a process group runs under ``torch.distributed.run`` with two CPU
-processes (gloo), as its first line says to run it. The file the export-loading snippet
-reads is written beforehand by ``lpjepa.training.export`` from a checkpoint of the
-CPU example's model (resnet10t, CIFAR stem), as ``python -m lpjepa.export`` would.
-The README must link nothing outside the repository.
+Each page's snippets run in the order they appear, in one fresh folder per page. A snippet
+that starts a process group runs under ``torch.distributed.run`` with two CPU processes
+(gloo), as its first line says to run it. The file the export-loading snippet reads is
+written beforehand by ``lpjepa.training.export`` from a checkpoint of the CPU example's
+model (resnet10t, CIFAR stem), as ``python -m lpjepa.export`` would, and copied into every
+page's folder.
+
+No page may link outside the repository: no web address outside code, no absolute path,
+every relative link names a file or folder that exists (relative to the page's own folder),
+and every ``#anchor`` names a heading of the page it points to. The README stays short
+(at most 200 lines) and links every docs page.
 """
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -21,9 +28,85 @@ from lpjepa.training.model import LpJEPA
 from conftest import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
-SNIPPETS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [README, *DOCS]
+README_MAX_LINES = 200
 SNIPPET_TIMEOUT_S = 300
+FENCED_CODE = re.compile(r"^```.*?^```", flags=re.S | re.M)
+INLINE_CODE = re.compile(r"`[^`\n]*`")
+LINK = re.compile(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")  # [text](target "title")
+REFERENCE_LINK = re.compile(r"^\s*\[[^\]]+\]:\s*(\S+)", flags=re.M)  # [label]: target
+
+
+def page_name(page):
+    """A short readable name for test ids: 'README.md' for the front page, 'training.md' for docs/training.md."""
+    relative = page.relative_to(ROOT).as_posix()
+    return relative if page.name == "README.md" else page.name
+
+
+def snippets(page):
+    """The ```python blocks of one Markdown page, in order."""
+    return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+
+
+def prose(text):
+    """The page without its fenced and inline code, where a URL or a '#' line is not a link or a heading."""
+    return INLINE_CODE.sub("", FENCED_CODE.sub("", text))
+
+
+def github_slug(heading):
+    """GitHub's anchor for a heading: lowercase, punctuation dropped (hyphens, underscores, spaces kept), spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(page):
+    """Every anchor GitHub makes for the headings of a page; a repeated heading gets -1, -2, ... as on GitHub."""
+    seen = {}
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*#*\s*$", FENCED_CODE.sub("", page.read_text()), flags=re.M):
+        slug = github_slug(heading)
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        yield slug if count == 0 else f"{slug}-{count}"
+
+
+def links(page):
+    """Every link target of a page outside its code: inline links and reference definitions."""
+    text = prose(page.read_text())
+    return LINK.findall(text) + REFERENCE_LINK.findall(text)
+
+
+CASES = [(page, index) for page in PAGES for index in range(len(snippets(page)))]
+
+
+@pytest.fixture(scope="module")
+def backbone_file(tmp_path_factory):
+    """The backbone file the CPU example would have exported."""
+    folder = tmp_path_factory.mktemp("backbone")
+
+    class State:  # what final_checkpoint reads from a TrainState
+        global_step = 0
+        model = LpJEPA("resnet10t", "cifar")
+        probes = torch.nn.Linear(1, 1)
+
+    cfg = {"backbone": "resnet10t", "stem": "cifar", "image_size": 32, "dataset": "imagefolder"}
+    path = folder / "backbone.safetensors"
+    export_checkpoint(final_checkpoint(cfg, State, epoch=2), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def page_folders(tmp_path_factory, backbone_file):
+    """One fresh folder per page, made at its first snippet, holding a copy of the backbone file."""
+    folders = {}
+
+    def folder_for(page):
+        if page not in folders:
+            folders[page] = tmp_path_factory.mktemp(page_name(page).replace("/", "-").removesuffix(".md"))
+            shutil.copy(backbone_file, folders[page] / backbone_file.name)
+        return folders[page]
+
+    return folder_for
 
 
 def _command(path, code):
@@ -33,33 +116,41 @@ def _command(path, code):
     return [sys.executable, str(path)]
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """The folder the snippets run in, holding the backbone file the CPU example would have exported."""
-    folder = tmp_path_factory.mktemp("readme")
-
-    class State:  # what final_checkpoint reads from a TrainState
-        global_step = 0
-        model = LpJEPA("resnet10t", "cifar")
-        probes = torch.nn.Linear(1, 1)
-
-    cfg = {"backbone": "resnet10t", "stem": "cifar", "image_size": 32, "dataset": "imagefolder"}
-    export_checkpoint(final_checkpoint(cfg, State, epoch=2), str(folder / "backbone.safetensors"))
-    return folder
+def test_the_pages_have_python_snippets():
+    assert snippets(README), "the README needs its usage snippet"
+    assert len(CASES) >= 4, [f"{page_name(page)}-snippet{index + 1}" for page, index in CASES]
 
 
-def test_the_readme_has_python_snippets_and_links_nothing_outside():
-    assert len(SNIPPETS) >= 4
-    for target in re.findall(r"\]\(([^)]+)\)", README):
-        assert target.startswith("#") or (ROOT / target).exists(), target
-        assert not target.startswith(("..", "/")), target
+def test_the_readme_is_short_and_links_every_docs_page():
+    text = README.read_text()
+    assert len(text.splitlines()) <= README_MAX_LINES, f"README.md has {len(text.splitlines())} lines; move detail to docs/"
+    linked = {(ROOT / target.split("#")[0]).resolve() for target in links(README) if target.split("#")[0]}
+    missing = [page.relative_to(ROOT).as_posix() for page in DOCS if page.resolve() not in linked]
+    assert not missing, f"README.md links none of {missing}"
 
 
-@pytest.mark.parametrize("index", range(len(SNIPPETS)), ids=[f"snippet{i + 1}" for i in range(len(SNIPPETS))])
-def test_readme_snippet_runs(index, workdir):
-    code = SNIPPETS[index]
+@pytest.mark.parametrize("page", PAGES, ids=page_name)
+def test_page_links_nothing_outside_the_repository(page):
+    assert not re.search(r"\w+://|www\.|mailto:", prose(page.read_text())), f"{page_name(page)} names a web address"
+    for target in links(page):
+        assert not target.startswith("/"), f"{page_name(page)}: absolute link {target}"
+        path, _, anchor = target.partition("#")
+        resolved = (page.parent / path).resolve() if path else page.resolve()
+        assert resolved.is_relative_to(ROOT), f"{page_name(page)}: {target} leaves the repository"
+        assert resolved.exists(), f"{page_name(page)}: {target} does not exist"
+        if anchor:
+            assert resolved.suffix == ".md", f"{page_name(page)}: {target} has an anchor into a file that is not a page"
+            assert anchor in set(anchors(resolved)), f"{page_name(page)}: {target}: no heading of {resolved.name} has that anchor"
+
+
+@pytest.mark.parametrize("page, index", CASES, ids=[f"{page_name(page)}-snippet{index + 1}" for page, index in CASES])
+def test_snippet_runs(page, index, page_folders):
+    code = snippets(page)[index]
+    workdir = page_folders(page)
     path = workdir / f"snippet{index + 1}.py"
     path.write_text(code)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
     result = subprocess.run(_command(path, code), cwd=workdir, capture_output=True, text=True, env=env, timeout=SNIPPET_TIMEOUT_S)
-    assert result.returncode == 0, f"README snippet {index + 1} failed:\n{code}\n{result.stdout[-2000:]}{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"{page_name(page)} snippet {index + 1} failed:\n{code}\n{result.stdout[-2000:]}{result.stderr[-3000:]}"
+    )
