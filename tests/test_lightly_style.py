@@ -6,22 +6,16 @@ seed's objective where the randomness is fixed, refuse bad arguments by name, an
 DDP's gradient averaging, the single-process gradient (2 gloo ranks on the CPU).
 """
 import copy
-import datetime
-import json
-import os
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
 import lpjepa
 from lpjepa import distributed, reference
-from conftest import free_port, tolerance
+from conftest import spawn_ranks, tolerance
 from test_distributed import WORLD, _all_equal_across_ranks, _rows
 
 FP64 = dict(zip(("atol", "rtol"), tolerance(torch.float64)))
@@ -177,7 +171,7 @@ def _ddp_gradients(model, x_a, x_b, criterion, **fixed):
     return parts, [p.grad.clone() for p in model.parameters()]
 
 
-def check_ddp_gradients_are_the_single_process_gradients(rank, results):
+def check_ddp_gradients_are_the_single_process_gradients(rank):
     """Each rank feeds its rows of one global batch; DDP's averaged gradient is the one-process gradient."""
     from torch.nn.parallel import DistributedDataParallel
 
@@ -205,10 +199,10 @@ def check_ddp_gradients_are_the_single_process_gradients(rank, results):
             assert theirs.abs().max() > 1e-3, "a gradient that cannot tell the scales apart"
             torch.testing.assert_close(ours, theirs, **FP64, msg=f"sizes={sizes}: gradient")
             largest = max(largest, (ours - theirs).abs().max().item())
-    results["max_gradient_difference"] = largest
+    return {"max_gradient_difference": largest}
 
 
-def check_drawn_targets_are_fresh_and_alike_on_every_rank(rank, results):
+def check_drawn_targets_are_fresh_and_alike_on_every_rank(rank):
     """Without a fixed target: rank-dependent torch seeds, yet one seed stream, a fresh draw per call."""
     torch.manual_seed(100 + rank)
     sizes = (3, 5)
@@ -228,7 +222,7 @@ def check_drawn_targets_are_fresh_and_alike_on_every_rank(rank, results):
         torch.testing.assert_close(ours, theirs, **FP32, msg=f"step {step}")
 
 
-def check_no_gather_is_the_local_loss_and_never_communicates(rank, results):
+def check_no_gather_is_the_local_loss_and_never_communicates(rank):
     sizes = (4, 4)
     z_a, z_b = _views(sum(sizes), 6, seed=8)
     rows = _rows(sizes, rank)
@@ -259,40 +253,9 @@ def check_no_gather_is_the_local_loss_and_never_communicates(rank, results):
 CHECKS = {name: fn for name, fn in globals().items() if name.startswith("check_")}
 
 
-def _worker(rank, port, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    results = {}
-    try:
-        for name, check in CHECKS.items():
-            results[name] = {"error": None}
-            try:
-                check(rank, results[name])
-            except Exception:
-                results[name]["error"] = traceback.format_exc()
-            dist.barrier()  # in lockstep: a failed check leaves no collective half-matched
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        distributed.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp("lightly_style"))
-    context = mp.spawn(_worker, args=(free_port(), out_dir), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail("the 2-rank gloo run did not finish within 120 s")
-    results = []
-    for rank in range(WORLD):
-        with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
-            results.append(json.load(f))
-    return results
+    return spawn_ranks(CHECKS, WORLD, str(tmp_path_factory.mktemp("lightly_style")), timeout_s=120)
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
