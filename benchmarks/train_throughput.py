@@ -1,6 +1,6 @@
 """Training throughput: images per second of the data paths alone and of whole training steps.
 
-    python -m benchmarks.train_throughput [--device cpu|cuda] [--cores N] [--out bench_out/throughput]
+    python -m benchmarks.train_throughput [--device cpu|cuda] [--quick] [--cores N] [--out bench_out/throughput]
 
 (a) **Data path**, per augmentation recipe: the PIL pipeline (``DataLoader`` workers, one
 per core, each view augmented in PIL) against the device-resident one (the uint8 split on
@@ -12,6 +12,8 @@ with a sync only at the end of each timed run. An image is one image, two views.
 
 The images are CIFAR-shaped (32x32 RGB, uint8, random), or CIFAR-100's train split with
 ``--data-dir``. Prints a Markdown table and writes ``table.md`` and ``results.json`` to ``--out``.
+``--quick`` runs tiny sizes (a ResNet-10t on 16x16 images, a few batches and steps): that
+the program works, in seconds on the CPU, not what it measures.
 """
 import argparse
 import itertools
@@ -50,6 +52,11 @@ VARIANTS = {
     "bf16": {"amp_dtype": "bf16"},
     "compile": {"compile": True},
 }
+# The defaults of the sizes, full and --quick (given options win over both). The training part's
+# steps, warm-up, batch and variants also depend on the device (parse_args).
+FULL = dict(batch_size=256, images=10_000, recipes="seed,paper", batches=10, rounds=3, backbone="resnet18", image_size=32)
+QUICK = dict(batch_size=8, images=32, recipes="seed", batches=2, rounds=1, backbone="resnet10t", image_size=16,
+             steps=1, warmup_steps=1, train_batch_size=4)
 
 
 def available_cores():
@@ -60,18 +67,23 @@ def parse_args(argv=None):
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_throughput", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and few batches and steps (seconds on the CPU: that it runs); the defaults "
+                        "marked --quick below, which given options override")
     parser.add_argument("--cores", type=int, default=available_cores(), help="PIL workers and CPU torch threads (default: all)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256, the seed's)")
-    parser.add_argument("--images", type=int, default=10_000, help="size of the generated dataset (default 10000)")
+    parser.add_argument("--batch-size", type=int, help="images per batch (default 256, the seed's; --quick 8)")
+    parser.add_argument("--images", type=int, help="size of the generated dataset (default 10000, --quick 32)")
     parser.add_argument("--data-dir", help="use CIFAR-100's train split from this folder instead of generated images")
-    parser.add_argument("--recipes", default="seed,paper", help="augmentation recipes of the data part (default seed,paper)")
-    parser.add_argument("--batches", type=int, default=10, help="timed batches per round of the data part (default 10)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of the data part; the median counts (default 3)")
-    parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, help="timed training steps per run (default 30 on CUDA, 2 on the CPU; 0: none)")
-    parser.add_argument("--warmup-steps", type=int, help="untimed steps first (default 5 on CUDA, 1 on the CPU)")
-    parser.add_argument("--train-batch-size", type=int, help="batch of the training part (default --batch-size on CUDA, 32 on the CPU)")
+    parser.add_argument("--recipes", help="augmentation recipes of the data part (default seed,paper; --quick seed)")
+    parser.add_argument("--batches", type=int, help="timed batches per round of the data part (default 10, --quick 2)")
+    parser.add_argument("--rounds", type=int, help="timed rounds of the data part; the median counts (default 3, --quick 1)")
+    parser.add_argument("--backbone", help="timm backbone (default resnet18, --quick resnet10t)")
+    parser.add_argument("--image-size", type=int, help="image side (default 32, --quick 16)")
+    parser.add_argument("--steps", type=int,
+                        help="timed training steps per run (default 30 on CUDA, 2 on the CPU, --quick 1; 0: none)")
+    parser.add_argument("--warmup-steps", type=int, help="untimed steps first (default 5 on CUDA, 1 on the CPU and --quick)")
+    parser.add_argument("--train-batch-size", type=int,
+                        help="batch of the training part (default --batch-size on CUDA, 32 on the CPU, --quick 4)")
     parser.add_argument("--variants", help=f"speed-switch variants of the training part, from {', '.join(VARIANTS)} "
                         "(default plain,default,bf16 on CUDA, default on the CPU)")
     parser.add_argument("--out", default="bench_out/throughput", help="folder for table.md and results.json")
@@ -79,6 +91,9 @@ def parse_args(argv=None):
     if args.device == "cuda" and not cuda:
         parser.error("--device cuda, but torch sees no CUDA device")
     on_cuda = args.device == "cuda"
+    for name, default in (QUICK if args.quick else FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     args.steps = args.steps if args.steps is not None else (30 if on_cuda else 2)
     args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else (5 if on_cuda else 1)
     args.train_batch_size = args.train_batch_size or (args.batch_size if on_cuda else 32)
@@ -269,7 +284,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(text + "\n")
-    meta = dict(device=args.device, command=command.strip(), machine=info, cores=args.cores)
+    meta = dict(device=args.device, quick=args.quick, command=command.strip(), machine=info, cores=args.cores)
     (out / "results.json").write_text(json.dumps(dict(meta, rows=rows), indent=2) + "\n")
     print(text)
 

@@ -1,8 +1,9 @@
 """Rectified LpJEPA: sparse, non-negative self-supervised features regularized by RDMReg.
 
 The public API is a drop-in for the seed's ``sample_rgg`` and ``rdmreg_loss``, plus the
-``RDMReg`` module and ``rectified_lpjepa_loss``. On CUDA tensors the fused Triton
-kernels run; elsewhere a torch backend with the same value and gradient does.
+``RDMReg`` module, ``rectified_lpjepa_loss`` and its module ``RectifiedLpJEPALoss`` (shaped
+like Lightly's losses). On CUDA tensors the fused Triton kernels run; elsewhere a torch
+backend with the same value and gradient does.
 
 ``import lpjepa`` imports torch and this package's own modules only: the Triton ops load
 at the first call that uses them, the training program's timm and torchvision with
@@ -12,12 +13,13 @@ at the first call that uses them, the training program's timm and torchvision wi
 import importlib
 
 from . import metrics, rgg
-from .loss import LossParts, RDMReg, rdmreg_loss, rectified_lpjepa_loss
+from .loss import LossParts, RDMReg, RectifiedLpJEPALoss, rdmreg_loss, rectified_lpjepa_loss
 from .sampling import sample_rgg
 
 __all__ = [
     "LossParts",
     "RDMReg",
+    "RectifiedLpJEPALoss",
     "metrics",
     "rdmreg_loss",
     "rectified_lpjepa_loss",

@@ -177,3 +177,25 @@ def check_svd_rows(directions, rows):
             f"directions={directions!r} needs a batch of at least 2 rows (the singular vectors of a centred "
             f"single row are arbitrary); got {rows}. Use directions='gaussian'."
         )
+
+
+def check_flag(name, value):
+    """A switch must be a bool: a string such as 'false' would otherwise read as True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {name}={value!r}")
+    return value
+
+
+def check_alias(name, value, alias, alias_value, default):
+    """One setting given under two names (e.g. num_projections and its alias num_slices): either, or both alike.
+
+    None means not given; the value is ``default`` when neither is.
+    """
+    if value is not None and alias_value is not None and value != alias_value:
+        raise ValueError(
+            f"{name} and {alias} name the same setting; got {name}={value!r} and {alias}={alias_value!r}. Give one of them."
+        )
+    for given in (value, alias_value):
+        if given is not None:
+            return given
+    return default

@@ -1,7 +1,10 @@
-"""The RDMReg loss, the public API: ``rdmreg_loss``, ``RDMReg`` and ``rectified_lpjepa_loss``.
+"""The RDMReg loss, the public API: ``rdmreg_loss``, ``RDMReg``, ``rectified_lpjepa_loss`` and
+``RectifiedLpJEPALoss``.
 
 ``rdmreg_loss`` is a drop-in for the seed's function; ``RDMReg`` draws its own targets
-and projections; ``rectified_lpjepa_loss`` adds the invariance term. They validate their
+and projections; ``rectified_lpjepa_loss`` adds the invariance term, and
+``RectifiedLpJEPALoss`` is that objective as a module shaped like Lightly's losses
+(``gather_distributed``, ``forward`` returning the loss). They validate their
 inputs, draw what is not given, and call the ops (``lpjepa.ops``) on the backend chosen
 for the call: the torch ops, or the Triton kernels on CUDA. Under ``torch.distributed``
 the same draw feeds the global-batch computation (``_global_loss``), which uses the
@@ -333,6 +336,15 @@ def rectified_lpjepa_loss(
     )
     if group is not None:
         rdmreg.seed_stream = distributed.default_seed_stream(group)
+    return _objective(rdmreg, group, z1, z2, lamb_inv, lamb_reg, target, projections, generator)
+
+
+def _objective(rdmreg, group, z1, z2, lamb_inv, lamb_reg, target=None, projections=None, generator=None):
+    """``LossParts`` of lamb_inv * MSE(z1, z2) + lamb_reg * rdmreg(z1, z2), over ``group``'s global batch if any.
+
+    rdmreg: the ``RDMReg`` whose process group is ``group`` (None: the local loss); its
+    ``scale_grad_by_world_size`` applies to the invariance too.
+    """
     regularizer = rdmreg(z1, z2, target=target, projections=projections, generator=generator)
     with torch.autocast(z1.device.type, enabled=False):
         dtype = torch_ops.compute_dtype(z1, z2)
@@ -340,7 +352,97 @@ def rectified_lpjepa_loss(
             invariance = F.mse_loss(z1.to(dtype), z2.to(dtype))
         else:
             squared_error = (z1.to(dtype) - z2.to(dtype)).square().sum()
-            scale = distributed.grad_scale(group, scale_grad_by_world_size)
+            scale = distributed.grad_scale(group, rdmreg.scale_grad_by_world_size)
             invariance = distributed.global_mean(squared_error, z1.numel(), group, scale)
     loss = lamb_inv * invariance + lamb_reg * regularizer
     return LossParts(loss, invariance, regularizer)
+
+
+class RectifiedLpJEPALoss(nn.Module):
+    """The Rectified LpJEPA objective as a loss module: ``criterion(z_a, z_b)`` returns the loss.
+
+    For Lightly users, this is the RDMReg objective in the shape of Lightly's losses: named
+    method + "Loss" like ``VICRegLoss``, its forward takes the two views' (B, D) projector
+    outputs and returns one 0-dim tensor, lamb_inv * MSE(z_a, z_b) + lamb_reg *
+    RDMReg(z_a, z_b), in the loss's compute dtype (float32; float64 for float64 inputs).
+    ``forward_components`` returns ``LossParts(loss, invariance, regularizer)`` instead. It
+    is ``rectified_lpjepa_loss`` (the same defaults: the seed's) holding its options and,
+    across calls, its ``RDMReg`` (``self.rdmreg``) and that module's seed stream.
+
+    Keywords as in ``rectified_lpjepa_loss`` and ``RDMReg``; ``num_slices`` is another name
+    for ``num_projections`` (default 256; giving both with different values is an error).
+
+    ``gather_distributed`` (Lightly's name and meaning): False (the default) never
+    communicates; under DDP each rank then computes the loss of its own local batch, with
+    targets and directions drawn from its own torch generator. True computes on every rank
+    the loss of the global batch (the ranks' batches concatenated in rank order), exactly
+    as one process would on the whole batch, with targets and directions drawn alike on
+    every rank from ``self.rdmreg.seed_stream`` (a fresh draw per call). The local backward
+    is then scaled by the world size, so that DDP's gradient averaging yields exactly the
+    single-process gradient (not 1/world size of it). True needs ``torch.distributed``
+    initialized by the first call (not at construction: a training framework may build the
+    loss before it starts the processes). ``even_batches=True`` says every rank passes as
+    many rows as this one and skips the per-call gather of the batch sizes (``RDMReg``).
+    """
+
+    def __init__(
+        self,
+        lamb_inv=25.0,
+        lamb_reg=125.0,
+        p=1.0,
+        mu=0.0,
+        num_projections=None,
+        num_slices=None,
+        sigma="gn",
+        rectify=True,
+        directions="gaussian",
+        targets="shared",
+        backend="auto",
+        gather_distributed=False,
+        even_batches=False,
+    ):
+        super().__init__()
+        self.lamb_inv = _checks.check_finite("lamb_inv", lamb_inv)
+        self.lamb_reg = _checks.check_finite("lamb_reg", lamb_reg)
+        num_projections = _checks.check_alias("num_projections", num_projections, "num_slices", num_slices, 256)
+        self.gather_distributed = _checks.check_flag("gather_distributed", gather_distributed)
+        if gather_distributed and not torch.distributed.is_available():
+            raise ValueError(
+                "gather_distributed=True, but this torch build has no torch.distributed; "
+                "pass gather_distributed=False or install a torch build with distributed support."
+            )
+        self.rdmreg = RDMReg(
+            p, mu, num_projections, sigma, backend, process_group="auto" if gather_distributed else None,
+            rectify=_checks.check_flag("rectify", rectify), directions=directions, targets=targets,
+            even_batches=_checks.check_flag("even_batches", even_batches),
+        )
+
+    @property
+    def num_projections(self):
+        return self.rdmreg.num_projections
+
+    num_slices = num_projections
+
+    def extra_repr(self):
+        return f"lamb_inv={self.lamb_inv}, lamb_reg={self.lamb_reg}, gather_distributed={self.gather_distributed}"
+
+    def forward(self, z_a, z_b, *, target=None, projections=None, generator=None):
+        """The loss: a 0-dim tensor. z_a, z_b: (B, D) views; the keywords as in ``forward_components``."""
+        return self.forward_components(z_a, z_b, target=target, projections=projections, generator=generator).loss
+
+    def forward_components(self, z_a, z_b, *, target=None, projections=None, generator=None):
+        """``LossParts(loss, invariance, regularizer)`` of the two (B, D) views z_a, z_b.
+
+        Optional ``target`` ((B, D), or (2, B, D) per view), ``projections`` ((K, D) or
+        (2, K, D)) and ``generator`` fix the randomness, as in ``rectified_lpjepa_loss``;
+        with ``gather_distributed=True`` the views are this rank's rows and a given target
+        is the global batch's, the same on every rank.
+        """
+        if self.gather_distributed and not torch.distributed.is_initialized():
+            raise ValueError(
+                "gather_distributed=True needs torch.distributed to be initialized before the loss is called; "
+                "call torch.distributed.init_process_group first (torchrun and DDP launchers do), "
+                "or pass gather_distributed=False for the local loss."
+            )
+        group = distributed.resolve_process_group(self.rdmreg.process_group)
+        return _objective(self.rdmreg, group, z_a, z_b, self.lamb_inv, self.lamb_reg, target, projections, generator)

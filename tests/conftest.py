@@ -4,12 +4,18 @@ Without a GPU, Triton kernels run on the CPU interpreter. The interpreter is cho
 when Triton is first imported, so the variable must be set here, before any test
 module imports ``lpjepa`` (which imports the kernels).
 """
+import datetime
+import json
 import os
 import socket
 import tempfile
+import time
+import traceback
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -26,6 +32,54 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_checks_on_rank(rank, port, out_dir, checks, world):
+    """One rank of a gloo world on the CPU: each of ``checks`` (name -> fn(rank)) in lockstep, then rank{rank}.json.
+
+    A check's traceback is recorded, not raised, under its name as {"error", "seconds", **what it returned}; the
+    barrier after each check keeps a failed one from leaving a collective half-matched on the other ranks.
+    """
+    from lpjepa import distributed  # here, not above: lpjepa must load after TRITON_INTERPRET is set
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    results = {}
+    try:
+        for name, check in checks.items():
+            started = time.perf_counter()
+            try:
+                results[name] = dict(check(rank) or {}, error=None)
+            except Exception:
+                results[name] = {"error": traceback.format_exc()}
+            results[name]["seconds"] = time.perf_counter() - started
+            dist.barrier()
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        distributed.destroy_process_group()
+
+
+def spawn_ranks(checks, world, out_dir, timeout_s):
+    """``run_checks_on_rank`` on ``world`` spawned processes: each rank's results (name -> dict), in rank order.
+
+    ``checks``: module-level functions (spawned ranks import them by name). A run past ``timeout_s`` is
+    ended and fails the test.
+    """
+    context = mp.spawn(run_checks_on_rank, args=(free_port(), out_dir, checks, world), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail(f"the {world}-rank run did not finish within {timeout_s} s")
+    results = []
+    for rank in range(world):
+        with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+            results.append(json.load(f))
+    return results
+
 
 # One statement of the tolerances each dtype earns when a fast path is compared with
 # the reference (atol, rtol). Inputs are cast to fp32 inside the loss, so fp16/bf16

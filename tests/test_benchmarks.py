@@ -130,13 +130,24 @@ def test_train_throughput_runs_at_a_tiny_size(tmp_path):
         "--batches", "1", "--rounds", "1", "--recipes", "seed,paper", "--backbone", "resnet10t", "--image-size", "16",
         "--steps", "1", "--warmup-steps", "1", "--train-batch-size", "4", "--out", str(tmp_path),
     )
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    _check_throughput_outputs(tmp_path, stdout, recipes=("seed", "paper"))
+
+
+def test_train_throughput_quick_runs_on_the_cpu(tmp_path):
+    stdout = _run("-m", "benchmarks.train_throughput", "--quick", "--device", "cpu", "--cores", "1", "--out", str(tmp_path))
+    _check_throughput_outputs(tmp_path, stdout, recipes=("seed",))
+    assert json.loads((tmp_path / "results.json").read_text())["quick"] is True
+
+
+def _check_throughput_outputs(out_dir, stdout, recipes):
+    """results.json has a data row per recipe and path and a training-step row per path; table.md is printed."""
+    rows = json.loads((out_dir / "results.json").read_text())["rows"]
     cases = {(r["part"], r["recipe"], r["path"]) for r in rows}
     paths = ("PIL workers", "device batches")
-    assert cases == {("data", recipe, path) for recipe in ("seed", "paper") for path in paths} | {
+    assert cases == {("data", recipe, path) for recipe in recipes for path in paths} | {
         ("training step", "seed", path) for path in paths}
     assert all(r["images_per_s"] > 0 for r in rows)
     assert all(r["speedup"] > 0 for r in rows if r["path"] == "device batches" and r["part"] == "data")
     assert all(r["loss"] is not None and r["loss"] == r["loss"] for r in rows if r["part"] == "training step")
-    table = (tmp_path / "table.md").read_text()
+    table = (out_dir / "table.md").read_text()
     assert table.strip() in stdout and "target 3x" in table

@@ -6,23 +6,17 @@ is asserted by its own test below. Collectives run before the assertions inside 
 so a failing check does not leave the other rank waiting.
 """
 import copy
-import datetime
-import json
-import os
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 import lpjepa
 from lpjepa import distributed, reference
 from lpjepa.loss import draw_directions
 from lpjepa.ops import sliced_wasserstein
-from conftest import free_port, tolerance
+from conftest import spawn_ranks, tolerance
 
 WORLD = 2
 FP64 = dict(zip(("atol", "rtol"), tolerance(torch.float64)))
@@ -363,47 +357,9 @@ def check_bad_global_inputs_raise_on_every_rank(rank):
 CHECKS = {name: fn for name, fn in globals().items() if name.startswith("check_")}
 
 
-def _worker(rank, port, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    results = {}
-    try:
-        for name, check in CHECKS.items():
-            started = time.perf_counter()
-            try:
-                check(rank)
-                results[name] = {"error": None}
-            except Exception:
-                results[name] = {"error": traceback.format_exc()}
-            results[name]["seconds"] = time.perf_counter() - started
-            dist.barrier()  # the checks run in lockstep: a failed one leaves no collective half-matched
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        distributed.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp("distributed"))
-    context = mp.spawn(_worker, args=(free_port(), out_dir), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 180
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail("the 2-rank gloo run did not finish within 180 s")
-    results = {}
-    for rank in range(WORLD):
-        with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
-            results[rank] = json.load(f)
-    return results
+    return spawn_ranks(CHECKS, WORLD, str(tmp_path_factory.mktemp("distributed")), timeout_s=180)
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
