@@ -37,12 +37,12 @@ def test_times_every_candidate_once_and_keeps_the_fastest(tmp_path):
     chooser, timer, run, ran = chooser_and_runner(tmp_path, {"triton": 2.0, "cublas": 1.5})
     assert chooser.choose("projection", "key", ["triton", "cublas"], "triton", run, may_time=True) == "cublas"
     assert set(timer.timed) == {"triton", "cublas"}
-    assert chooser.measured["projection|key"] == {"triton": 2.0, "cublas": 1.5}
+    assert chooser.measured[f"projection|key|{path_choice.versions_key()}"] == {"triton": 2.0, "cublas": 1.5}
     # Remembered: no timing the second time, in this process or a new one reading the file.
     timer.timed.clear()
     assert chooser.choose("projection", "key", ["triton", "cublas"], "triton", run, may_time=True) == "cublas"
     assert timer.timed == []
-    assert json.loads((tmp_path / "paths.json").read_text()) == {"projection|key": "cublas"}
+    assert json.loads((tmp_path / "paths.json").read_text()) == {f"projection|key|{path_choice.versions_key()}": "cublas"}
     fresh, fresh_timer, run2, _ = chooser_and_runner(tmp_path, {"triton": 0.1, "cublas": 9.0})
     assert fresh.choose("projection", "key", ["triton", "cublas"], "triton", run2, may_time=True) == "cublas"
     assert fresh_timer.timed == []
@@ -74,15 +74,67 @@ def test_environment_forces_or_disables(tmp_path, monkeypatch):
 
 
 def test_a_cached_path_that_cannot_run_this_call_is_not_used(tmp_path):
-    (tmp_path / "paths.json").write_text(json.dumps({"sort|k": "registers"}))
+    (tmp_path / "paths.json").write_text(json.dumps({f"sort|k|{path_choice.versions_key()}": "registers"}))
     chooser, timer, run, ran = chooser_and_runner(tmp_path, {"torch_sort": 1.0})
     assert chooser.choose("sort", "k", ["torch_sort"], "torch_sort", run, may_time=True) == "torch_sort"
 
 
-def test_an_unreadable_cache_file_is_ignored(tmp_path):
-    (tmp_path / "paths.json").write_text("not json")
+@pytest.mark.parametrize("content", ["not json", "[1, 2]", '{"projection|k": 3}', "\x00\xff{"])
+def test_an_unreadable_cache_file_is_ignored_and_replaced(tmp_path, content):
+    (tmp_path / "paths.json").write_text(content)
     chooser, timer, run, ran = chooser_and_runner(tmp_path, {"triton": 1.0, "cublas": 2.0})
     assert chooser.choose("projection", "k", ["triton", "cublas"], "cublas", run, may_time=True) == "triton"
+    assert json.loads((tmp_path / "paths.json").read_text()) == {f"projection|k|{path_choice.versions_key()}": "triton"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["paths.json", "paths.json.lock"]  # no temporary file left
+
+
+def test_the_key_holds_the_torch_and_triton_versions(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    key = path_choice.versions_key()
+    assert f"torch={torch.__version__}" in key and f"triton={importlib.metadata.version('triton')}" in key
+    # A decision measured under another torch is not reused: the path is timed again.
+    other = key.replace(torch.__version__, "2.0.0")
+    (tmp_path / "paths.json").write_text(json.dumps({f"projection|k|{other}": "cublas"}))
+    chooser, timer, run, ran = chooser_and_runner(tmp_path, {"triton": 1.0, "cublas": 2.0})
+    assert chooser.choose("projection", "k", ["triton", "cublas"], "cublas", run, may_time=True) == "triton"
+    assert set(timer.timed) == {"triton", "cublas"}
+    # ... and it stays in the file beside the new one, for that other torch.
+    assert json.loads((tmp_path / "paths.json").read_text()) == {f"projection|k|{other}": "cublas",
+                                                                 f"projection|k|{key}": "triton"}
+
+
+def test_writers_keep_each_others_decisions(tmp_path):
+    first, _, run1, _ = chooser_and_runner(tmp_path, {"triton": 1.0, "cublas": 2.0})
+    second, _, run2, _ = chooser_and_runner(tmp_path, {"triton": 3.0, "cublas": 2.0})
+    first.choose("projection", "a", ["triton", "cublas"], "cublas", run1, may_time=True)
+    second._load()  # read before the first one's write of "b": its memory lacks "a" and "b"
+    first.choose("projection", "b", ["triton", "cublas"], "cublas", run1, may_time=True)
+    second.choose("projection", "c", ["triton", "cublas"], "triton", run2, may_time=True)
+    keys = sorted(k.split("|")[1] for k in json.loads((tmp_path / "paths.json").read_text()))
+    assert keys == ["a", "b", "c"]
+
+
+_WRITER = """
+import sys
+from lpjepa.ops.path_choice import PathChooser
+cache_file, name = sys.argv[1], sys.argv[2]
+chooser = PathChooser(timer=lambda run: (run(), 1.0)[1], cache_file=cache_file)
+for i in range(40):
+    chooser.choose("sort", f"{name}-{i}", ["registers", "torch_sort"], "registers", lambda path: None, True)
+"""
+
+
+def test_concurrent_processes_never_corrupt_the_cache(tmp_path):
+    import subprocess
+    import sys
+
+    cache_file = str(tmp_path / "paths.json")
+    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, cache_file, f"rank{r}"]) for r in range(4)]
+    assert [w.wait(timeout=120) for w in writers] == [0] * 4
+    decisions = json.loads((tmp_path / "paths.json").read_text())  # one whole file
+    assert len(decisions) == 4 * 40  # every process's keys, none lost to another's write
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["paths.json", "paths.json.lock"]
 
 
 def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
@@ -96,6 +148,25 @@ def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
 def test_buckets_and_when_timing_is_allowed():
     assert [path_choice.bucket(n) for n in (1, 2, 3, 255, 256, 257)] == [1, 2, 4, 256, 256, 512]
     assert not path_choice.may_time(torch.ones(2))  # CPU tensors are never timed
+    assert not path_choice.capturing_cuda_graph()  # and asking never initializes CUDA here
+    assert not torch.cuda.is_initialized()
+
+
+def test_nothing_is_timed_during_a_cuda_graph_capture(tmp_path, monkeypatch):
+    # CUDA tensors stand in as meta ones whose device reads cuda; the capture check is the one asked.
+    class OnCuda:
+        device = torch.device("cuda")
+
+    monkeypatch.setattr(torch._subclasses.fake_tensor, "is_fake", lambda t: False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert path_choice.may_time(OnCuda())  # eager, one process, not capturing: timed
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not path_choice.may_time(OnCuda())
+    chooser, timer, run, ran = chooser_and_runner(tmp_path, {"registers": 5.0, "torch_sort": 1.0})
+    choice = chooser.choose("sort", "k", ["registers", "torch_sort"], "registers", run,
+                            may_time=path_choice.may_time(OnCuda()))
+    assert choice == "registers" and ran == [] and timer.timed == []
 
 
 def test_the_triton_ops_ask_the_chooser_with_the_candidates_that_fit(monkeypatch):

@@ -10,19 +10,31 @@ reuses it: the package never runs a path slower than the best it has measured th
 * Decisions are kept in memory and in a JSON file, ``paths.json`` in the cache folder
   (``$LPJEPA_CACHE_DIR``, else ``$XDG_CACHE_HOME/lpjepa``, else ``~/.cache/lpjepa``), so a
   later process on the same machine starts with them. ``python -m benchmarks.swd_paths``
-  fills it for the benchmark shapes.
+  fills it for the benchmark shapes. Every key ends with the torch and Triton versions
+  (``versions_key``): an upgrade measures again. Several processes may write the file at
+  once (the ranks of ``torchrun`` on one machine): each write, under a lock on
+  ``paths.json.lock``, re-reads it, adds its own decisions to what the others wrote, and
+  replaces it atomically (a temporary file in the same folder, then ``os.replace``), so a
+  reader sees one whole file or the other, never a torn one, and no decision is lost; a
+  file that does not parse as a dict of decisions counts as empty.
 * ``LPJEPA_PROJECTION_PATH`` / ``LPJEPA_SORT_PATH`` force a path; ``LPJEPA_AUTOTUNE=0``
   turns the timing off (the cached or default choice is used).
-* While ``torch.compile`` traces, under a ``torch.distributed`` process group of more
-  than one process (every rank must take the same path, and ranks may see different
-  shapes), and off CUDA, nothing is timed: the cached choice is used, else the default.
+* While ``torch.compile`` traces, while a CUDA graph is being captured (the timer's events
+  and every path's launches would be recorded into the graph), under a
+  ``torch.distributed`` process group of more than one process (every rank must take the
+  same path, and ranks may see different shapes), and off CUDA, nothing is timed: the
+  cached choice is used, else the default.
 
 Shape buckets round every size up to a power of two, so one measurement covers the
 batch sizes of a training run.
 """
+import contextlib
+import importlib.metadata
 import json
 import os
 import statistics
+import sys
+import tempfile
 
 import torch
 
@@ -48,6 +60,53 @@ def cache_path():
 def bucket(size):
     """A size rounded up to a power of two: the shapes one measurement stands for."""
     return 1 << max(0, int(size) - 1).bit_length()
+
+
+def triton_version():
+    """Triton's version, without importing it (``import lpjepa`` does not); 'none' when it is not installed."""
+    if "triton" in sys.modules:
+        return getattr(sys.modules["triton"], "__version__", "unknown")
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def versions_key():
+    """The last part of every key: a decision measured under other torch or Triton versions is not reused."""
+    return f"torch={torch.__version__}|triton={triton_version()}"
+
+
+def _read_decisions(path):
+    """{key: path} from the cache file; {} when it is missing, unreadable or not a dict of strings."""
+    try:
+        with open(path) as f:
+            decisions = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(decisions, dict):
+        return {}
+    return {k: v for k, v in decisions.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+@contextlib.contextmanager
+def _locked(path):
+    """Holds an exclusive lock on ``path`` + '.lock' (POSIX ``flock``), so read-merge-write runs one process at a time.
+
+    Without ``fcntl`` (Windows) it only relies on the atomic replace: a file never tears, but
+    two processes writing at the same moment may each drop the other's newest decision.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def cuda_event_timer(run, calls=_TIMED_CALLS):
@@ -77,25 +136,32 @@ class PathChooser:
     def _load(self):
         if self.decisions is None:
             self.cache_file = self.cache_file or cache_path()
-            try:
-                with open(self.cache_file) as f:
-                    self.decisions = dict(json.load(f))
-            except (OSError, ValueError, TypeError):
-                self.decisions = {}
+            self.decisions = _read_decisions(self.cache_file)
         return self.decisions
 
-    def _save(self):
+    def _save(self, new):
+        """Writes ``new`` ({key: path}) over what the file holds now, which another process may have added to."""
+        folder = os.path.dirname(self.cache_file) or "."
         try:
-            os.makedirs(os.path.dirname(self.cache_file), exist_ok=True)
-            tmp = f"{self.cache_file}.tmp.{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(self.decisions, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.cache_file)
+            os.makedirs(folder, exist_ok=True)
+            with _locked(self.cache_file):
+                merged = {**_read_decisions(self.cache_file), **new}
+                # A name of its own per write: two writers never share a temporary file.
+                fd, tmp = tempfile.mkstemp(prefix=".paths.", suffix=".tmp", dir=folder)
+                try:
+                    with os.fdopen(fd, "w") as f:
+                        json.dump(merged, f, indent=1, sort_keys=True)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, self.cache_file)
+                except BaseException:
+                    os.unlink(tmp)
+                    raise
         except OSError:
             pass  # a read-only home: the decision still holds for this process
 
     def forget(self):
-        """Drops every remembered decision: the next calls measure again, and rewrite the file as they do."""
+        """Drops every decision this process remembers: the next calls measure again and write over the file's."""
         self._load().clear()
 
     def choose(self, step, key, candidates, default, run, may_time):
@@ -111,7 +177,7 @@ class PathChooser:
                 raise ValueError(f"{ENV_FORCED[step]}={forced!r} cannot run this call; it takes one of {candidates}")
             return forced
         decisions = self._load()
-        full_key = f"{step}|{key}"
+        full_key = f"{step}|{key}|{versions_key()}"
         if decisions.get(full_key) in candidates:
             return decisions[full_key]
         if not may_time or len(candidates) == 1 or os.environ.get(ENV_AUTOTUNE) == "0":
@@ -127,18 +193,23 @@ class PathChooser:
         best = min(candidates, key=medians.__getitem__)
         self.measured[full_key] = medians
         decisions[full_key] = best
-        self._save()
+        self._save({full_key: best})
         return best
 
 
 CHOOSER = PathChooser()
 
 
+def capturing_cuda_graph():
+    """Whether the current CUDA stream is capturing a graph; False (without initializing CUDA) before CUDA is in use."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def may_time(*tensors):
-    """Whether a path may be timed now: eager CUDA tensors, one process, not while torch.compile traces."""
+    """Whether a path may be timed now: eager CUDA tensors outside a graph capture, one process, not while tracing."""
     if torch.compiler.is_compiling() or any(torch._subclasses.fake_tensor.is_fake(t) for t in tensors):
         return False
-    if not all(t.device.type == "cuda" for t in tensors):
+    if not all(t.device.type == "cuda" for t in tensors) or capturing_cuda_graph():
         return False
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     return not (distributed and torch.distributed.get_world_size() > 1)
