@@ -274,6 +274,6 @@ def model_bound_ms(op, shape, dtype=torch.float32, allow_tf32=None, gpu=None):
     bounds = []
     for path in ((p, s) for p in PROJECTION_PATHS for s in sort_paths_for(shape.B)):
         costs = pm.path_costs(model_shape, path, dtype=dtype, allow_tf32=allow_tf32, views=views,
-                              with_backward=op != "forward", with_target_draw=op == "step")
+                              with_backward=op != "forward", with_target_draw=op == "step", arch=gpu.arch)
         bounds.append(pm.total_bound_us(costs, gpu)[0])
     return 1e-3 * min(bounds)

@@ -71,11 +71,12 @@ def _bound_us(shape, step, path, dtype, allow_tf32, views, gpu):
 
     model_shape = pm.Shape(shape.name, shape.B, shape.D, shape.K)
     if step == "projection":
-        programs = pm.project_programs(views, model_shape, dtype, allow_tf32) if path == "triton" else 0
-        cost = pm.projection_cost(path, views, shape.B, shape.D, shape.K, dtype.itemsize, allow_tf32, programs)
+        programs = pm.project_programs(views, model_shape, dtype, allow_tf32, gpu.arch) if path == "triton" else 0
+        unit = pm.matmul_unit(dtype, allow_tf32, gpu.arch, triton_dot=path == "triton")
+        cost = pm.projection_cost(path, views, shape.B, shape.D, shape.K, dtype.itemsize, allow_tf32, programs, unit)
         return pm.kernel_bound_us(cost, gpu)
     costs = pm.path_costs(model_shape, ("triton", path), dtype=dtype, allow_tf32=allow_tf32, views=views,
-                          with_backward=False, with_target_draw=False)
+                          with_backward=False, with_target_draw=False, arch=gpu.arch)
     sort_kernels = ("_sort_residual_kernel", "torch.sort", "_residual_kernel", "_mean_of_partials_kernel")
     return pm.total_bound_us([c for c in costs if c.name in sort_kernels], gpu)[0]
 

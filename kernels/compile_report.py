@@ -1,8 +1,8 @@
-"""Compile every kernel for sm_80 / sm_90 and report registers, spills and shared memory.
+"""Compile every kernel for sm_75 to sm_120 and report registers, spills, shared memory and tensor-core use.
 
 Usage::
 
-    python -m lpjepa.kernels.compile_report [--arch 80 90] [--quick] [--model]
+    python -m lpjepa.kernels.compile_report [--arch 75 80 86 89 90 100 120] [--quick] [--model]
 
 No GPU is needed: Triton compiles for a ``GPUTarget`` without one. The launches are
 the ones the launchers really make: ``rgg_launch``, ``project_plan`` and
@@ -11,11 +11,16 @@ specialised the way Triton's JIT would specialise it (argument types, ``== 1``
 constants, 16-byte divisibility) before being compiled. Shapes: B in {256, 1024, 4096,
 ``register_sort_max_batch()``}, D in {512, 2048}, K in {256, 8192}, fp32 (IEEE and TF32), fp16
 and bf16 inputs, two views against a shared target, with and without the target residual.
-``--quick``: B in {256, 4096}, D = 512, K = 256, fp32 IEEE, the Gamma sampler only.
+``--quick``: B in {256, 4096}, D = 512, K = 256, fp32 IEEE and bf16, the Gamma sampler only.
+The launches are built for each architecture (``project_plan(arch=...)``: its tiles), by
+default every one of ``ARCHES`` that this Triton's ptxas compiles for (Turing T4 to
+Blackwell B200 and RTX 50xx).
 
-One row per kernel, arch and shape: registers per thread, ptxas spill stores / loads
-(bytes), stack frame and local memory (bytes, cuobjdump), static and dynamic shared
-memory (bytes), and the tensor-core instructions in its SASS (HMMA / HGMMA). Exits 1 on
+One row per kernel, arch and shape: its tile (the projection's BLOCK_K x BLOCK_B x BLOCK_D,
+the register sort's directions per program), warps, registers per thread, ptxas spill
+stores / loads (bytes), stack frame and local memory (bytes, cuobjdump), static and
+dynamic shared memory (bytes), and the tensor-core instructions in its SASS (``TENSOR_CORE_SASS``:
+HMMA on sm_75 to sm_89 and sm_120, HGMMA on sm_90, UTC*MMA (tcgen05) on sm_100). Exits 1 on
 any spill or local memory, or when static + dynamic shared memory is over the
 architecture's per-block limit; 2 when cuobjdump is missing. ``--model`` adds the static
 performance model of ``lpjepa.kernels.perf_model`` (a roofline lower bound per path).
@@ -35,8 +40,14 @@ import subprocess
 import sys
 import tempfile
 
-# Largest static + dynamic shared memory one block may use (opt-in), in bytes.
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# Largest static + dynamic shared memory one block may use (opt-in), in bytes (CUDA C++
+# Programming Guide, technical specifications per compute capability).
+SHARED_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024,
+                120: 99 * 1024}
+ARCHES = tuple(SHARED_LIMIT)
+# Tensor-core instructions in SASS: HMMA (mma.sync), HGMMA (Hopper's wgmma), and Blackwell's
+# tcgen05.mma: UTCHMMA (fp16 / bf16 / tf32), UTCQMMA (fp8), UTCIMMA (int8), UTCOMMA (fp4).
+TENSOR_CORE_SASS = re.compile(r"\b(?:HG?MMA|UTC[HQIO]MMA)\b")
 
 REPORT_BATCHES = (256, 1024, 4096)  # plus the register sort's largest batch, register_sort_max_batch()
 REPORT_DIMS = (512, 2048)
@@ -53,14 +64,14 @@ def _cuobjdump():
     return bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
 
 
-def _report_cases(quick):
-    """(label, shape text, KernelLaunch) for every launch the report compiles, each kernel specialisation once."""
+def _report_cases(quick, arch):
+    """(label, shape text, KernelLaunch) for every launch the report compiles for ``arch``, each specialisation once."""
     import torch
 
     from .rgg_sample import rgg_launch
     from .sliced_wasserstein import project_plan, register_sort_max_batch, sort_paths_for, sort_residual_plan
 
-    modes = ((torch.float32, False),) if quick else (
+    modes = ((torch.float32, False), (torch.bfloat16, False)) if quick else (
         (torch.float32, False), (torch.float32, True), (torch.float16, False), (torch.bfloat16, False)
     )
     batches = (256, 4096) if quick else sorted({*REPORT_BATCHES, register_sort_max_batch()})
@@ -83,7 +94,8 @@ def _report_cases(quick):
                         cases.append((f"rgg p={p:g}{target}", f"B={batch} D={dim} {dname}", launch))
                 for k in projection_counts:
                     views = torch.empty((REPORT_VIEWS, batch, dim), dtype=dtype, **meta)
-                    _, launches = project_plan(views, torch.empty((k, dim), dtype=dtype, **meta), allow_tf32=allow_tf32)
+                    directions = torch.empty((k, dim), dtype=dtype, **meta)
+                    _, launches = project_plan(views, directions, allow_tf32=allow_tf32, arch=arch)
                     cases.append(("_project_kernel", f"B={batch} D={dim} K={k} {dname}", launches[0]))
         for batch in batches:
             for k in projection_counts:
@@ -132,7 +144,7 @@ def _compile_and_measure(launch, specialisation, target, cuobjdump, workdir):
     fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage.stdout))
     sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
     return dict(
-        mma=len(re.findall(r"\bH(?:G)?MMA\b", sass)),
+        mma=len(TENSOR_CORE_SASS.findall(sass)),
         regs=int(fields["REG"]),
         spill_st=int(spills.group(1)),
         spill_ld=int(spills.group(2)),
@@ -240,37 +252,69 @@ class _Compiler:
         return self.memo[key]
 
 
+def _tile(launch):
+    """The tile of a launch, as the report's rows show it: the projection's K x B x D block, the sort's rows."""
+    meta = launch.meta
+    if "BLOCK_D" in meta:
+        return f"{meta['BLOCK_K']}x{meta['BLOCK_B']}x{meta['BLOCK_D']}"
+    if "ROWS" in meta:
+        return f"rows={meta['ROWS']}"
+    if "BLOCK_K" in meta and "BLOCK_B" in meta:
+        return f"{meta['BLOCK_K']}x{meta['BLOCK_B']}"
+    return "-"
+
+
 def _resource_table(compiler, arches, quick):
     """Prints the resource row of every case; returns the number of failing rows."""
-    cases = _report_cases(quick)
-    header = (f"{'kernel':<34} {'arch':>5} {'shape':<28} {'warps':>5} {'regs':>4} {'spill st/ld':>11} "
+    header = (f"{'kernel':<34} {'arch':>6} {'shape':<30} {'tile':>11} {'warps':>5} {'regs':>4} {'spill st/ld':>11} "
               f"{'stack':>5} {'local':>5} {'smem static+dyn':>15} {'mma':>4}  verdict")
     print(header)
     print("-" * len(header))
-    failures = 0
+    failures = rows = 0
     for arch in arches:
-        for label, shape, launch in cases:
+        for label, shape, launch in _report_cases(quick, arch):
             m = compiler.measure(launch, arch)
             problems = report_problems(m, arch)
             failures += bool(problems)
-            print(f"{label:<34} {'sm_' + str(arch):>5} {shape:<28} {m['num_warps']:>5} {m['regs']:>4} "
-                  f"{m['spill_st']:>5}/{m['spill_ld']:<5} {m['stack']:>5} {m['local']:>5} "
+            rows += 1
+            print(f"{label:<34} {'sm_' + str(arch):>6} {shape:<30} {_tile(launch):>11} {m['num_warps']:>5} "
+                  f"{m['regs']:>4} {m['spill_st']:>5}/{m['spill_ld']:<5} {m['stack']:>5} {m['local']:>5} "
                   f"{m['smem_static']:>6}+{m['smem_dynamic']:<8} {m['mma']:>4}  {' '.join(problems) or 'ok'}", flush=True)
-    print(f"{len(cases) * len(arches)} rows, {failures} failing; "
+    print(f"{rows} rows, {failures} failing; "
           f"shared limits: " + ", ".join(f"sm_{a} {SHARED_LIMIT[a]} B" for a in arches))
     return failures
 
 
-def _model_launches(shape, dtype, allow_tf32, views=REPORT_VIEWS):
-    """{kernel name: the KernelLaunch the launchers make} at ``shape``, on meta tensors (both sort paths)."""
+def supported_arches(arches=ARCHES):
+    """The architectures of ``arches`` this Triton's ptxas compiles for (a one-line kernel tried on each)."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+
+    @triton.jit
+    def _probe(out_ptr):
+        tl.store(out_ptr, 1.0)
+
+    supported = []
+    for arch in arches:
+        try:
+            triton.compile(triton.compiler.ASTSource(_probe, {"out_ptr": "*fp32"}, {}), target=GPUTarget("cuda", arch, 32))
+        except Exception:  # this ptxas (or Triton's backend) does not know the architecture
+            continue
+        supported.append(arch)
+    return supported
+
+
+def _model_launches(shape, dtype, allow_tf32, arch, views=REPORT_VIEWS):
+    """{kernel name: the KernelLaunch the launchers make for ``arch``} at ``shape``, on meta tensors (both sort paths)."""
     import torch
 
     from .sliced_wasserstein import project_plan, sort_paths_for, sort_residual_plan
 
     meta = dict(device="meta")
     x = torch.empty((views, shape.B, shape.D), dtype=dtype, **meta)
-    launches = {"_project_kernel": project_plan(x, torch.empty((shape.K, shape.D), dtype=dtype, **meta),
-                                                allow_tf32=allow_tf32)[1][0]}
+    directions = torch.empty((shape.K, shape.D), dtype=dtype, **meta)
+    launches = {"_project_kernel": project_plan(x, directions, allow_tf32=allow_tf32, arch=arch)[1][0]}
     proj = torch.empty((views, shape.K, shape.B), **meta)
     proj_t = torch.empty((1, shape.K, shape.B), **meta)
     for path in sort_paths_for(shape.B):
@@ -328,11 +372,12 @@ def _model_report(compiler, dtype_names):
         for shape in pm.MODEL_SHAPES:
             for mode in dtype_names:
                 dtype, allow_tf32 = modes[mode]
-                launches = _model_launches(shape, dtype, allow_tf32)
+                launches = _model_launches(shape, dtype, allow_tf32, gpu.arch)
                 sort = launches.get("_sort_residual_kernel")
                 sort_compiled = compiler.measure(sort, gpu.arch) if sort is not None else None
                 for path in ((p, s) for p in PROJECTION_PATHS for s in sort_paths_for(shape.B)):
-                    costs = pm.path_costs(shape, path, dtype=dtype, allow_tf32=allow_tf32, sort_compiled=sort_compiled)
+                    costs = pm.path_costs(shape, path, dtype=dtype, allow_tf32=allow_tf32, sort_compiled=sort_compiled,
+                                          arch=gpu.arch)
                     prefix = f"{gpu.name[:10]:<10} {shape.name:<9} {mode:<10} {'/'.join(path):<22}"
                     for cost in costs:
                         print(_model_kernel_row(prefix, cost, launches, compiler, gpu))
@@ -353,6 +398,11 @@ def _run_worker(arches, quick, model):
         print("cuobjdump not found (neither bundled with Triton nor on PATH)", file=sys.stderr)
         return 2
     knobs.compilation.always_compile = True
+    if arches is None:
+        arches = supported_arches()
+        skipped = [a for a in ARCHES if a not in arches]
+        if skipped:
+            print("this Triton cannot compile for " + ", ".join(f"sm_{a}" for a in skipped) + "; skipped")
     knobs.nvidia.dump_ptxas_log = True
     with tempfile.TemporaryDirectory() as workdir:
         compiler = _Compiler(cuobjdump, workdir)
@@ -365,7 +415,8 @@ def _run_worker(arches, quick, model):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m lpjepa.kernels.compile_report", description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_LIMIT))
+    parser.add_argument("--arch", type=int, nargs="+", default=None, choices=ARCHES,
+                        help="compute capabilities to compile for (default: every one this Triton supports)")
     parser.add_argument("--quick", action="store_true", help="a small subset, for CI")
     parser.add_argument("--model", action="store_true", help="add the static performance model (H100, A100, H200)")
     parser.add_argument(_WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)

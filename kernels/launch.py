@@ -1,4 +1,4 @@
-"""What every launcher shares: a kernel launch as data, and the dtypes the kernels take."""
+"""What every launcher shares: a kernel launch as data, the dtypes the kernels take, the device's architecture."""
 from typing import Any, NamedTuple
 
 import torch
@@ -11,6 +11,30 @@ def check_kernel_dtype(name, tensor):
     """Refuses a tensor the kernels cannot read: the one dtype check of the kernel layer."""
     if tensor.dtype not in KERNEL_DTYPES:
         raise ValueError(f"{name} must be one of {KERNEL_DTYPES}; got {tensor.dtype}")
+
+
+# The architectures from which Triton emits tensor-core instructions for tl.dot (mma.sync);
+# below it (sm_75, Turing) tl.dot runs on the FMA units whatever the dtype, and bf16 has no
+# hardware arithmetic at all.
+TENSOR_CORE_ARCH = 80
+
+
+def device_arch(device):
+    """The compute capability of a CUDA ``device`` as major * 10 + minor (90 for an H100); None off CUDA.
+
+    The launchers choose tiles and paths by it; None (CPU, the interpreter, ``meta``
+    tensors of the compile report, which passes its arch explicitly) takes the sm_80+ choices.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def has_tensor_core_dot(arch):
+    """Whether Triton's tl.dot runs on tensor cores at ``arch`` (None: assumed, as on sm_80+)."""
+    return arch is None or arch >= TENSOR_CORE_ARCH
 
 
 class KernelLaunch(NamedTuple):

@@ -85,6 +85,7 @@ import torch
 import triton
 
 from . import sliced_wasserstein as kernels
+from .launch import has_tensor_core_dot
 
 
 class GPU(NamedTuple):
@@ -327,14 +328,27 @@ def _matmul_unit(dtype_bytes, allow_tf32):
     return "tensor_tf32" if allow_tf32 else "fma_fp32"
 
 
+def matmul_unit(dtype, allow_tf32, arch=90, triton_dot=False):
+    """The unit a projection's multiply-adds issue to at compute capability ``arch``.
+
+    From sm_80 as ``_matmul_unit``. Below it Triton's tl.dot (``triton_dot``) runs on the
+    FMA units whatever the dtype (its SASS has no HMMA), and bf16 is multiplied as fp32 on
+    either path (``sliced_wasserstein.bf16_as_fp32``); cuBLAS keeps fp16 on the tensor cores.
+    """
+    if not has_tensor_core_dot(arch) and (triton_dot or dtype == torch.bfloat16):
+        return "fma_fp32"
+    return _matmul_unit(dtype.itemsize, allow_tf32)
+
+
 def bitonic_steps(n):
     """Element-steps of a bitonic sort of n (a power of two) keys: n log2(n) (log2(n) + 1) / 2."""
     log_n = max(1, int(math.log2(n)))
     return n * log_n * (log_n + 1) / 2
 
 
-def projection_cost(name, sources, B, D, K, dtype_bytes, allow_tf32, programs):
-    return KernelCost(name, programs, 2.0 * sources * K * B * D, _matmul_unit(dtype_bytes, allow_tf32),
+def projection_cost(name, sources, B, D, K, dtype_bytes, allow_tf32, programs, unit=None):
+    """One projection's cost; ``unit``: where its multiply-adds issue (``matmul_unit``; None: sm_80+'s)."""
+    return KernelCost(name, programs, 2.0 * sources * K * B * D, unit or _matmul_unit(dtype_bytes, allow_tf32),
                       sources * B * D * dtype_bytes + K * D * dtype_bytes + sources * K * B * 4)
 
 
@@ -382,8 +396,8 @@ def torch_sort_costs(views, targets, B, K, residual_programs, need_target_residu
     return [sort, residual]
 
 
-def backward_cost(views, B, D, K, dtype_bytes, allow_tf32):
-    return KernelCost("backward matmul", 0, 2.0 * views * K * B * D, _matmul_unit(dtype_bytes, allow_tf32),
+def backward_cost(views, B, D, K, dtype_bytes, allow_tf32, unit=None):
+    return KernelCost("backward matmul", 0, 2.0 * views * K * B * D, unit or _matmul_unit(dtype_bytes, allow_tf32),
                       views * K * B * (4 + dtype_bytes) + K * D * dtype_bytes + views * B * D * dtype_bytes)
 
 
@@ -430,14 +444,14 @@ def seed_costs(shape, views=2, with_target_draw=True):
     return costs + [_elementwise("mean of the views", 2, 4)]
 
 
-def project_programs(sources, shape, dtype, allow_tf32):
-    """Programs of one ``_project_kernel`` launch, from the launcher's own tile choice."""
-    cfg = kernels.project_config(sources, shape.B, shape.D, shape.K, dtype, allow_tf32)
+def project_programs(sources, shape, dtype, allow_tf32, arch=90):
+    """Programs of one ``_project_kernel`` launch, from the launcher's own tile choice at ``arch``."""
+    cfg = kernels.project_config(sources, shape.B, shape.D, shape.K, dtype, allow_tf32, arch)
     return sources * triton.cdiv(shape.K, cfg["BLOCK_K"]) * triton.cdiv(shape.B, cfg["BLOCK_B"])
 
 
 def path_costs(shape, path, *, dtype=torch.bfloat16, allow_tf32=False, views=2, targets=1,
-               need_target_residual=False, with_backward=True, with_target_draw=True, sort_compiled=None):
+               need_target_residual=False, with_backward=True, with_target_draw=True, sort_compiled=None, arch=90):
     """The kernels of one (projection path, sort path) for ``shape``: what ``RDMReg`` launches.
 
     Forward: the target's draw (the Triton sampler, ``with_target_draw``), the directions'
@@ -447,6 +461,7 @@ def path_costs(shape, path, *, dtype=torch.bfloat16, allow_tf32=False, views=2, 
     features' dtype, z's gradient matmul. Program counts come from the launchers'
     configs; cuBLAS, torch.sort and torch's elementwise kernels count as filling every SM.
     sort_compiled: the compiled register sort's measure (``register_sort_cost``), or None.
+    arch: the GPU's compute capability, for the projection's tiles and units (``matmul_unit``).
     """
     B, D, K = shape.B, shape.D, shape.K
     projection_path, sort_path = path
@@ -458,11 +473,12 @@ def path_costs(shape, path, *, dtype=torch.bfloat16, allow_tf32=False, views=2, 
     if dtype_bytes != 4:
         costs += [_elementwise(f"cast {name}", n, 4 + dtype_bytes) for name, n in (("target", B * D), ("P", K * D))]
     for sources in (views, targets):
+        unit = matmul_unit(dtype, allow_tf32, arch, triton_dot=projection_path == "triton")
         if projection_path == "triton":
-            programs = project_programs(sources, shape, dtype, allow_tf32)
-            costs.append(projection_cost("_project_kernel", sources, B, D, K, dtype_bytes, allow_tf32, programs))
+            programs = project_programs(sources, shape, dtype, allow_tf32, arch)
+            costs.append(projection_cost("_project_kernel", sources, B, D, K, dtype_bytes, allow_tf32, programs, unit))
         else:
-            costs.append(projection_cost("cuBLAS", sources, B, D, K, dtype_bytes, allow_tf32, 0))
+            costs.append(projection_cost("cuBLAS", sources, B, D, K, dtype_bytes, allow_tf32, 0, unit))
     if sort_path == "registers":
         programs = triton.cdiv(K, kernels.sort_config(B, K, need_target_residual)["ROWS"])
         costs.append(register_sort_cost(views, targets, B, K, programs, need_target_residual, sort_compiled))
@@ -475,7 +491,7 @@ def path_costs(shape, path, *, dtype=torch.bfloat16, allow_tf32=False, views=2, 
         costs.append(_elementwise("backward: residual x scale", views * K * B, 8))
         if dtype_bytes != 4:
             costs.append(_elementwise("backward: cast to the features' dtype", views * K * B, 4 + dtype_bytes))
-        costs.append(backward_cost(views, B, D, K, dtype_bytes, allow_tf32))
+        costs.append(backward_cost(views, B, D, K, dtype_bytes, allow_tf32, matmul_unit(dtype, allow_tf32, arch)))
     return costs
 
 

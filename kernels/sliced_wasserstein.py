@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import KernelLaunch, check_kernel_dtype
+from .launch import KernelLaunch, check_kernel_dtype, device_arch, has_tensor_core_dot
 
 PROJECTION_PATHS = ("triton", "cublas")
 SORT_PATHS = ("registers", "torch_sort")
@@ -49,7 +49,7 @@ SORT_PATHS = ("registers", "torch_sort")
 # few enough registers never to spill under the 128-register cap of 16 warps. With the
 # target's residual the sorted target, its rows and its summed residual stay live across
 # the views, so a thread holds half as many keys. Checked by
-# `python -m lpjepa.kernels.compile_report` on sm_80 and sm_90.
+# `python -m lpjepa.kernels.compile_report` on sm_75 to sm_120.
 _SORT_KEYS_PER_THREAD = 8
 _SORT_KEYS_PER_THREAD_WITH_TARGET_RESIDUAL = 4
 _SORT_MAX_WARPS = 16
@@ -102,21 +102,32 @@ def _project_kernel(
     tl.store(out, acc, mask=dir_ok[:, None] & row_ok[None, :])
 
 
-def input_precision(dtype, allow_tf32):
-    """The tl.dot input precision for operands of ``dtype``: TF32 only for fp32 with ``allow_tf32``."""
-    return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
+def input_precision(dtype, allow_tf32, arch=None):
+    """The tl.dot input precision for operands of ``dtype``: TF32 only for fp32 with ``allow_tf32``, from sm_80 on.
+
+    Turing (sm_75) has no TF32: there, as in cuBLAS, fp32 is IEEE whatever torch allows.
+    """
+    return "tf32" if dtype == torch.float32 and allow_tf32 and has_tensor_core_dot(arch) else "ieee"
 
 
-def project_config(sources, batch, dim, num_projections, dtype, allow_tf32):
+def project_config(sources, batch, dim, num_projections, dtype, allow_tf32, arch=None):
     """Meta-parameters of _project_kernel: dict(BLOCK_K, BLOCK_B, BLOCK_D, INPUT_PRECISION, num_warps, num_stages).
 
-    Tensor-core tiles of 128 x 128 (64 x 64 when 128 x 128 would leave fewer programs than
-    half an H100's SMs, or when the batch or K is small), a D step of 64 fp16 / bf16 or 32
-    fp32 (TF32) elements, 8 warps, 3 pipeline stages. IEEE fp32 runs on the FMA units, whose
-    operand registers grow with every dimension of the tile: 64 x 64 x 16 on 4 warps.
+    arch: the GPU's compute capability (``device_arch``); None takes the sm_80+ tiles.
+    From sm_80: tensor-core tiles of 128 x 128 (64 x 64 when 128 x 128 would leave fewer
+    programs than half an H100's SMs, or when the batch or K is small), a D step of 64
+    fp16 / bf16 or 32 fp32 (TF32) elements, 8 warps, 3 pipeline stages. IEEE fp32 runs on
+    the FMA units, whose operand registers grow with every dimension of the tile: 64 x 64
+    x 16 on 4 warps. Below sm_80 Triton emits no tensor-core instruction for any dtype, so
+    every dtype takes an FMA tile, 64 x 64 x 16 on 8 warps: the largest that does not spill
+    on sm_75 with fp16 / bf16 operands (128 registers; the sm_80 tiles spill 364 B to 16 KB
+    there; ``compile_report --arch 75``). cuBLAS, the default there, uses the tensor cores.
     """
-    precision = input_precision(dtype, allow_tf32)
-    if dtype == torch.float32 and precision == "ieee":
+    precision = input_precision(dtype, allow_tf32, arch)
+    if not has_tensor_core_dot(arch):
+        block_k = block_b = 64
+        block_d, num_warps = _MIN_DOT, 8
+    elif dtype == torch.float32 and precision == "ieee":
         block_k = block_b = 64
         block_d, num_warps = _MIN_DOT, 4
     else:
@@ -153,11 +164,26 @@ def _as_per_source(x, projections):
     return projections.expand(x.shape[0], -1, -1) if projections.dim() == 2 else projections
 
 
-def _cublas_projection(x, projections):
-    """(S, K, B) fp32 = P[s] @ x[s]^T by torch: TF32 per torch's setting for fp32, fp32 output for fp16 / bf16."""
+def bf16_as_fp32(dtype, arch):
+    """Whether bf16 operands are computed as fp32 ones: below sm_80, which has no bf16 arithmetic.
+
+    bf16 -> fp32 is exact and so is the product of two bf16 values in fp32, so fp32
+    operands give the sum the tensor cores would accumulate in fp32, on the FMA units,
+    instead of an emulated bf16 matmul.
+    """
+    return dtype == torch.bfloat16 and not has_tensor_core_dot(arch)
+
+
+def _cublas_projection(x, projections, arch=None):
+    """(S, K, B) fp32 = P[s] @ x[s]^T by torch: TF32 per torch's setting for fp32, fp32 output for fp16 / bf16.
+
+    bf16 below sm_80 (``bf16_as_fp32``) and every dtype off CUDA multiply fp32 copies.
+    """
     P = _as_per_source(x, projections)
     if x.dtype == torch.float32:
         return torch.bmm(P, x.transpose(1, 2))
+    if bf16_as_fp32(x.dtype, arch):
+        return torch.bmm(P.float(), x.float().transpose(1, 2))
     if x.device.type == "cuda" or x.device.type == "meta":
         return torch.bmm(P, x.transpose(1, 2), out_dtype=torch.float32)
     # No fp16 -> fp32 bmm off CUDA: the fp16 / bf16 products are exact in fp32, so this is
@@ -165,23 +191,25 @@ def _cublas_projection(x, projections):
     return torch.bmm(P.float(), x.float().transpose(1, 2))
 
 
-def project_plan(x, projections, *, path="triton", allow_tf32=False):
+def project_plan(x, projections, *, path="triton", allow_tf32=False, arch=None):
     """The (S, K, B) fp32 projections of ``x`` (S, B, D) onto ``projections``, and the launches that fill them.
 
     projections: (K, D), shared by the S sources, or (S, K, D), a set per source. Both in one dtype (fp32, fp16 or bf16; the caller rounds the directions to the
     features' dtype, as autocast does). path: 'triton' (the kernel) or 'cublas' (torch's
-    matmul, computed here; no launch). Works on ``meta`` tensors, for the compile report.
-    Returns ``(out, [KernelLaunch, ...])``.
+    matmul, computed here; no launch). arch: the compute capability whose tiles to take
+    (``project_config``); None: x's device's (``device_arch``). Works on ``meta`` tensors,
+    for the compile report. Returns ``(out, [KernelLaunch, ...])``.
     """
     _check_projection_inputs(x, projections)
     if path not in PROJECTION_PATHS:
         raise ValueError(f"path must be one of {PROJECTION_PATHS}; got {path!r}")
     sources, batch, dim = x.shape
     num_projections = projections.shape[-2]
+    arch = device_arch(x.device) if arch is None else arch
     if path == "cublas":
-        return _cublas_projection(x, projections), []
+        return _cublas_projection(x, projections, arch), []
     out = torch.empty((sources, num_projections, batch), dtype=torch.float32, device=x.device)
-    cfg = project_config(sources, batch, dim, num_projections, x.dtype, allow_tf32)
+    cfg = project_config(sources, batch, dim, num_projections, x.dtype, allow_tf32, arch)
     grid = (triton.cdiv(num_projections, cfg["BLOCK_K"]) * triton.cdiv(batch, cfg["BLOCK_B"]), sources)
     P = _as_per_source(x, projections)
     args = (x, P, out, batch, dim, num_projections,
@@ -365,10 +393,14 @@ def sort_config(batch, num_projections, need_target_residual=False):
 
 
 def residual_config(batch, num_projections):
-    """Meta-parameters of _residual_kernel: dict(BLOCK_K, BLOCK_B, num_warps)."""
+    """Meta-parameters of _residual_kernel: dict(BLOCK_K, BLOCK_B, num_warps).
+
+    Blocks of up to 2048 elements on 8 warps, 8 a thread: with 4 warps (16 a thread) the
+    target-residual variant spills on sm_100 (``compile_report``).
+    """
     block_b = max(16, min(1024, triton.next_power_of_2(batch)))
     block_k = max(1, min(16, 2048 // block_b))
-    return dict(BLOCK_K=block_k, BLOCK_B=block_b, num_warps=4)
+    return dict(BLOCK_K=block_k, BLOCK_B=block_b, num_warps=8 if block_k * block_b >= 2048 else 4)
 
 
 _MEAN_BLOCK = 256
@@ -442,9 +474,14 @@ def sort_residual_plan(proj, proj_t, *, need_target_residual=False, path="regist
     return (loss, residual, residual_t), launches
 
 
-def default_paths(batch, need_target_residual=False):
-    """(projection path, sort path) without a measurement: the Triton kernels wherever the register sort fits."""
-    return "triton", sort_paths_for(batch, need_target_residual)[0]
+def default_paths(batch, need_target_residual=False, arch=None):
+    """(projection path, sort path) without a measurement: the Triton kernels wherever the register sort fits.
+
+    Below sm_80 (arch, ``device_arch``; None: sm_80+) the projection is cuBLAS: Triton's
+    tl.dot runs on the FMA units there, cuBLAS on the tensor cores (fp16) or as fast.
+    """
+    projection = "triton" if has_tensor_core_dot(arch) else "cublas"
+    return projection, sort_paths_for(batch, need_target_residual)[0]
 
 
 def sliced_wasserstein_forward(views, targets, projections, *, need_target_residual=False, allow_tf32=False,
@@ -453,10 +490,10 @@ def sliced_wasserstein_forward(views, targets, projections, *, need_target_resid
 
     A convenience over ``project_plan`` and ``sort_residual_plan`` for tests and
     benchmarks: everything in one dtype, ``paths`` = (projection path, sort path)
-    (default ``default_paths(B)``). Returns ``(loss, residual, residual_target)`` as
+    (default ``default_paths(B)`` for views' device). Returns ``(loss, residual, residual_target)`` as
     ``sort_residual_plan`` does.
     """
-    project_path, sort_path = paths or default_paths(views.shape[1], need_target_residual)
+    project_path, sort_path = paths or default_paths(views.shape[1], need_target_residual, device_arch(views.device))
     proj, launches = project_plan(views, projections, path=project_path, allow_tf32=allow_tf32)
     proj_t, target_launches = project_plan(targets, projections, path=project_path, allow_tf32=allow_tf32)
     for launch in launches + target_launches:

@@ -1,4 +1,4 @@
-"""The compile report: every kernel compiles for sm_80 and sm_90 without spills.
+"""The compile report: every kernel compiles for sm_75 to sm_120 without spills, with tensor cores where they exist.
 
 The test process runs under TRITON_INTERPRET=1 (no GPU); the report must drop it for
 its own compile, which this test exercises by launching it from here as is.
@@ -10,26 +10,39 @@ from types import SimpleNamespace
 
 import pytest
 
-from lpjepa.kernels.compile_report import SHARED_LIMIT, _cuobjdump, report_problems
+from lpjepa.kernels.compile_report import ARCHES, SHARED_LIMIT, TENSOR_CORE_SASS, _cuobjdump, report_problems
 from lpjepa.kernels.perf_model import MODEL_GPUS
 
 CLEAN = dict(regs=64, spill_st=0, spill_ld=0, stack=0, local=0, smem_static=0, smem_dynamic=4096)
 
 
+# The quick subset CI compiles: Turing, Ampere, Hopper and Blackwell (the full report: all of ARCHES).
+QUICK_ARCHES = (75, 80, 90, 100)
+
+
 @pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump (bundled with Triton's NVIDIA backend) is missing")
 def test_quick_report_compiles_every_kernel_cleanly_and_models_the_paths():
     result = subprocess.run(
-        [sys.executable, "-m", "lpjepa.kernels.compile_report", "--quick", "--model"],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ),
+        [sys.executable, "-m", "lpjepa.kernels.compile_report", "--quick", "--model",
+         "--arch", *map(str, QUICK_ARCHES)],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if " sm_" in line and not line[0].isdigit()]
     kernels = ("rgg p=1.5", "_project_kernel", "_sort_residual_kernel", "_residual_kernel", "_mean_of_partials_kernel")
     for kernel in kernels:
-        for arch in ("sm_80", "sm_90"):
-            assert any(row.startswith(kernel) and arch in row for row in rows), (kernel, arch, result.stdout)
+        for arch in QUICK_ARCHES:
+            assert any(row.startswith(kernel) and f" sm_{arch} " in row for row in rows), (kernel, arch, result.stdout)
     assert all(row.rstrip().endswith("ok") for row in rows), result.stdout
     assert "0 failing" in result.stdout
+    # bf16 projections: tensor-core instructions from sm_80 on (HMMA, HGMMA, Blackwell's UTCHMMA), none on
+    # sm_75, where Triton's tl.dot runs on the FMA units and the launcher takes the 64 x 64 x 16 FMA tile.
+    for arch in QUICK_ARCHES:
+        bf16 = [row.split() for row in rows if row.startswith("_project_kernel") and f" sm_{arch} " in row
+                and "bfloat16" in row]
+        assert bf16, (arch, result.stdout)
+        assert all((int(fields[-2]) > 0) == (arch >= 80) for fields in bf16), (arch, bf16)
+        assert all(fields[6] == ("64x64x16" if arch < 80 else "64x64x64") for fields in bf16), (arch, bf16)
     model = result.stdout.split("Static performance model")[1].splitlines()
     # bf16 projections run on the tensor cores: HMMA / HGMMA in the SASS of both GPUs.
     for gpu in ("H100", "A100"):
@@ -45,6 +58,35 @@ def test_quick_report_compiles_every_kernel_cleanly_and_models_the_paths():
     totals = [line for line in model if "= path total" in line]
     assert len(totals) == len(MODEL_GPUS) * 3 * 4  # GPUs x shapes x paths
     assert all("GPU bound" in line and "host >=" in line and "step >=" in line for line in totals), totals
+
+
+def test_tensor_core_instructions_are_counted_on_every_architecture():
+    sass = """
+        /*0100*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0110*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT ;
+        /*0120*/              @P0  UTCHMMA gdesc[UR16], gdesc[UR18], tmem[UR6], tmem[UR20], idesc[UR21], UPT ;
+        /*0130*/                   UTCQMMA gdesc[UR16], gdesc[UR18], tmem[UR6], idesc[UR21], UPT ;
+        /*0140*/                   UTCBAR [UR4], URZ ;
+        /*0150*/                   FFMA R7, R6, R6, R7 ;
+        /*0160*/                   UTCATOMSWS.AND URZ, UR4 ;
+    """
+    assert TENSOR_CORE_SASS.findall(sass) == ["HMMA", "HGMMA", "UTCHMMA", "UTCQMMA"]
+
+
+@pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump (bundled with Triton's NVIDIA backend) is missing")
+def test_the_default_architectures_are_those_this_triton_compiles_for():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    probe = "from lpjepa.kernels.compile_report import supported_arches; print(supported_arches())"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    supported = eval(result.stdout.strip())
+    assert set(supported) <= set(ARCHES) and {80, 90} <= set(supported), supported
+
+
+def test_every_architecture_has_a_shared_memory_limit():
+    assert ARCHES == (75, 80, 86, 89, 90, 100, 120)
+    assert SHARED_LIMIT[75] == 64 * 1024 and SHARED_LIMIT[90] == SHARED_LIMIT[100] == 227 * 1024
+    assert SHARED_LIMIT[86] == SHARED_LIMIT[89] == SHARED_LIMIT[120] == 99 * 1024
 
 
 def test_report_problems_flags_spills_local_memory_and_shared_memory():

@@ -171,6 +171,47 @@ def test_default_paths_follow_the_register_sort_limit():
         swd.sort_residual_plan(proj, proj, path="registers")
 
 
+def test_below_sm_80_the_default_projection_is_cublas():
+    # Triton's tl.dot has no tensor cores on sm_75 (compile_report --arch 75: 0 HMMA); cuBLAS does.
+    assert swd.default_paths(256, arch=75) == ("cublas", "registers")
+    for arch in (None, 80, 86, 89, 90, 100, 120):
+        assert swd.default_paths(256, arch=arch) == ("triton", "registers")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_sm_75_takes_an_fma_tile_and_no_tf32(dtype, allow_tf32):
+    cfg = swd.project_config(2, 1024, 512, 8192, dtype, allow_tf32, arch=75)
+    # The largest tile that does not spill there with fp16 / bf16 operands (compile_report --arch 75).
+    assert (cfg["BLOCK_K"], cfg["BLOCK_B"], cfg["BLOCK_D"], cfg["num_warps"]) == (64, 64, 16, 8)
+    assert cfg["INPUT_PRECISION"] == "ieee"  # Turing has no TF32
+    sm_80 = swd.project_config(2, 1024, 512, 8192, dtype, allow_tf32, arch=80)
+    assert sm_80 == swd.project_config(2, 1024, 512, 8192, dtype, allow_tf32)  # None: the sm_80+ tiles
+    assert sm_80["INPUT_PRECISION"] == ("tf32" if dtype == torch.float32 and allow_tf32 else "ieee")
+
+
+@pytest.mark.parametrize("path", swd.PROJECTION_PATHS)
+def test_the_sm_75_tiles_compute_the_projection(path):
+    views, _, projections = make_inputs(2, 1, 70, 40, 9, seed=21)  # partial 64-tiles in K, B and D
+    out, launches = swd.project_plan(views, projections, path=path, arch=75)
+    assert all(launch.meta["BLOCK_D"] == 16 for launch in launches)
+    for launch in launches:
+        launch()
+    want = torch.einsum("kd,sbd->skb", projections.double(), views.double())
+    torch.testing.assert_close(out.double(), want, **dict(zip(("atol", "rtol"), tolerance(torch.float32))))
+
+
+def test_bf16_below_sm_80_is_multiplied_as_fp32():
+    assert swd.bf16_as_fp32(torch.bfloat16, 75)
+    assert not any(swd.bf16_as_fp32(torch.bfloat16, arch) for arch in (None, 80, 90, 120))
+    assert not swd.bf16_as_fp32(torch.float16, 75)  # fp16 keeps cuBLAS's tensor cores on Turing
+    views, _, projections = (t.bfloat16() for t in make_inputs(2, 1, 30, 20, 6, seed=22))
+    out, _ = swd.project_plan(views, projections, path="cublas", arch=75)
+    # bf16 values and their products are exact in fp32: the fp64 sum up to fp32 rounding.
+    want = torch.einsum("kd,sbd->skb", projections.double(), views.double())
+    torch.testing.assert_close(out.double(), want, **dict(zip(("atol", "rtol"), tolerance(torch.float32))))
+
+
 @pytest.mark.parametrize("batch, num_projections", [(256, 256), (256, 8192), (1024, 8192), (4096, 4096)])
 def test_sorts_spread_over_every_sm(batch, num_projections):
     # The seed's, the official recipe's and a large shape: at least one program per H100 SM.

@@ -201,3 +201,32 @@ def test_per_view_directions_and_targets_on_both_backends():
         grad, = torch.autograd.grad(loss, leaf)
         torch.testing.assert_close(loss.double(), ref, atol=atol, rtol=rtol, msg=ops.__name__)
         torch.testing.assert_close(grad.double(), ref_grad, atol=atol, rtol=rtol, msg=ops.__name__)
+
+
+@pytest.mark.parametrize("shared_directions", [True, False])
+def test_projection_backward_multiplies_bf16_as_fp32_below_sm_80(monkeypatch, shared_directions):
+    # Turing has no bf16 arithmetic: the backward's matmuls take fp32 copies (the fp32
+    # gradient unrounded), as the forward's cuBLAS path does, and round the result to bf16.
+    from types import SimpleNamespace
+
+    from lpjepa.ops import sliced_wasserstein_triton as ops
+
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(2, 9, 12, generator=gen).bfloat16()
+    shape = (5, 12) if shared_directions else (2, 5, 12)
+    projections = torch.nn.functional.normalize(torch.randn(shape, generator=gen), dim=-1).bfloat16()
+    grad = torch.randn(2, 5, 9, generator=gen)  # (S, K, B) fp32, as the forward's output
+    ctx = SimpleNamespace(saved_tensors=(x, projections), needs_input_grad=(True, True, False))
+    monkeypatch.setattr(ops, "device_arch", lambda device: 75)
+    grad_x, grad_p, _ = ops._project_backward(ctx, grad)
+    directions = projections.float().expand(2, 5, 12)
+    want_x = torch.matmul(grad.transpose(1, 2), directions)
+    want_p = torch.bmm(grad, x.float())
+    want_p = want_p.sum(0) if shared_directions else want_p
+    assert grad_x.dtype == grad_p.dtype == torch.bfloat16
+    torch.testing.assert_close(grad_x, want_x.bfloat16(), atol=0, rtol=0)
+    torch.testing.assert_close(grad_p.float(), want_p, **dict(zip(("atol", "rtol"), tolerance(torch.bfloat16))))
+    monkeypatch.setattr(ops, "device_arch", lambda device: 80)  # the bf16 operand path: the gradient rounded first
+    rounded_x, _, _ = ops._project_backward(ctx, grad)
+    torch.testing.assert_close(rounded_x.float(), torch.matmul(grad.bfloat16().float().transpose(1, 2), directions),
+                               **dict(zip(("atol", "rtol"), tolerance(torch.bfloat16))))

@@ -37,7 +37,7 @@ from typing import Tuple
 import torch
 
 from ..kernels import sliced_wasserstein as kernels
-from ..kernels.launch import KERNEL_DTYPES, KernelLaunch
+from ..kernels.launch import KERNEL_DTYPES, KernelLaunch, device_arch
 from .path_choice import CHOOSER, bucket, device_key, may_time
 from .sliced_wasserstein import projected_gradients, save_projected_residuals
 
@@ -77,8 +77,8 @@ def projection_path(x, projections, allow_tf32, timing_allowed=None):
             launch()
 
     timing_allowed = may_time(x, projections) if timing_allowed is None else timing_allowed
-    return CHOOSER.choose("projection", key, list(kernels.PROJECTION_PATHS), kernels.default_paths(batch)[0], run,
-                          timing_allowed)
+    default = kernels.default_paths(batch, arch=device_arch(x.device))[0]  # cuBLAS below sm_80
+    return CHOOSER.choose("projection", key, list(kernels.PROJECTION_PATHS), default, run, timing_allowed)
 
 
 def _project_body(x: torch.Tensor, projections: torch.Tensor, allow_tf32: bool) -> torch.Tensor:
@@ -110,18 +110,21 @@ def _project_backward(ctx, grad):
     tensor cores here too (fp32 accumulation); fp32 features follow torch's fp32 matmul
     setting. In fp32 on the FMA units this matmul alone would outlast the seed's whole
     step at the official shape (``python -m lpjepa.kernels.compile_report --model``).
+    bf16 below sm_80, which has no bf16 arithmetic, multiplies fp32 copies as the forward
+    does (``kernels.bf16_as_fp32``) and rounds the gradients to bf16.
     """
     x, projections = ctx.saved_tensors
     grad_x = grad_projections = None
+    operand_dtype = torch.float32 if kernels.bf16_as_fp32(x.dtype, device_arch(x.device)) else x.dtype
     with torch.autocast(grad.device.type, enabled=False):
-        operand = grad.to(x.dtype)
+        operand, rows_x, directions = (t.to(operand_dtype) for t in (grad, x, projections))
         if ctx.needs_input_grad[0]:
-            grad_x = torch.matmul(operand.transpose(1, 2), projections)
+            grad_x = torch.matmul(operand.transpose(1, 2), directions).to(x.dtype)
         if ctx.needs_input_grad[1] and projections.dim() == 3:  # a set of directions per source
-            grad_projections = torch.bmm(operand, x)
+            grad_projections = torch.bmm(operand, rows_x).to(x.dtype)
         elif ctx.needs_input_grad[1]:
             rows = operand.transpose(0, 1).reshape(grad.shape[1], -1)  # (K, S * B)
-            grad_projections = rows @ x.reshape(-1, x.shape[2])
+            grad_projections = (rows @ rows_x.reshape(-1, x.shape[2])).to(x.dtype)
     return grad_x, grad_projections, None
 
 
