@@ -3,7 +3,8 @@
 The public API is a drop-in for the seed's ``sample_rgg`` and ``rdmreg_loss``, plus the
 ``RDMReg`` module, ``rectified_lpjepa_loss`` and its module ``RectifiedLpJEPALoss`` (shaped
 like Lightly's losses). On CUDA tensors the fused Triton kernels run; elsewhere a torch
-backend with the same value and gradient does.
+backend with the same value and gradient does, and on a GPU where the kernels cannot run
+too, after one ``TritonFallbackWarning``.
 
 ``import lpjepa`` imports torch and this package's own modules only: the Triton ops load
 at the first call that uses them, the training program's timm and torchvision with
@@ -14,9 +15,11 @@ import importlib
 
 from . import metrics, rgg
 from .loss import LossParts, RDMReg, RectifiedLpJEPALoss, rdmreg_loss, rectified_lpjepa_loss
+from .ops.backend import KernelUnavailable, TritonFallbackWarning
 from .sampling import sample_rgg
 
 __all__ = [
+    "KernelUnavailable",
     "LossParts",
     "RDMReg",
     "RectifiedLpJEPALoss",
@@ -26,6 +29,7 @@ __all__ = [
     "reference",
     "rgg",
     "sample_rgg",
+    "TritonFallbackWarning",
 ]
 __version__ = "0.1.0"
 

@@ -27,7 +27,7 @@ from . import _checks, distributed
 from ._checks import DIRECTION_SCHEMES, SIGMA_CONVENTIONS, TARGET_MODES  # noqa: F401 (the family's choices)
 from .ops import directions as direction_ops
 from .ops import sliced_wasserstein as torch_ops
-from .ops.backend import check_backend, triton_module
+from .ops.backend import check_backend, run_op
 from .rgg import resolve_sigma
 from .sampling import sample_rgg
 
@@ -46,11 +46,14 @@ def _views_loss(views, target, projections, backend):
     directions need a gradient. Otherwise each view runs the per-view op on its own
     target and directions (the Triton backend projects them as one stack).
     """
-    first = views[0]
     dtype = torch_ops.compute_dtype(*views, target, projections)
-    triton_ops = triton_module("sliced_wasserstein", backend, first.device, dtype)
-    if triton_ops is not None:
-        return triton_ops.views_loss(views, target, projections)
+    return run_op("sliced_wasserstein", backend, views[0].device, dtype,
+                  lambda triton_ops: triton_ops.views_loss(views, target, projections),
+                  lambda: _torch_views_loss(views, target, projections, dtype))
+
+
+def _torch_views_loss(views, target, projections, dtype):
+    """``_views_loss`` on the torch backend, in ``dtype``."""
     shared = target.dim() == 2 and projections.dim() == 2
     target_sorted = None
     if shared and len(views) > 1 and not torch_ops.needs_target_residual(target, projections):
@@ -72,9 +75,17 @@ def _global_loss(views, target, projections, backend, group, sizes, gather, scal
     the gathered (V, K, global batch) projections, with the backend's ops. Each rank's
     backward receives the gradient of its own rows, times ``scale``.
     """
+    dtype = torch_ops.compute_dtype(*views, target, projections)
+    # Every rank fails or succeeds alike on the same kernels, so all of them fall back together.
+    return run_op("sliced_wasserstein", backend, views[0].device, dtype,
+                  lambda triton_ops: _global_loss_on(triton_ops, views, target, projections, group, sizes, gather, scale),
+                  lambda: _global_loss_on(None, views, target, projections, group, sizes, gather, scale))
+
+
+def _global_loss_on(triton_ops, views, target, projections, group, sizes, gather, scale):
+    """``_global_loss`` with ``triton_ops`` (the Triton module), or the torch ops when None."""
     first = views[0]
     dtype = torch_ops.compute_dtype(*views, target, projections)
-    triton_ops = triton_module("sliced_wasserstein", backend, first.device, dtype)
     if triton_ops is None:
         ops, projected_dtype = torch_ops, dtype
     else:  # the operands in the features' dtype, the projections fp32

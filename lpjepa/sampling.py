@@ -3,7 +3,7 @@ import torch
 
 from . import _checks
 from .ops import rgg_sample
-from .ops.backend import check_backend, triton_module
+from .ops.backend import check_backend, run_op
 from .rgg import resolve_sigma
 
 
@@ -39,7 +39,6 @@ def sample_rgg(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32; got dtype={dtype!r}")
     _checks.check_generator(generator, device)
-    sampler = triton_module("rgg_sample", backend, device) or rgg_sample
-    return sampler.sample(
-        shape, p=p, mu=mu, sigma=sigma, dtype=dtype, device=device, generator=generator, rectify=bool(rectify)
-    )
+    options = dict(p=p, mu=mu, sigma=sigma, dtype=dtype, device=device, generator=generator, rectify=bool(rectify))
+    return run_op("rgg_sample", backend, device, None, lambda triton_ops: triton_ops.sample(shape, **options),
+                  lambda: rgg_sample.sample(shape, **options))
