@@ -17,6 +17,7 @@ def check_kernel_dtype(name, tensor):
 # below it (sm_75, Turing) tl.dot runs on the FMA units whatever the dtype, and bf16 has no
 # hardware arithmetic at all.
 TENSOR_CORE_ARCH = 80
+_ARCH_OF_DEVICE = {}  # {CUDA device index: major * 10 + minor}
 
 
 def device_arch(device):
@@ -28,8 +29,11 @@ def device_arch(device):
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _ARCH_OF_DEVICE:  # asked at every launch plan: read the driver once per device
+        major, minor = torch.cuda.get_device_capability(index)
+        _ARCH_OF_DEVICE[index] = major * 10 + minor
+    return _ARCH_OF_DEVICE[index]
 
 
 def has_tensor_core_dot(arch):
