@@ -27,7 +27,9 @@ FAILURES = {
     "no C compiler": lambda: RuntimeError(
         "Failed to find C compiler. Please specify via CC environment variable or set triton.knobs.build.impl."),
     "launcher build": lambda: subprocess.CalledProcessError(1, ["gcc", "main.c"]),
+    "no ptxas": lambda: RuntimeError("Cannot find ptxas"),
 }
+HINTS = {"no C compiler": "install one (gcc or clang) or point CC at it", "no ptxas": "TRITON_PTXAS_PATH"}
 
 
 @pytest.fixture
@@ -83,8 +85,8 @@ def test_auto_falls_back_to_torch_with_one_warning(triton_on_cpu, monkeypatch, f
     cause = FAILURES[failure]()
     assert type(cause).__name__ in message and "sliced_wasserstein" in message
     assert "LPJEPA_TRITON_FALLBACK=quiet" in message and "backend='torch'" in message
-    if failure == "no C compiler":
-        assert "install one (gcc or clang) or point CC at it" in message
+    if failure in HINTS:
+        assert HINTS[failure] in message
     assert len(attempts) == 1  # remembered: the later calls go to torch directly
     # The torch backend's value and gradient, exactly.
     want = lpjepa.rdmreg_loss(z, target, projections=projections, backend="torch")

@@ -65,6 +65,8 @@ def _hint(cause):
     text = _first_line(cause).lower()
     if "c compiler" in text or "cc" in text.split():
         return " Triton builds its launcher with a C compiler: install one (gcc or clang) or point CC at it."
+    if "ptxas" in text:
+        return " Triton compiles with NVIDIA's ptxas: install the CUDA toolkit's, or point TRITON_PTXAS_PATH at one."
     if "triton" in text and ("no module" in text or "not installed" in text):
         return " Install Triton (pip install triton) for the kernels."
     return ""
