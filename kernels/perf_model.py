@@ -472,8 +472,8 @@ def path_costs(shape, path, *, dtype=torch.bfloat16, allow_tf32=False, views=2, 
         costs.append(_elementwise("stack the views", views * B * D, 2 * dtype_bytes))
     if dtype_bytes != 4:
         costs += [_elementwise(f"cast {name}", n, 4 + dtype_bytes) for name, n in (("target", B * D), ("P", K * D))]
+    unit = matmul_unit(dtype, allow_tf32, arch, triton_dot=projection_path == "triton")
     for sources in (views, targets):
-        unit = matmul_unit(dtype, allow_tf32, arch, triton_dot=projection_path == "triton")
         if projection_path == "triton":
             programs = project_programs(sources, shape, dtype, allow_tf32, arch)
             costs.append(projection_cost("_project_kernel", sources, B, D, K, dtype_bytes, allow_tf32, programs, unit))

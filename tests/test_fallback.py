@@ -176,6 +176,7 @@ def test_no_triton_falls_back_and_names_the_install(triton_on_cpu, monkeypatch):
 
 def test_gpus_below_sm_75_are_refused_before_any_launch(monkeypatch):
     monkeypatch.setattr(backend, "_UNAVAILABLE", {})
+    monkeypatch.setattr(backend, "_REASONS", {})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")

@@ -30,6 +30,8 @@ TRITON_DEVICE_TYPES = {"cuda"}
 _LOADED = {}
 # {(op, device): KernelUnavailable} of the ops that failed here: 'auto' goes to torch.
 _UNAVAILABLE = {}
+# {device: why the kernels cannot run there, or None}: the capability is read once per device, not per call.
+_REASONS = {}
 
 
 class TritonFallbackWarning(UserWarning):
@@ -106,12 +108,16 @@ def _capability(device):
 
 
 def _unavailable_reason(device):
-    """Why the kernels cannot run on ``device`` before trying them, or None."""
-    if device.type == "cuda" and torch.cuda.is_available() and tuple(_capability(device)) < MIN_CAPABILITY:
-        major, minor = _capability(device)
-        return (f"compute capability {major}.{minor} is below {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, "
-                "the oldest the kernels are built for")
-    return None
+    """Why the kernels cannot run on ``device`` before trying them, or None; asked once per device."""
+    key = _device_key(device)
+    if key not in _REASONS:
+        _REASONS[key] = None
+        if device.type == "cuda" and torch.cuda.is_available():
+            major, minor = _capability(device)
+            if (major, minor) < MIN_CAPABILITY:
+                _REASONS[key] = (f"compute capability {major}.{minor} is below {MIN_CAPABILITY[0]}."
+                                 f"{MIN_CAPABILITY[1]}, the oldest the kernels are built for")
+    return _REASONS[key]
 
 
 def _device_key(device):

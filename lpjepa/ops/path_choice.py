@@ -29,6 +29,7 @@ Shape buckets round every size up to a power of two, so one measurement covers t
 batch sizes of a training run.
 """
 import contextlib
+import functools
 import importlib.metadata
 import json
 import os
@@ -72,6 +73,7 @@ def triton_version():
         return "none"
 
 
+@functools.lru_cache(maxsize=None)
 def versions_key():
     """The last part of every key: a decision measured under other torch or Triton versions is not reused."""
     return f"torch={torch.__version__}|triton={triton_version()}"
