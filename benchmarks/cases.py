@@ -253,7 +253,7 @@ def floor_case(op, shape, device):
 
 
 def model_bound_ms(op, shape, dtype=torch.float32, allow_tf32=None, gpu=None):
-    """The static model's lower bound for ``op``, in ms (lpjepa.kernels.perf_model), or None.
+    """The static model's lower bound for ``op``, in ms (benchmarks.perf_model), or None.
 
     gpu: a ``perf_model.GPU`` (default: the current CUDA device's, ``perf_model.device_gpu``).
 
@@ -262,7 +262,7 @@ def model_bound_ms(op, shape, dtype=torch.float32, allow_tf32=None, gpu=None):
     shared target with the target drawn too (the step). A bound, not a prediction:
     measured times are above it.
     """
-    from lpjepa.kernels import perf_model as pm
+    from benchmarks import perf_model as pm
     from lpjepa.kernels.sliced_wasserstein import PROJECTION_PATHS, sort_paths_for
 
     gpu = pm.device_gpu() if gpu is None else gpu

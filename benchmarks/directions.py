@@ -101,17 +101,21 @@ class Moments:
 def _loss_and_grads(features, targets, projections):
     """[(loss, gradient in the features)] against each target: rdmreg_loss's value and gradient, sharing the projections.
 
-    The features' projections are made once for all targets; the loss and its gradient
-    in the projected values come from the torch backend's op (the sort and residual of
-    ``rdmreg_loss``), and the gradient in the features is that one matmul back.
+    The features' projections are made once for all targets; the loss and the residual
+    come from the torch body's sort and residual (those of ``rdmreg_loss``), and the
+    gradient in the features is the op's formula, 2 / numel * residual^T @ P.
     """
-    proj = torch_ops.project(features[None], projections).requires_grad_()
+    proj = project(features, projections)
     out = []
     for target in targets:
-        loss = torch_ops.projected_sliced_wasserstein(proj, target)
-        grad_proj, = torch.autograd.grad(loss, proj)
-        out.append((loss.detach(), grad_proj[0].T @ projections))
+        loss, residual, _ = torch_ops.torch_sort_residual(proj, target, False)
+        out.append((loss, 2.0 / residual.numel() * residual[0].T @ projections))
     return out
+
+
+def project(x, projections):
+    """(1, K, B) projections of the (B, D) rows ``x``, in the loss's compute dtype (the torch body's)."""
+    return torch_ops.torch_project([x[None]], projections, torch_ops.compute_dtype(x, projections))
 
 
 def _draw(scheme, num_projections, dim, singular, generator):
@@ -134,12 +138,12 @@ def measure_cell(features, fixed_target, scheme, num_projections, draws, seed):
         fresh_target = lpjepa.sample_rgg((batch, dim), P, MU, generator=generator, backend="torch")
         if not scheme.startswith("svd"):  # one draw for both feature batches, its targets projected once
             shared = _draw(scheme, num_projections, dim, None, generator)
-            projected_targets = [torch_ops.project(t[None], shared) for t in (fixed_target, fresh_target)]
+            projected_targets = [project(t, shared) for t in (fixed_target, fresh_target)]
         for name, z in features.items():
             projections, targets = shared, projected_targets
             if projections is None:
                 projections = _draw(scheme, num_projections, dim, singular[name], generator)
-                targets = [torch_ops.project(t[None], projections) for t in (fixed_target, fresh_target)]
+                targets = [project(t, projections) for t in (fixed_target, fresh_target)]
             for setting, result in zip(SETTINGS, _loss_and_grads(z, targets, projections)):
                 moments[(name, setting)].add(*result)
     return {key: m.summary() for key, m in moments.items()}

@@ -12,7 +12,8 @@
 #   5. path sweep    python -m benchmarks.swd_paths: every path timed, the path cache filled          ~35 s
 #   6. report        python -m benchmarks.report: the loss and the step, every provider, vs the bound ~80 s
 #   7. throughput    python -m benchmarks.train_throughput: data paths and training steps             ~40 s
-# About 5.6 minutes (335 s) in all. Each step has a time limit (about 1.5x its estimate; 560 s in
+#   8. host cost     python -m benchmarks.host_overhead: the Triton step's Python vs plain torch's     ~15 s
+# About 5.8 minutes (350 s) in all. Each step has a time limit (about 1.5x its estimate; 590 s in
 # all), so a hung step cannot hold the GPU: the script ends within 10 minutes whatever happens. A failing step is
 # reported and the later steps still run; the exit status is nonzero if any step failed.
 # --dry-run prints the steps, runs steps 1 and 2 for real (a bare clone gets installed), and stops
@@ -23,7 +24,7 @@ PYTHON=${PYTHON:-python}
 export PYTHON
 
 usage() {
-    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 DRY_RUN=0
@@ -45,9 +46,9 @@ mkdir -p "$OUT"
 # The sweep's decisions go with the report: the report's Triton provider then runs the chosen paths.
 export LPJEPA_CACHE_DIR=${LPJEPA_CACHE_DIR:-$OUT/cache}
 
-STEPS=("install" "collect" "gpu" "gpu tests" "path sweep" "report" "throughput")
-ESTIMATES=(40 15 5 120 35 80 40)
-LIMITS=(90 45 20 170 55 120 60)
+STEPS=("install" "collect" "gpu" "gpu tests" "path sweep" "report" "throughput" "host cost")
+ESTIMATES=(40 15 5 120 35 80 40 15)
+LIMITS=(90 45 20 170 55 120 60 30)
 SUMMARY=()  # one line per step run: name, status, seconds, estimate
 FAILED=0
 SCRIPT_START=$(date +%s)
@@ -145,6 +146,8 @@ run_step 5 "$OUT/report.log" "$PYTHON" -m benchmarks.report --device cuda --ops 
 report_rc=$?
 run_step 6 "$OUT/throughput.log" "$PYTHON" -m benchmarks.train_throughput --device cuda --out "$OUT/throughput"
 throughput_rc=$?
+run_step 7 "$OUT/host.log" "$PYTHON" -m benchmarks.host_overhead --out "$OUT"
+host_rc=$?
 
 echo
 echo "== results"
@@ -169,6 +172,10 @@ fi
 if [ "$throughput_rc" -eq 0 ]; then
     echo "Training throughput (images/s; one image = two views):"
     grep -E '^\| |^- ' "$OUT/throughput/table.md"
+fi
+if [ "$host_rc" -eq 0 ]; then
+    echo "Host cost of one regularizer step (launches stubbed):"
+    sed 's/^/  /' "$OUT/host.log"
 fi
 summary
 exit "$FAILED"

@@ -118,7 +118,7 @@ def run(args, log=print):
     notes = []
     bound_gpu = None
     if device == "cuda":
-        from lpjepa.kernels.perf_model import device_gpu
+        from benchmarks.perf_model import device_gpu
 
         bound_gpu = device_gpu()
         notes.append(f"Model bound: {bound_gpu.name}'s figures ({bound_gpu.source}).")

@@ -6,7 +6,7 @@ shape and keeps the fastest in its cache file. This script makes those first cal
 for the shapes a run meets (the benchmark shapes, one and two views, fp32 and bf16),
 so later processes start with every decision made, and prints what was measured: the
 median ms of every path, the one chosen, and the static model's lower bound for it
-(``lpjepa.kernels.perf_model``, on the device's figures; the H100's on ``--device cpu``).
+(``benchmarks.perf_model``, on the device's figures; the H100's on ``--device cpu``).
 It measures afresh: the cache file then holds this sweep's decisions (other shapes are
 measured again at their first call).
 
@@ -60,14 +60,14 @@ def _wall_clock_timer(run):
 
 def bound_gpu(device):
     """The GPU figures of the bound: the CUDA device's (``perf_model.device_gpu``), the H100's off CUDA."""
-    from lpjepa.kernels import perf_model as pm
+    from benchmarks import perf_model as pm
 
     return pm.device_gpu() if device == "cuda" else pm.GPUS["H100"]
 
 
 def _bound_us(shape, step, path, dtype, allow_tf32, views, gpu):
     """The model's bound of one step on one path on ``gpu`` (a ``perf_model.GPU``), in microseconds."""
-    from lpjepa.kernels import perf_model as pm
+    from benchmarks import perf_model as pm
 
     model_shape = pm.Shape(shape.name, shape.B, shape.D, shape.K)
     if step == "projection":
@@ -85,7 +85,8 @@ def sweep(args, log=print):
     """One row per (shape, dtype, views, step, path): the measured median ms, whether chosen, the bound."""
     import torch
 
-    from lpjepa.ops import sliced_wasserstein_triton as triton_ops
+    from lpjepa.ops import path_choice
+    from lpjepa.ops import sliced_wasserstein as op
     from lpjepa.ops.path_choice import CHOOSER
 
     if args.device != "cuda":
@@ -103,14 +104,15 @@ def sweep(args, log=print):
                 target = torch.rand(1, shape.B, shape.D, generator=generator).to(args.device, dtype)
                 P = torch.nn.functional.normalize(torch.randn(shape.K, shape.D, generator=generator), dim=1)
                 P = P.to(args.device, dtype)
-                triton_ops.projection_path(x, P, allow_tf32, timing_allowed=True)
-                triton_ops.projection_path(target, P, allow_tf32, timing_allowed=True)
-                proj, proj_t = (triton_ops.triton_project(t, P, allow_tf32) for t in (x, target))
-                triton_ops.sort_path(proj, proj_t, False, timing_allowed=True)
+                # The op projects the views and the shared target in one launch (views + 1 sources).
+                stacked = torch.cat([x, target])
+                path_choice.projection_path(stacked, P, allow_tf32, timing_allowed=True)
+                projected = op.triton_project(stacked, P, allow_tf32)
+                path_choice.sort_path(projected[:views], projected[views:], False, timing_allowed=True)
                 for key, medians in CHOOSER.measured.items():
                     step = key.split("|")[0]
-                    sources = 1 if step == "projection" and "|S=1|" in key else views
-                    what = "sort" if step == "sort" else f"project {'target' if sources == 1 and views > 1 else 'views'}"
+                    sources = views + 1 if step == "projection" else views
+                    what = "sort" if step == "sort" else "project views and target"
                     for path, ms in medians.items():
                         rows.append(dict(shape=shape.name, B=shape.B, D=shape.D, K=shape.K, dtype=dtype_name,
                                          views=views, step=what, path=path, ms=ms,

@@ -41,6 +41,20 @@ def has_tensor_core_dot(arch):
     return arch is None or arch >= TENSOR_CORE_ARCH
 
 
+def cdiv(a, b):
+    """ceil(a / b) for positive ints: what ``triton.cdiv`` gives, at a plain function call's cost.
+
+    The launch plans run at every step; ``triton.cdiv`` and ``triton.next_power_of_2`` are
+    Triton ``ConstexprFunction``s, whose host-side call costs about 10 us each.
+    """
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    """The smallest power of two >= n (1 for n <= 1), as ``triton.next_power_of_2``."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 class KernelLaunch(NamedTuple):
     """One ``kernel[grid](*args, **meta)`` call; ``meta`` holds constexprs and num_warps/num_stages.
 

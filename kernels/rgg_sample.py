@@ -31,13 +31,14 @@ always >= 1 there), so a lane is still pending after 20 rounds with probability
 < 0.05 ** 20 ~ 1e-26. Such a lane is never given an unaccepted value: it is written as
 NaN, which the caller can detect (``torch.isnan(sample).any()``).
 """
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import KernelLaunch, check_kernel_dtype
+from .launch import KernelLaunch, cdiv, check_kernel_dtype, next_power_of_2
 
 # Methods, chosen from p by the launcher; tl.constexpr so the kernel can compare with them.
 LAPLACE = tl.constexpr(0)
@@ -176,7 +177,7 @@ def rgg_launch_config(n_elements, method):
     (fewer lanes to wait for) than the one-shot Laplace and Gaussian paths.
     """
     cap = 1024 if method != GAMMA else 512
-    block = max(128, min(cap, triton.next_power_of_2(max(int(n_elements), 1))))
+    block = max(128, min(cap, next_power_of_2(max(int(n_elements), 1))))
     num_warps = 4 if block >= 512 else 2
     return block, num_warps
 
@@ -238,21 +239,22 @@ def rgg_launch(out, *, p, mu, sigma, seed, offset, rectify=True):
     p > 0, mu and sigma >= 0 finite are the caller's to check (``lpjepa.sample_rgg`` does);
     only what the kernel's stores rely on is checked here.
     """
-    p, mu, sigma = float(p), float(mu), float(sigma)
     check_kernel_dtype("out", out)
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
-    n_elements = out.numel()
+    grid, constants, meta = _rgg_plan(out.numel(), float(p), float(mu), float(sigma), bool(rectify))
+    return KernelLaunch(_rgg_kernel, grid, (out, out.numel(), seed, offset, *constants), meta)
+
+
+@functools.lru_cache(maxsize=256)
+def _rgg_plan(n_elements, p, mu, sigma, rectify):
+    """(grid, the kernel's arguments after the seed and offset, meta) of one draw: the same at every step of a run."""
     method = rgg_method(p)
     shape_a = 1.0 / p
     boost = shape_a < 1.0
     mt_d = (shape_a + 1.0 if boost else shape_a) - 1.0 / 3.0
     block, num_warps = rgg_launch_config(n_elements, method)
-    args = (
-        out,
-        n_elements,
-        seed,
-        offset,
+    constants = (
         mu,
         sigma,
         math.log(sigma) if sigma > 0 else float("-inf"),
@@ -262,8 +264,8 @@ def rgg_launch(out, *, p, mu, sigma, seed, offset, rectify=True):
         1.0 / math.sqrt(9.0 * mt_d),
         p if boost else 0.0,
     )
-    meta = dict(METHOD=method, RECTIFY=bool(rectify), MAX_ROUNDS=GAMMA_MAX_ROUNDS, BLOCK=block, num_warps=num_warps)
-    return KernelLaunch(_rgg_kernel, (triton.cdiv(n_elements, block),), args, meta)
+    meta = dict(METHOD=method, RECTIFY=rectify, MAX_ROUNDS=GAMMA_MAX_ROUNDS, BLOCK=block, num_warps=num_warps)
+    return (cdiv(n_elements, block),), constants, meta
 
 
 def rgg_sample(

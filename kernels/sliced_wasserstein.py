@@ -36,11 +36,13 @@ by row index (registers) or stably (torch_sort); the loss does not depend on it.
 Which path is fastest depends on the GPU and the shape; ``lpjepa.ops.path_choice`` times
 them on first use, and ``default_paths`` is the choice without a measurement.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .launch import KernelLaunch, check_kernel_dtype, device_arch, has_tensor_core_dot
+from .launch import KernelLaunch, cdiv, check_kernel_dtype, device_arch, has_tensor_core_dot, next_power_of_2
 
 PROJECTION_PATHS = ("triton", "cublas")
 SORT_PATHS = ("registers", "torch_sort")
@@ -49,7 +51,7 @@ SORT_PATHS = ("registers", "torch_sort")
 # few enough registers never to spill under the 128-register cap of 16 warps. With the
 # target's residual the sorted target, its rows and its summed residual stay live across
 # the views, so a thread holds half as many keys. Checked by
-# `python -m lpjepa.kernels.compile_report` on sm_75 to sm_120.
+# `python -m benchmarks.compile_report` on sm_75 to sm_120.
 _SORT_KEYS_PER_THREAD = 8
 _SORT_KEYS_PER_THREAD_WITH_TARGET_RESIDUAL = 4
 _SORT_MAX_WARPS = 16
@@ -110,6 +112,7 @@ def input_precision(dtype, allow_tf32, arch=None):
     return "tf32" if dtype == torch.float32 and allow_tf32 and has_tensor_core_dot(arch) else "ieee"
 
 
+@functools.lru_cache(maxsize=None)
 def project_config(sources, batch, dim, num_projections, dtype, allow_tf32, arch=None):
     """Meta-parameters of _project_kernel: dict(BLOCK_K, BLOCK_B, BLOCK_D, INPUT_PRECISION, num_warps, num_stages).
 
@@ -132,14 +135,14 @@ def project_config(sources, batch, dim, num_projections, dtype, allow_tf32, arch
         block_d, num_warps = _MIN_DOT, 4
     else:
         block_k = block_b = 128
-        tiles = triton.cdiv(num_projections, 128) * triton.cdiv(batch, 128) * sources
+        tiles = cdiv(num_projections, 128) * cdiv(batch, 128) * sources
         if tiles < _SORT_MIN_PROGRAMS // 2 or min(batch, num_projections) <= 64:
             block_k = block_b = 64
         # 8 warps at either tile size: with 4, sm_80's 64 x 64 tile spills (compile_report).
         block_d, num_warps = (32 if dtype == torch.float32 else 64), 8
-    block_k = min(block_k, max(_MIN_DOT, triton.next_power_of_2(num_projections)))
-    block_b = min(block_b, max(_MIN_DOT, triton.next_power_of_2(batch)))
-    block_d = min(block_d, max(_MIN_DOT, triton.next_power_of_2(dim)))
+    block_k = min(block_k, max(_MIN_DOT, next_power_of_2(num_projections)))
+    block_b = min(block_b, max(_MIN_DOT, next_power_of_2(batch)))
+    block_d = min(block_d, max(_MIN_DOT, next_power_of_2(dim)))
     return dict(BLOCK_K=block_k, BLOCK_B=block_b, BLOCK_D=block_d, INPUT_PRECISION=precision,
                 num_warps=num_warps, num_stages=3)
 
@@ -191,18 +194,20 @@ def _cublas_projection(x, projections, arch=None):
     return torch.bmm(P.float(), x.float().transpose(1, 2))
 
 
-def project_plan(x, projections, *, path="triton", allow_tf32=False, arch=None):
+def project_plan(x, projections, *, path="triton", allow_tf32=False, arch=None, check=True):
     """The (S, K, B) fp32 projections of ``x`` (S, B, D) onto ``projections``, and the launches that fill them.
 
     projections: (K, D), shared by the S sources, or (S, K, D), a set per source. Both in one dtype (fp32, fp16 or bf16; the caller rounds the directions to the
     features' dtype, as autocast does). path: 'triton' (the kernel) or 'cublas' (torch's
     matmul, computed here; no launch). arch: the compute capability whose tiles to take
     (``project_config``); None: x's device's (``device_arch``). Works on ``meta`` tensors,
-    for the compile report. Returns ``(out, [KernelLaunch, ...])``.
+    for the compile report. ``check=False`` skips the checks of the inputs, for a caller that
+    made them (the loss's op, at every step). Returns ``(out, [KernelLaunch, ...])``.
     """
-    _check_projection_inputs(x, projections)
-    if path not in PROJECTION_PATHS:
-        raise ValueError(f"path must be one of {PROJECTION_PATHS}; got {path!r}")
+    if check:
+        _check_projection_inputs(x, projections)
+        if path not in PROJECTION_PATHS:
+            raise ValueError(f"path must be one of {PROJECTION_PATHS}; got {path!r}")
     sources, batch, dim = x.shape
     num_projections = projections.shape[-2]
     arch = device_arch(x.device) if arch is None else arch
@@ -210,10 +215,10 @@ def project_plan(x, projections, *, path="triton", allow_tf32=False, arch=None):
         return _cublas_projection(x, projections, arch), []
     out = torch.empty((sources, num_projections, batch), dtype=torch.float32, device=x.device)
     cfg = project_config(sources, batch, dim, num_projections, x.dtype, allow_tf32, arch)
-    grid = (triton.cdiv(num_projections, cfg["BLOCK_K"]) * triton.cdiv(batch, cfg["BLOCK_B"]), sources)
-    P = _as_per_source(x, projections)
-    args = (x, P, out, batch, dim, num_projections,
-            x.stride(0), x.stride(1), x.stride(2), P.stride(0), P.stride(1), P.stride(2))
+    grid = (cdiv(num_projections, cfg["BLOCK_K"]) * cdiv(batch, cfg["BLOCK_B"]), sources)
+    # Shared (K, D) directions are read with a zero stride along the sources: no expanded view to make.
+    p_strides = projections.stride() if projections.dim() == 3 else (0, *projections.stride())
+    args = (x, projections, out, batch, dim, num_projections, *x.stride(), *p_strides)
     return out, [KernelLaunch(_project_kernel, grid, args, cfg)]
 
 
@@ -269,6 +274,7 @@ def _sort_residual_kernel(
     res_t_ptr,  # (T, K, B) fp32, written when NEED_TARGET_RESIDUAL
     partial_ptr,  # (cdiv(K, ROWS),) fp32: each program's sum of squared residuals
     B, K, V,
+    residual_scale,  # fp32: the residuals are stored times this (the loss's own sum is not)
     ROWS: tl.constexpr,
     B_PAD: tl.constexpr,
     SHARED_TARGET: tl.constexpr,
@@ -293,15 +299,15 @@ def _sort_residual_kernel(
         proj = tl.load(proj_ptr + v * plane + row_starts + cols[None, :], mask=valid, other=0.0)
         z_sorted, z_cols = _argsort_rows(proj, cols, valid)
         diff = tl.where(valid, z_sorted - t_sorted, 0.0)
-        tl.store(res_ptr + v * plane + row_starts + z_cols, diff, mask=valid)
+        tl.store(res_ptr + v * plane + row_starts + z_cols, diff * residual_scale, mask=valid)
         if NEED_TARGET_RESIDUAL:
             if SHARED_TARGET:
                 t_residual -= diff
             else:
-                tl.store(res_t_ptr + v * plane + row_starts + t_cols, -diff, mask=valid)
+                tl.store(res_t_ptr + v * plane + row_starts + t_cols, -diff * residual_scale, mask=valid)
         sum_sq += tl.sum(tl.sum(diff * diff, axis=1), axis=0)
     if NEED_TARGET_RESIDUAL and SHARED_TARGET:
-        tl.store(res_t_ptr + row_starts + t_cols, t_residual, mask=valid)
+        tl.store(res_t_ptr + row_starts + t_cols, t_residual * residual_scale, mask=valid)
     tl.store(partial_ptr + pid, sum_sq)
 
 
@@ -312,6 +318,7 @@ def _residual_kernel(
     res_ptr, res_t_ptr,  # (V, K, B), (T, K, B) fp32, written
     partial_ptr,  # (cdiv(K, BLOCK_K) * cdiv(B, BLOCK_B),) fp32
     B, K, V,
+    residual_scale,  # fp32: the residuals are stored times this (the loss's own sum is not)
     BLOCK_K: tl.constexpr,
     BLOCK_B: tl.constexpr,
     SHARED_TARGET: tl.constexpr,
@@ -335,17 +342,17 @@ def _residual_kernel(
             t_sorted = tl.load(t_sorted_ptr + v * plane + offs, mask=valid, other=0.0)
         diff = tl.load(sorted_ptr + v * plane + offs, mask=valid, other=0.0) - t_sorted
         z_cols = tl.load(cols_ptr + v * plane + offs, mask=valid, other=0)
-        tl.store(res_ptr + v * plane + row_starts + z_cols, diff, mask=valid)
+        tl.store(res_ptr + v * plane + row_starts + z_cols, diff * residual_scale, mask=valid)
         if NEED_TARGET_RESIDUAL:
             if SHARED_TARGET:
                 t_residual -= diff
             else:
                 t_cols = tl.load(t_cols_ptr + v * plane + offs, mask=valid, other=0)
-                tl.store(res_t_ptr + v * plane + row_starts + t_cols, -diff, mask=valid)
+                tl.store(res_t_ptr + v * plane + row_starts + t_cols, -diff * residual_scale, mask=valid)
         sum_sq += tl.sum(tl.sum(diff * diff, axis=1), axis=0)
     if NEED_TARGET_RESIDUAL and SHARED_TARGET:
         t_cols = tl.load(t_cols_ptr + offs, mask=valid, other=0)
-        tl.store(res_t_ptr + row_starts + t_cols, t_residual, mask=valid)
+        tl.store(res_t_ptr + row_starts + t_cols, t_residual * residual_scale, mask=valid)
     tl.store(partial_ptr + pid_k * tl.num_programs(1) + pid_b, sum_sq)
 
 
@@ -374,6 +381,7 @@ def sort_paths_for(batch, need_target_residual=False):
     return SORT_PATHS if batch <= register_sort_max_batch(need_target_residual) else ("torch_sort",)
 
 
+@functools.lru_cache(maxsize=None)
 def sort_config(batch, num_projections, need_target_residual=False):
     """Meta-parameters of _sort_residual_kernel: dict(ROWS, B_PAD, num_warps).
 
@@ -384,21 +392,22 @@ def sort_config(batch, num_projections, need_target_residual=False):
     """
     keys = _sort_keys_per_thread(need_target_residual)
     block_max = register_sort_max_batch(need_target_residual)
-    b_pad = max(_MIN_DOT, triton.next_power_of_2(batch))
+    b_pad = max(_MIN_DOT, next_power_of_2(batch))
     rows = max(1, block_max // b_pad)
-    while rows > 1 and triton.cdiv(num_projections, rows) < _SORT_MIN_PROGRAMS:
+    while rows > 1 and cdiv(num_projections, rows) < _SORT_MIN_PROGRAMS:
         rows //= 2
     num_warps = max(1, min(_SORT_MAX_WARPS, rows * b_pad // (32 * keys)))
     return dict(ROWS=rows, B_PAD=b_pad, num_warps=num_warps)
 
 
+@functools.lru_cache(maxsize=None)
 def residual_config(batch, num_projections):
     """Meta-parameters of _residual_kernel: dict(BLOCK_K, BLOCK_B, num_warps).
 
     Blocks of up to 2048 elements on 8 warps, 8 a thread: with 4 warps (16 a thread) the
     target-residual variant spills on sm_100 (``compile_report``).
     """
-    block_b = max(16, min(1024, triton.next_power_of_2(batch)))
+    block_b = max(16, min(1024, next_power_of_2(batch)))
     block_k = max(1, min(16, 2048 // block_b))
     return dict(BLOCK_K=block_k, BLOCK_B=block_b, num_warps=8 if block_k * block_b >= 2048 else 4)
 
@@ -409,6 +418,14 @@ _MEAN_BLOCK = 256
 def _mean_launch(partials, count, loss):
     return KernelLaunch(_mean_of_partials_kernel, (1,), (partials, loss, partials.numel(), float(count)),
                         dict(BLOCK=_MEAN_BLOCK, num_warps=4))
+
+
+@functools.lru_cache(maxsize=None)
+def _register_sort_meta(batch, num_projections, need_target_residual, shared, rows=None):
+    """The register sort's meta-parameters: ``sort_config`` with ``rows`` if given, and the kernel's flags."""
+    cfg = sort_config(batch, num_projections, need_target_residual)
+    return dict(cfg, ROWS=cfg["ROWS"] if rows is None else rows, SHARED_TARGET=shared,
+                NEED_TARGET_RESIDUAL=need_target_residual)
 
 
 def _check_sort_inputs(proj, proj_t):
@@ -423,7 +440,8 @@ def _check_sort_inputs(proj, proj_t):
             raise ValueError(f"{name} must be a contiguous fp32 tensor on {proj.device}")
 
 
-def sort_residual_plan(proj, proj_t, *, need_target_residual=False, path="registers", rows=None):
+def sort_residual_plan(proj, proj_t, *, need_target_residual=False, path="registers", rows=None, check=True,
+                       unused=None, residual_scale=1.0):
     """The loss and residuals of ``proj`` (V, K, B) against ``proj_t`` (T, K, B), and the launches that fill them.
 
     Both fp32 and contiguous (what ``project_plan`` writes). path: 'registers' (B up to
@@ -433,13 +451,18 @@ def sort_residual_plan(proj, proj_t, *, need_target_residual=False, path="regist
     row order; residual_target (T, K, B) fp32 in the targets' row order with the sign of
     its gradient (for a shared target, summed over the views), or None unless asked for.
     rows: directions per register-sort program (default: ``sort_config``'s choice). Works
-    on ``meta`` tensors too.
+    on ``meta`` tensors too. ``check=False`` skips the checks of the inputs (the loss's op
+    made them); ``unused``: a one-element fp32 tensor on the device to pass where the
+    target's residual is not asked for (default: a new one; an eager caller may keep one).
+    ``residual_scale``: both residuals are returned times this (the loss's op passes
+    2 / numel, so that they are the loss's gradient in the projections); the loss is not.
     """
-    _check_sort_inputs(proj, proj_t)
-    if path not in SORT_PATHS:
-        raise ValueError(f"path must be one of {SORT_PATHS}; got {path!r}")
+    if check:
+        _check_sort_inputs(proj, proj_t)
+        if path not in SORT_PATHS:
+            raise ValueError(f"path must be one of {SORT_PATHS}; got {path!r}")
     views, num_projections, batch = proj.shape
-    if path == "registers" and batch > register_sort_max_batch(need_target_residual):
+    if check and path == "registers" and batch > register_sort_max_batch(need_target_residual):
         raise ValueError(
             f"the register sort takes B <= {register_sort_max_batch(need_target_residual)}"
             f"{' with the target residual' if need_target_residual else ''}; got B = {batch}: use path='torch_sort'"
@@ -451,25 +474,27 @@ def sort_residual_plan(proj, proj_t, *, need_target_residual=False, path="regist
     residual_t = torch.empty_like(proj_t) if need_target_residual else None
     # Never written unless needed. A buffer of its own, not residual: under torch.compile
     # two kernel arguments aliasing one tensor confuse the functionalized launch.
-    residual_t_arg = residual_t if need_target_residual else torch.empty(1, dtype=torch.float32, device=device)
-    flags = dict(SHARED_TARGET=shared, NEED_TARGET_RESIDUAL=need_target_residual)
+    if not need_target_residual:
+        residual_t_arg = torch.empty(1, dtype=torch.float32, device=device) if unused is None else unused
+    else:
+        residual_t_arg = residual_t
     if path == "registers":
-        cfg = sort_config(batch, num_projections, need_target_residual)
-        if rows is not None:
-            cfg["ROWS"] = rows
-        grid = (triton.cdiv(num_projections, cfg["ROWS"]),)
+        meta = _register_sort_meta(batch, num_projections, need_target_residual, shared, rows)
+        grid = (cdiv(num_projections, meta["ROWS"]),)
         partials = torch.empty(grid[0], dtype=torch.float32, device=device)
-        args = (proj, proj_t, residual, residual_t_arg, partials, batch, num_projections, views)
-        main = KernelLaunch(_sort_residual_kernel, grid, args, dict(cfg, **flags))
+        args = (proj, proj_t, residual, residual_t_arg, partials, batch, num_projections, views, float(residual_scale))
+        main = KernelLaunch(_sort_residual_kernel, grid, args, meta)
     else:
         # Stable, so ties keep their order and repeated calls give the same residual.
         z_sorted, z_cols = torch.sort(proj, dim=2, stable=True)
         t_sorted, t_cols = torch.sort(proj_t, dim=2, stable=True)
         cfg = residual_config(batch, num_projections)
-        grid = (triton.cdiv(num_projections, cfg["BLOCK_K"]), triton.cdiv(batch, cfg["BLOCK_B"]))
+        grid = (cdiv(num_projections, cfg["BLOCK_K"]), cdiv(batch, cfg["BLOCK_B"]))
         partials = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=device)
-        args = (z_sorted, z_cols, t_sorted, t_cols, residual, residual_t_arg, partials, batch, num_projections, views)
-        main = KernelLaunch(_residual_kernel, grid, args, dict(cfg, **flags))
+        args = (z_sorted, z_cols, t_sorted, t_cols, residual, residual_t_arg, partials, batch, num_projections, views,
+                float(residual_scale))
+        main = KernelLaunch(_residual_kernel, grid, args,
+                            dict(cfg, SHARED_TARGET=shared, NEED_TARGET_RESIDUAL=need_target_residual))
     launches = [main, _mean_launch(partials, views * num_projections * batch, loss)]
     return (loss, residual, residual_t), launches
 

@@ -20,20 +20,21 @@ The pieces, in the order one call uses them:
    differentiated, drawing it costs no traffic, and the draw is then the single-process
    draw, so the distributed loss at step n equals
    ``RDMReg(process_group=None)(*global_views, generator=step_generator(seed, n, device))``.
-3. ``gather_batch``: a differentiable all-gather along the batch. What is gathered is
+3. ``gather_batch``: an all-gather along the batch, inside the loss's op (between its
+   projection and its sort), whose backward keeps this rank's rows. What is gathered is
    whichever moves fewer bytes per row: the projected features (K values in the compute
    dtype, fp32/fp64) or the features (D values in their own dtype, e.g. bf16). With the
    seed's K = 256 and D = 512 that is the projections, half the bytes in fp32; ties go to
    the projections, which also spare each rank projecting the other ranks' rows.
 4. The sort and residual over the global batch on the gathered projections
-   (``lpjepa.loss._global_loss``, with the ops of ``lpjepa.ops.sliced_wasserstein``).
+   (``lpjepa.loss._global_loss``, with the op of ``lpjepa.ops.sliced_wasserstein``).
 
 This module holds the collectives and the seed stream only; the loss itself is computed
 by ``lpjepa.loss``.
 
-Gradient convention. Every rank computes the same global loss L, and the backward of the
-gather returns to each rank only the gradient of its own rows (the gathered gradient is
-identical on every rank, so it is sliced, never all-reduced). The rows of rank r then
+Gradient convention. Every rank computes the same global loss L, and the op's backward
+gives each rank only the gradient of its own rows (the global residual is identical on
+every rank, so it is sliced, never all-reduced). The rows of rank r then
 carry dL/dz_r, and the sum over ranks of the parameter gradients is the single-process
 gradient. DistributedDataParallel averages gradients over ranks, so by default
 (``scale_grad_by_world_size=True``) that local backward is multiplied by the world size N:
@@ -195,27 +196,6 @@ def _all_gather_single(out, x, group):
     _ALL_GATHER_SINGLE(out, x, group=group)
 
 
-class _AllGather(torch.autograd.Function):
-    """(n, ...) on each rank -> (N, n, ...) on every rank; backward: this rank's slice, times scale."""
-
-    @staticmethod
-    def forward(ctx, x, group, scale):
-        x = x.contiguous()
-        world = dist.get_world_size(group)
-        out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
-        _all_gather_single(out, x, group)
-        ctx.rank, ctx.scale = dist.get_rank(group), scale
-        return out.view((world,) + tuple(x.shape))
-
-    @staticmethod
-    def backward(ctx, grad):
-        # Every rank computed the same loss from the same gathered tensor, so ``grad`` is the
-        # same everywhere: this rank's rows take their slice. Summing it over ranks instead
-        # would count the loss N times.
-        local = grad[ctx.rank]
-        return (local * ctx.scale if ctx.scale != 1 else local), None, None
-
-
 class _AllReduceSum(torch.autograd.Function):
     """The sum over ranks; backward: the incoming gradient (d sum / d own term = 1), times scale."""
 
@@ -239,23 +219,30 @@ def batch_sizes(local_size, group, device):
     return sizes.tolist()
 
 
-def gather_batch(x, sizes, group, dim, scale=1):
-    """Concatenate ``x`` over ranks along its batch dimension ``dim``, differentiably.
+def gather_batch(x, sizes, group, dim):
+    """``x`` concatenated over the ranks of ``group`` along its batch dimension ``dim`` (no autograd).
 
     ``sizes`` are the local batch sizes (``batch_sizes``); uneven ones are zero-padded to
     the largest for the collective and cut back after it, so the result has sum(sizes)
-    rows along ``dim`` in rank order. The backward hands each rank the gradient of its
-    own rows, multiplied by ``scale``.
+    rows along ``dim`` in rank order. The loss's op gathers inside its forward and keeps
+    this rank's rows of the residual for its backward, so no gradient flows through here.
     """
     rank = dist.get_rank(group)
     if x.shape[dim] != sizes[rank]:
         raise RuntimeError(f"rank {rank} has {x.shape[dim]} rows but announced {sizes[rank]}")
     largest = max(sizes)
+    x = x.detach()
     if x.shape[dim] < largest:
         pad_shape = list(x.shape)
         pad_shape[dim] = largest - x.shape[dim]
         x = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
-    gathered = _AllGather.apply(x, group, scale)
+    x = x.contiguous()
+    world = dist.get_world_size(group)
+    gathered = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
+    _all_gather_single(gathered, x, group)
+    gathered = gathered.view((world,) + tuple(x.shape))
+    if all(n == largest for n in sizes):
+        return torch.cat(list(gathered), dim=dim)
     return torch.cat([gathered[r].narrow(dim, 0, n) for r, n in enumerate(sizes)], dim=dim)
 
 

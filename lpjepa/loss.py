@@ -26,43 +26,10 @@ import torch.nn.functional as F
 from . import _checks, distributed
 from ._checks import DIRECTION_SCHEMES, SIGMA_CONVENTIONS, TARGET_MODES  # noqa: F401 (the family's choices)
 from .ops import directions as direction_ops
-from .ops import sliced_wasserstein as torch_ops
-from .ops.backend import check_backend, run_op
+from .ops import sliced_wasserstein as sliced_wasserstein_op
+from .ops.backend import check_backend
 from .rgg import resolve_sigma
-from .sampling import sample_rgg
-
-
-def _of_view(tensor, view):
-    """A per-view (V, ...) stack's slice ``view``; a shared 2-D tensor itself."""
-    return tensor[view] if tensor.dim() == 3 else tensor
-
-
-def _views_loss(views, target, projections, backend):
-    """The mean of the views' sliced-Wasserstein losses, on one process.
-
-    target: (B, D) shared or (V, B, D) per view; projections: (K, D) shared or (V, K, D).
-    A shared target with shared directions is projected and sorted once for all views:
-    on the Triton backend always, on the torch backend when neither the target nor the
-    directions need a gradient. Otherwise each view runs the per-view op on its own
-    target and directions (the Triton backend projects them as one stack).
-    """
-    dtype = torch_ops.compute_dtype(*views, target, projections)
-    return run_op("sliced_wasserstein", backend, views[0].device, dtype,
-                  lambda triton_ops: triton_ops.views_loss(views, target, projections),
-                  lambda: _torch_views_loss(views, target, projections, dtype))
-
-
-def _torch_views_loss(views, target, projections, dtype):
-    """``_views_loss`` on the torch backend, in ``dtype``."""
-    shared = target.dim() == 2 and projections.dim() == 2
-    target_sorted = None
-    if shared and len(views) > 1 and not torch_ops.needs_target_residual(target, projections):
-        target_sorted = torch_ops.sorted_projections(target, projections, dtype)
-    losses = [
-        torch_ops.sliced_wasserstein(view, _of_view(target, v), _of_view(projections, v), target_sorted)
-        for v, view in enumerate(views)
-    ]
-    return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+from . import sampling
 
 
 def _global_loss(views, target, projections, backend, group, sizes, gather, scale):
@@ -71,36 +38,22 @@ def _global_loss(views, target, projections, backend, group, sizes, gather, scal
     views: this rank's (b, D) views; target: the global (sum of sizes, D) target, or
     (V, sum of sizes, D) per view, and projections (K, D) or (V, K, D), the same on every
     rank. Whichever of the projected rows or the features moves fewer bytes is
-    all-gathered (``distributed.gathers_features``); the sort and residual then run on
-    the gathered (V, K, global batch) projections, with the backend's ops. Each rank's
-    backward receives the gradient of its own rows, times ``scale``.
+    all-gathered (``distributed.gathers_features``) inside the op, between its projection
+    and its sort; each rank's backward receives the gradient of its own rows, times
+    ``scale``.
     """
-    dtype = torch_ops.compute_dtype(*views, target, projections)
-    # Every rank fails or succeeds alike on the same kernels, so all of them fall back together.
-    return run_op("sliced_wasserstein", backend, views[0].device, dtype,
-                  lambda triton_ops: _global_loss_on(triton_ops, views, target, projections, group, sizes, gather, scale),
-                  lambda: _global_loss_on(None, views, target, projections, group, sizes, gather, scale))
-
-
-def _global_loss_on(triton_ops, views, target, projections, group, sizes, gather, scale):
-    """``_global_loss`` with ``triton_ops`` (the Triton module), or the torch ops when None."""
     first = views[0]
-    dtype = torch_ops.compute_dtype(*views, target, projections)
-    if triton_ops is None:
-        ops, projected_dtype = torch_ops, dtype
-    else:  # the operands in the features' dtype, the projections fp32
-        ops, dtype, projected_dtype = triton_ops, triton_ops.operand_dtype(first), torch.float32
     num_projections, dim = projections.shape[-2], target.shape[-1]
-    projections = projections.to(dtype)  # once, for the views' and the target's projections
-    with torch.autocast(first.device.type, enabled=False):
-        # (V, b, D) in the features' own dtype: gathered as such (what gathers_features counts), cast by project.
-        stacked = torch.stack([view.to(first.dtype) for view in views])
-        if distributed.gathers_features(gather, num_projections, dim, projected_dtype, stacked.dtype):
-            proj = ops.project(distributed.gather_batch(stacked, sizes, group, dim=1, scale=scale), projections, dtype)
-        else:
-            proj = distributed.gather_batch(ops.project(stacked, projections, dtype), sizes, group, dim=2, scale=scale)
-        proj_t = ops.project(target if target.dim() == 3 else target[None], projections, dtype)
-        return ops.projected_sliced_wasserstein(proj, proj_t)
+    projected_dtype = sliced_wasserstein_op.compute_dtype(*views, target, projections)
+    features = distributed.gathers_features(gather, num_projections, dim, projected_dtype, first.dtype)
+    rank = torch.distributed.get_rank(group)
+    start = sum(sizes[:rank])
+    spec = sliced_wasserstein_op.Gather(
+        features, lambda tensor, dim: distributed.gather_batch(tensor, sizes, group, dim),
+        slice(start, start + sizes[rank]), scale,
+    )
+    # Every rank fails or succeeds alike on the same kernels, so all of them fall back together.
+    return sliced_wasserstein_op.sliced_wasserstein(views, target, projections, backend, gather=spec)
 
 
 def draw_directions(directions, num_projections, views, generator=None, group=None, sizes=None):
@@ -120,7 +73,7 @@ def draw_directions(directions, num_projections, views, generator=None, group=No
         return direction_ops.random_projections(num_projections, dim, device, generator=generator)
     if directions == "orthogonal":
         return direction_ops.orthogonal_projections(num_projections, dim, device, generator=generator)
-    dtype = torch_ops.compute_dtype(*views)
+    dtype = sliced_wasserstein_op.compute_dtype(*views)
     with torch.autocast(device.type, enabled=False):
         batch = torch.stack([view.detach().to(dtype) for view in views])
         if group is None:
@@ -166,7 +119,7 @@ def rdmreg_loss(
         _checks.check_svd_rows(directions, z.shape[0])
         projections = draw_directions(directions, num_projections, (z,), generator)
         projections = projections[0] if projections.dim() == 3 else projections
-    return _views_loss((z,), target_samples, projections, backend)
+    return sliced_wasserstein_op.sliced_wasserstein((z,), target_samples, projections, backend)
 
 
 class RDMReg(nn.Module):
@@ -248,10 +201,10 @@ class RDMReg(nn.Module):
 
     def draw_targets(self, num_views, rows, dim, device, generator=None):
         """(rows, dim) shared, or (num_views, rows, dim) per view, drawn one after the other."""
-        def draw():
-            return sample_rgg(
-                (rows, dim), self.p, self.mu, device, sigma=self.target_sigma, generator=generator,
-                backend=self.backend, rectify=self.rectify,
+        def draw():  # the arguments were checked at construction
+            return sampling.draw(
+                (rows, dim), p=self.p, mu=self.mu, sigma=self.target_sigma, dtype=torch.get_default_dtype(),
+                device=device, generator=generator, backend=self.backend, rectify=self.rectify,
             )
 
         return draw() if self.targets == "shared" else torch.stack([draw() for _ in range(num_views)])
@@ -288,7 +241,7 @@ class RDMReg(nn.Module):
             _checks.check_svd_rows(self.directions, rows)
             projections = draw_directions(self.directions, self.num_projections, views, generator, group, sizes)
         if group is None:
-            return _views_loss(views, target, projections, self.backend)
+            return sliced_wasserstein_op.sliced_wasserstein(views, target, projections, self.backend)
         scale = distributed.grad_scale(group, self.scale_grad_by_world_size)
         return _global_loss(views, target, projections, self.backend, group, sizes, self.gather, scale)
 
@@ -358,7 +311,7 @@ def _objective(rdmreg, group, z1, z2, lamb_inv, lamb_reg, target=None, projectio
     """
     regularizer = rdmreg(z1, z2, target=target, projections=projections, generator=generator)
     with torch.autocast(z1.device.type, enabled=False):
-        dtype = torch_ops.compute_dtype(z1, z2)
+        dtype = sliced_wasserstein_op.compute_dtype(z1, z2)
         if group is None:
             invariance = F.mse_loss(z1.to(dtype), z2.to(dtype))
         else:

@@ -39,6 +39,15 @@ def sample_rgg(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32; got dtype={dtype!r}")
     _checks.check_generator(generator, device)
-    options = dict(p=p, mu=mu, sigma=sigma, dtype=dtype, device=device, generator=generator, rectify=bool(rectify))
-    return run_op("rgg_sample", backend, device, None, lambda triton_ops: triton_ops.sample(shape, **options),
-                  lambda: rgg_sample.sample(shape, **options))
+    return draw(shape, p=p, mu=mu, sigma=sigma, dtype=dtype, device=device, generator=generator, backend=backend,
+                rectify=bool(rectify))
+
+
+def draw(shape, *, p, mu, sigma, dtype, device, generator, backend, rectify):
+    """``sample_rgg`` on arguments already checked and resolved (``RDMReg`` checks its own once, at construction)."""
+    return run_op(
+        "rgg_sample", backend, device, None,
+        lambda: rgg_sample.triton_sample(shape, p=p, mu=mu, sigma=sigma, dtype=dtype, device=device,
+                                         generator=generator, rectify=rectify),
+        lambda: rgg_sample.sample(shape, p=p, mu=mu, sigma=sigma, dtype=dtype, device=device, generator=generator,
+                                  rectify=rectify))

@@ -110,13 +110,12 @@ def test_directions_study_evaluates_rdmreg_loss():
     import torch
 
     import lpjepa
-    from benchmarks.directions import _loss_and_grads
-    from lpjepa.ops import sliced_wasserstein as torch_ops
+    from benchmarks.directions import _loss_and_grads, project
 
     gen = torch.Generator().manual_seed(0)
     z, target = torch.rand(40, 12, generator=gen), lpjepa.sample_rgg((40, 12), generator=gen)
     projections = lpjepa.ops.directions.random_projections(16, 12, generator=gen)
-    (loss, grad), = _loss_and_grads(z, [torch_ops.project(target[None], projections)], projections)
+    (loss, grad), = _loss_and_grads(z, [project(target, projections)], projections)
     leaf = z.clone().requires_grad_()
     expected = lpjepa.rdmreg_loss(leaf, target, projections=projections, backend="torch")
     torch.testing.assert_close(loss, expected.detach())

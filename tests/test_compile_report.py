@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from lpjepa.kernels.compile_report import ARCHES, SHARED_LIMIT, TENSOR_CORE_SASS, _cuobjdump, report_problems
-from lpjepa.kernels.perf_model import MODEL_GPUS
+from benchmarks.compile_report import ARCHES, SHARED_LIMIT, TENSOR_CORE_SASS, _cuobjdump, report_problems
+from benchmarks.perf_model import MODEL_GPUS
 
 CLEAN = dict(regs=64, spill_st=0, spill_ld=0, stack=0, local=0, smem_static=0, smem_dynamic=4096)
 
@@ -23,7 +23,7 @@ QUICK_ARCHES = (75, 80, 90, 100)
 @pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump (bundled with Triton's NVIDIA backend) is missing")
 def test_quick_report_compiles_every_kernel_cleanly_and_models_the_paths():
     result = subprocess.run(
-        [sys.executable, "-m", "lpjepa.kernels.compile_report", "--quick", "--model",
+        [sys.executable, "-m", "benchmarks.compile_report", "--quick", "--model",
          "--arch", *map(str, QUICK_ARCHES)],
         capture_output=True, text=True, timeout=600, env=dict(os.environ),
     )
@@ -76,7 +76,7 @@ def test_tensor_core_instructions_are_counted_on_every_architecture():
 @pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump (bundled with Triton's NVIDIA backend) is missing")
 def test_the_default_architectures_are_those_this_triton_compiles_for():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    probe = "from lpjepa.kernels.compile_report import supported_arches; print(supported_arches())"
+    probe = "from benchmarks.compile_report import supported_arches; print(supported_arches())"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     supported = eval(result.stdout.strip())
@@ -100,7 +100,7 @@ def test_report_problems_flags_spills_local_memory_and_shared_memory():
 
 
 def test_residency_follows_the_datasheet_rule():
-    from lpjepa.kernels.perf_model import GPUS, residency
+    from benchmarks.perf_model import GPUS, residency
 
     h100 = GPUS["H100"]
     # 8 warps of 128 registers: 32768 registers a program, 2 fit in 65536.
@@ -114,7 +114,7 @@ def test_residency_follows_the_datasheet_rule():
 
 
 def test_bounds_scale_with_the_work():
-    from lpjepa.kernels import perf_model as pm
+    from benchmarks import perf_model as pm
 
     h100 = pm.GPUS["H100"]
     seed = pm.MODEL_SHAPES[0]
@@ -128,7 +128,7 @@ def test_bounds_scale_with_the_work():
     fwd = pm.path_costs(seed, ("triton", "registers"), with_backward=False)
     both = pm.path_costs(seed, ("triton", "registers"))
     assert pm.total_bound_us(both, h100)[0] > pm.total_bound_us(fwd, h100)[0]
-    # path_costs' count (kernels/perf_model.py): the target draw, 3 for the directions, the stack, 2 casts,
+    # path_costs' count (benchmarks/perf_model.py): the target draw, 3 for the directions, the stack, 2 casts,
     # 2 projections, the sort-residual and the mean forward; the residual scale, its cast and one matmul backward.
     assert pm.total_bound_us(fwd, h100)[1:] == (11, 11 * pm.LAUNCH_US)
     assert pm.total_bound_us(both, h100)[1:] == (14, 14 * pm.LAUNCH_US)
@@ -157,8 +157,8 @@ SASS_SNIPPET = """
 
 
 def test_sass_instruction_mix_classifies_opcodes_and_splits_the_loop():
-    from lpjepa.kernels.compile_report import sass_class, sass_instruction_mix
-    from lpjepa.kernels.perf_model import ISSUE_CLASSES
+    from benchmarks.compile_report import sass_class, sass_instruction_mix
+    from benchmarks.perf_model import ISSUE_CLASSES
 
     mix = sass_instruction_mix(SASS_SNIPPET)
     assert mix["loops"] == 1 and mix["static"] == 10  # the self-branch and the padding NOP are not code
@@ -174,7 +174,7 @@ def _sort_measure(once, loop, loops=1, warps=16):
 
 
 def test_register_sort_charges_its_sass_mix_once_plus_views_times_the_loop():
-    from lpjepa.kernels import perf_model as pm
+    from benchmarks import perf_model as pm
 
     h100, a100 = pm.GPUS["H100"], pm.GPUS["A100"]
     measure = _sort_measure({"int_alu": 100, "fp32": 10}, {"int_alu": 1000, "shuffle": 200})
@@ -197,7 +197,7 @@ def test_register_sort_charges_its_sass_mix_once_plus_views_times_the_loop():
 
 
 def test_one_warp_programs_leave_warp_schedulers_idle():
-    from lpjepa.kernels import perf_model as pm
+    from benchmarks import perf_model as pm
 
     h100 = pm.GPUS["H100"]
     work = {"int_alu": 1e9}
@@ -214,7 +214,7 @@ def test_one_warp_programs_leave_warp_schedulers_idle():
 
 
 def test_a_step_takes_at_least_its_host_time():
-    from lpjepa.kernels import perf_model as pm
+    from benchmarks import perf_model as pm
 
     h100 = pm.GPUS["H100"]
     seed, official = pm.MODEL_SHAPES[:2]
@@ -229,7 +229,7 @@ def test_a_step_takes_at_least_its_host_time():
 
 
 def test_gpu_table_is_consistent_and_keeps_the_datasheet_figures():
-    from lpjepa.kernels.perf_model import GPUS
+    from benchmarks.perf_model import GPUS
 
     for gpu in GPUS.values():
         # The FP32 peak is SMs x FP32 lanes x 2 flops (an FMA) x the boost clock.
@@ -255,7 +255,7 @@ def _fake_device(monkeypatch, name, sms, major=9, minor=0):
 def test_device_gpu_takes_the_figures_of_the_device_it_runs_on(monkeypatch):
     import torch
 
-    from lpjepa.kernels.perf_model import GPUS, device_gpu
+    from benchmarks.perf_model import GPUS, device_gpu
 
     _fake_device(monkeypatch, "NVIDIA H200", 132)
     assert device_gpu() is GPUS["H200"]
@@ -281,7 +281,7 @@ def test_device_gpu_takes_the_figures_of_the_device_it_runs_on(monkeypatch):
 _SPLIT_CHECK = """
 import tempfile, torch
 from triton import knobs
-from lpjepa.kernels.compile_report import _Compiler, _cuobjdump
+from benchmarks.compile_report import _Compiler, _cuobjdump
 from lpjepa.kernels.sliced_wasserstein import sort_residual_plan
 knobs.compilation.always_compile = True
 knobs.nvidia.dump_ptxas_log = True

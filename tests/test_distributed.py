@@ -153,7 +153,7 @@ def check_triton_sampler_draws_alike_on_every_rank(rank):
 
 def check_triton_global_loss_runs_the_kernels(rank):
     """backend='triton': the gathered global batch is projected and sorted by the Triton kernels."""
-    from lpjepa.ops import sliced_wasserstein_triton as triton_ops
+    from lpjepa.ops import sliced_wasserstein as triton_ops
 
     launched = []
     real = triton_ops._launch
@@ -175,6 +175,7 @@ def check_triton_global_loss_runs_the_kernels(rank):
             seed.backward()
             where = f"sizes={sizes}, gather={gather}"
             assert across[0] == across[1], f"{where}: ranks disagree {across}"
+            # The views' rows (or the gathered global rows) in one launch, the target in another.
             assert launched == ["_project_kernel", "_project_kernel", "_sort_residual_kernel",
                                 "_mean_of_partials_kernel"], f"{where}: {launched}"
             torch.testing.assert_close(loss.double(), seed, **FP32, msg=where)
@@ -403,12 +404,13 @@ def test_step_seeds_are_deterministic_and_distinct():
 
 
 def test_projected_op_matches_sliced_wasserstein():
-    """The sort-and-residual op on stacked projected views equals the mean of the views' losses."""
+    """The sort and residual on stacked projected views, and the op's formula, equal the mean of the views' losses."""
     z1, z2, target, projections = _global_views((33,), dim=9)
     views = [z1.clone().requires_grad_(), z2.clone().requires_grad_()]
     proj = torch.stack([projections @ v.T for v in views])
-    ours = sliced_wasserstein.projected_sliced_wasserstein(proj, (projections @ target.T)[None])
-    ours_grads = torch.autograd.grad(ours, views)
+    ours, residual, _ = sliced_wasserstein.torch_sort_residual(proj.detach(), (projections @ target.T)[None], False)
+    # d loss / d z_v = 2 / numel * residual_v^T @ P: the op's one formula.
+    ours_grads = [2.0 / residual.numel() * residual[v].T @ projections for v in range(2)]
     refs = [z1.clone().requires_grad_(), z2.clone().requires_grad_()]
     ref = sum(reference.rdmreg_loss(v, target, projections=projections) for v in refs) / 2
     ref_grads = torch.autograd.grad(ref, refs)

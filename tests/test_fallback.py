@@ -17,8 +17,8 @@ from triton.runtime.errors import OutOfResources
 import lpjepa
 from lpjepa import reference
 from lpjepa.ops import backend
-from lpjepa.ops import rgg_sample_triton
-from lpjepa.ops import sliced_wasserstein_triton as swd_triton
+from lpjepa.kernels import rgg_sample as rgg_kernels
+from lpjepa.ops import sliced_wasserstein as swd_op
 from conftest import tolerance
 
 FAILURES = {
@@ -37,6 +37,7 @@ def triton_on_cpu(monkeypatch):
     """'auto' sends CPU tensors to the Triton ops (the interpreter), with no failure remembered yet."""
     monkeypatch.setattr(backend, "TRITON_DEVICE_TYPES", {"cuda", "cpu"})
     monkeypatch.setattr(backend, "_UNAVAILABLE", {})
+    monkeypatch.setattr(backend, "_DECISIONS", {})
     monkeypatch.delenv(backend.ENV_FALLBACK, raising=False)
 
 
@@ -56,15 +57,15 @@ def _failing_launch(monkeypatch, error):
         attempts.append(_launch.kernel)
         raise error()
 
-    monkeypatch.setattr(swd_triton, "_launch", launch)
+    monkeypatch.setattr(swd_op, "_launch", launch)
     return attempts
 
 
 def test_the_interpreter_seam_really_runs_the_kernels(triton_on_cpu, monkeypatch):
     # Without a failure, 'auto' on CPU tensors now launches the Triton kernels: the seam the others use.
     launched = []
-    real = swd_triton._launch
-    monkeypatch.setattr(swd_triton, "_launch", lambda launch: (launched.append(launch.kernel), real(launch)))
+    real = swd_op._launch
+    monkeypatch.setattr(swd_op, "_launch", lambda launch: (launched.append(launch.kernel), real(launch)))
     z, target, projections = _inputs()
     with warnings.catch_warnings():
         warnings.simplefilter("error", backend.TritonFallbackWarning)
@@ -154,7 +155,7 @@ def test_the_sampler_falls_back(triton_on_cpu, monkeypatch):
     def fail(*args, **kwargs):
         raise FAILURES["no C compiler"]()
 
-    monkeypatch.setattr(rgg_sample_triton.kernels, "rgg_sample", fail)
+    monkeypatch.setattr(rgg_kernels, "rgg_sample", fail)
     torch.manual_seed(7)
     with pytest.warns(backend.TritonFallbackWarning, match="rgg_sample"):
         drawn = lpjepa.sample_rgg((64, 8), p=1.0, mu=-0.5)
@@ -166,6 +167,7 @@ def test_the_sampler_falls_back(triton_on_cpu, monkeypatch):
 
 def test_no_triton_falls_back_and_names_the_install(triton_on_cpu, monkeypatch):
     monkeypatch.setitem(backend._LOADED, "ops", (None, ImportError("No module named 'triton'")))
+    monkeypatch.setattr(backend, "_DECISIONS", {})
     z, target, projections = _inputs()
     with pytest.warns(backend.TritonFallbackWarning, match="pip install triton"):
         loss = lpjepa.rdmreg_loss(z, target, projections=projections)
@@ -177,18 +179,20 @@ def test_no_triton_falls_back_and_names_the_install(triton_on_cpu, monkeypatch):
 def test_gpus_below_sm_75_are_refused_before_any_launch(monkeypatch):
     monkeypatch.setattr(backend, "_UNAVAILABLE", {})
     monkeypatch.setattr(backend, "_REASONS", {})
+    monkeypatch.setattr(backend, "_DECISIONS", {})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
     with pytest.raises(backend.KernelUnavailable, match=r"cuda:0 \(Tesla V100-SXM2-16GB, sm_70\).*below 7.5"):
-        backend.triton_module("sliced_wasserstein", "triton", "cuda:0", torch.float32)
+        backend.use_triton("sliced_wasserstein", "triton", "cuda:0", torch.float32)
     with pytest.warns(backend.TritonFallbackWarning, match="compute capability 7.0"):
-        assert backend.triton_module("sliced_wasserstein", "auto", "cuda:0", torch.float32) is None
+        assert not backend.use_triton("sliced_wasserstein", "auto", "cuda:0", torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per op and device
-        assert backend.triton_module("sliced_wasserstein", "auto", "cuda:0", torch.float32) is None
+        assert not backend.use_triton("sliced_wasserstein", "auto", "cuda:0", torch.float32)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4 runs them
-    assert backend.triton_module("rgg_sample", "auto", "cuda:1", torch.float32) is rgg_sample_triton
+    assert backend.use_triton("rgg_sample", "auto", "cuda:1", torch.float32)
+    assert backend.kernels("rgg_sample") is rgg_kernels
 
 
 def test_the_warning_class_is_public():

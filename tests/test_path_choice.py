@@ -171,7 +171,6 @@ def test_nothing_is_timed_during_a_cuda_graph_capture(tmp_path, monkeypatch):
 
 def test_the_triton_ops_ask_the_chooser_with_the_candidates_that_fit(monkeypatch):
     from lpjepa.kernels import sliced_wasserstein as kernels
-    from lpjepa.ops import sliced_wasserstein_triton as triton_ops
 
     asked = []
 
@@ -179,9 +178,12 @@ def test_the_triton_ops_ask_the_chooser_with_the_candidates_that_fit(monkeypatch
         asked.append((step, candidates, default))
         return default
 
-    monkeypatch.setattr(triton_ops.CHOOSER, "choose", record)
+    monkeypatch.setattr(path_choice.CHOOSER, "choose", record)
+    monkeypatch.setattr(path_choice, "_ANSWERS", {})
     limit = kernels.register_sort_max_batch()
     small, large = torch.empty((1, 4, 16)), torch.empty((1, 4, limit + 1))
-    assert triton_ops.sort_path(small, small, False) == "registers"
-    assert triton_ops.sort_path(large, large, False) == "torch_sort"
+    assert path_choice.sort_path(small, small, False) == "registers"
+    assert path_choice.sort_path(large, large, False) == "torch_sort"
     assert asked == [("sort", ["registers", "torch_sort"], "registers"), ("sort", ["torch_sort"], "torch_sort")]
+    # Asked once per shape: a step at a shape already answered off CUDA pays one dict look-up.
+    assert path_choice.sort_path(small, small, False) == "registers" and len(asked) == 2

@@ -111,7 +111,7 @@ def test_triton_sampler_through_the_api(p, mu):
 @pytest.fixture
 def launched(monkeypatch):
     """The Triton kernels the loss's ops launch, as (kernel name, meta, args), in order."""
-    from lpjepa.ops import sliced_wasserstein_triton as triton_ops
+    from lpjepa.ops import sliced_wasserstein as triton_ops
 
     calls = []
     real = triton_ops._launch
@@ -134,11 +134,10 @@ def test_views_share_one_projected_and_sorted_target(launched, monkeypatch, sort
     loss = lpjepa.RDMReg(num_projections=16, backend="triton")(*views, target=target, projections=projections)
     grads = torch.autograd.grad(loss, views)
     sort_kernel = "_sort_residual_kernel" if sort_path == "registers" else "_residual_kernel"
-    # Both views projected in one launch, the target in one, one sort-and-residual launch for both views.
-    assert [name for name, _, _ in launched] == ["_project_kernel", "_project_kernel", sort_kernel,
-                                                 "_mean_of_partials_kernel"]
-    _, meta, args = launched[2]
-    assert meta["SHARED_TARGET"] and args[-1] == 2  # V = 2 views against one target
+    # Both views and the target projected in one launch, one sort-and-residual launch for both views.
+    assert [name for name, _, _ in launched] == ["_project_kernel", sort_kernel, "_mean_of_partials_kernel"]
+    _, meta, args = launched[1]
+    assert meta["SHARED_TARGET"] and args[-2] == 2  # V = 2 views against one target (the last: the residual scale)
     ref_views = [v.detach().double().requires_grad_() for v in views]
     ref = sum(reference.rdmreg_loss(v, target.double(), projections=projections.double()) for v in ref_views) / 2
     ref_grads = torch.autograd.grad(ref, ref_views)
@@ -173,18 +172,17 @@ def test_every_precision_mode_matches_the_fp64_reference(mode, dtype, allow_tf32
 
 
 def test_fp64_stays_on_the_torch_backend_under_auto():
-    from lpjepa.ops.backend import triton_module
+    from lpjepa.ops.backend import use_triton
 
-    assert triton_module("sliced_wasserstein", "auto", "cuda", torch.float64) is None
-    assert triton_module("sliced_wasserstein", "auto", "cuda", torch.float32) is not None
-    assert triton_module("sliced_wasserstein", "triton", "cpu", torch.float64) is not None
+    assert not use_triton("sliced_wasserstein", "auto", "cuda", torch.float64)
+    assert use_triton("sliced_wasserstein", "auto", "cuda", torch.float32)
+    assert use_triton("sliced_wasserstein", "triton", "cpu", torch.float64)
 
 
 def test_per_view_directions_and_targets_on_both_backends():
     # Two views, each with its own directions and its own target: both backends' ops agree
     # with the fp64 reference, value and gradients.
-    from lpjepa.ops import sliced_wasserstein as torch_ops
-    from lpjepa.ops import sliced_wasserstein_triton as triton_ops
+    from lpjepa.ops.sliced_wasserstein import sliced_wasserstein
 
     gen = torch.Generator().manual_seed(21)
     views = torch.randn(2, 30, 8, generator=gen)
@@ -195,30 +193,34 @@ def test_per_view_directions_and_targets_on_both_backends():
               for v in range(2)) / 2
     ref_grad, = torch.autograd.grad(ref, ref_views)
     atol, rtol = tolerance(torch.float32)
-    for ops in (torch_ops, triton_ops):
+    for backend in ("torch", "triton"):
         leaf = views.clone().requires_grad_()
-        loss = ops.projected_sliced_wasserstein(ops.project(leaf, projections), ops.project(targets, projections))
+        loss = sliced_wasserstein(list(leaf), targets, projections, backend)
         grad, = torch.autograd.grad(loss, leaf)
-        torch.testing.assert_close(loss.double(), ref, atol=atol, rtol=rtol, msg=ops.__name__)
-        torch.testing.assert_close(grad.double(), ref_grad, atol=atol, rtol=rtol, msg=ops.__name__)
+        torch.testing.assert_close(loss.double(), ref, atol=atol, rtol=rtol, msg=backend)
+        torch.testing.assert_close(grad.double(), ref_grad, atol=atol, rtol=rtol, msg=backend)
 
 
 @pytest.mark.parametrize("shared_directions", [True, False])
 def test_projection_backward_multiplies_bf16_as_fp32_below_sm_80(monkeypatch, shared_directions):
     # Turing has no bf16 arithmetic: the backward's matmuls take fp32 copies (the fp32
     # gradient unrounded), as the forward's cuBLAS path does, and round the result to bf16.
-    from types import SimpleNamespace
-
-    from lpjepa.ops import sliced_wasserstein_triton as ops
+    from lpjepa.kernels import launch
+    from lpjepa.ops import sliced_wasserstein as op
 
     gen = torch.Generator().manual_seed(31)
     x = torch.randn(2, 9, 12, generator=gen).bfloat16()
     shape = (5, 12) if shared_directions else (2, 5, 12)
     projections = torch.nn.functional.normalize(torch.randn(shape, generator=gen), dim=-1).bfloat16()
     grad = torch.randn(2, 5, 9, generator=gen)  # (S, K, B) fp32, as the forward's output
-    ctx = SimpleNamespace(saved_tensors=(x, projections), needs_input_grad=(True, True, False))
-    monkeypatch.setattr(ops, "device_arch", lambda device: 75)
-    grad_x, grad_p, _ = ops._project_backward(ctx, grad)
+
+    def backward():
+        operand = op._triton_backward_operand_dtype(x.dtype, x.device)
+        grad_x, grad_p = op.project_backward(grad, x, projections, operand, True, True)
+        return grad_x.to(x.dtype), grad_p.to(x.dtype)
+
+    monkeypatch.setattr(launch, "device_arch", lambda device: 75)
+    grad_x, grad_p = backward()
     directions = projections.float().expand(2, 5, 12)
     want_x = torch.matmul(grad.transpose(1, 2), directions)
     want_p = torch.bmm(grad, x.float())
@@ -226,7 +228,7 @@ def test_projection_backward_multiplies_bf16_as_fp32_below_sm_80(monkeypatch, sh
     assert grad_x.dtype == grad_p.dtype == torch.bfloat16
     torch.testing.assert_close(grad_x, want_x.bfloat16(), atol=0, rtol=0)
     torch.testing.assert_close(grad_p.float(), want_p, **dict(zip(("atol", "rtol"), tolerance(torch.bfloat16))))
-    monkeypatch.setattr(ops, "device_arch", lambda device: 80)  # the bf16 operand path: the gradient rounded first
-    rounded_x, _, _ = ops._project_backward(ctx, grad)
+    monkeypatch.setattr(launch, "device_arch", lambda device: 80)  # the bf16 operand path: the gradient rounded first
+    rounded_x, _ = backward()
     torch.testing.assert_close(rounded_x.float(), torch.matmul(grad.bfloat16().float().transpose(1, 2), directions),
                                **dict(zip(("atol", "rtol"), tolerance(torch.bfloat16))))

@@ -1,7 +1,8 @@
-"""Which backend computes a call: the torch ops, or the Triton ops over ``lpjepa.kernels``; and the fallback.
+"""Which backend computes a call: the torch body of an op, or its Triton body over ``lpjepa.kernels``; and the fallback.
 
-The Triton ops are loaded on first use, never by ``import lpjepa``: importing them
-imports Triton, and on a GPU registering a ``triton_op`` imports ``torch._dynamo``.
+The kernels are loaded on first use, never by ``import lpjepa``: importing them imports
+Triton. A call asks ``use_triton`` (or ``run_op``, which also falls back), and the answer
+for a (op, backend, device, dtype) is kept, so a step pays for the decision once.
 
 A Triton op that cannot run here (Triton missing, a GPU below ``MIN_CAPABILITY``, no C
 compiler for Triton's launcher, a compile or launch error) never strands a user: under
@@ -32,6 +33,8 @@ _LOADED = {}
 _UNAVAILABLE = {}
 # {device: why the kernels cannot run there, or None}: the capability is read once per device, not per call.
 _REASONS = {}
+# {(op, backend, device, dtype): whether Triton runs it}: use_triton's answers, cleared by a fallback.
+_DECISIONS = {}
 
 
 class TritonFallbackWarning(UserWarning):
@@ -91,16 +94,21 @@ def check_backend(backend):
         raise ValueError(f"backend must be one of {BACKENDS}; got backend={backend!r}")
 
 
-def _load_triton_ops():
-    """({op name: its Triton module}, None), or (None, the reason they cannot be loaded)."""
+def _load_kernels():
+    """({op name: its kernels module in ``lpjepa.kernels``}, None), or (None, the reason they cannot be loaded)."""
     if "ops" not in _LOADED:
         try:
-            from . import rgg_sample_triton, sliced_wasserstein_triton
+            from ..kernels import rgg_sample, sliced_wasserstein
 
-            _LOADED["ops"] = (dict(rgg_sample=rgg_sample_triton, sliced_wasserstein=sliced_wasserstein_triton), None)
+            _LOADED["ops"] = (dict(rgg_sample=rgg_sample, sliced_wasserstein=sliced_wasserstein), None)
         except ImportError as error:  # triton missing, or no kernels on this platform
             _LOADED["ops"] = (None, error)
     return _LOADED["ops"]
+
+
+def kernels(op):
+    """The kernels module of ``op`` ('sliced_wasserstein' or 'rgg_sample'); for Triton bodies, after ``use_triton``."""
+    return _load_kernels()[0][op]
 
 
 def _capability(device):
@@ -133,40 +141,49 @@ def _fall_back(failure):
     if key in _UNAVAILABLE:
         return
     _UNAVAILABLE[key] = failure
+    _DECISIONS.clear()
     if os.environ.get(ENV_FALLBACK, "").lower() != "quiet":
         warnings.warn(failure.fallback_message(), TritonFallbackWarning, stacklevel=4)
 
 
-def triton_module(op, backend, device, dtype=None):
-    """The Triton module of ``op`` ('sliced_wasserstein' or 'rgg_sample') when ``backend`` picks Triton, else None.
+def use_triton(op, backend, device, dtype=None):
+    """Whether ``backend`` runs ``op`` ('sliced_wasserstein' or 'rgg_sample') on its Triton body on ``device``.
 
     'auto' picks Triton for CUDA tensors when the kernels can run there (else warns once
     and picks torch), and keeps float64 (``dtype``) on torch, since the kernels compute in
     fp32; 'triton' insists, and raises ``KernelUnavailable`` saying what is missing when it
-    cannot run; 'torch' never loads it.
+    cannot run; 'torch' never loads the kernels. The answer is kept per (op, backend,
+    device, dtype), and forgotten when an op falls back.
     """
+    key = (op, backend, device, dtype)
+    decided = _DECISIONS.get(key)
+    if decided is None:
+        decided = _DECISIONS[key] = _decide(op, backend, torch.device(device), dtype)
+    return decided
+
+
+def _decide(op, backend, device, dtype):
     check_backend(backend)
     if backend == "torch":
-        return None
-    device = torch.device(device)
+        return False
     if backend == "auto" and (device.type not in TRITON_DEVICE_TYPES or dtype == torch.float64):
-        return None
+        return False
     if backend == "auto" and (op, _device_key(device)) in _UNAVAILABLE:
-        return None
-    modules, import_error = _load_triton_ops()
+        return False
+    modules, import_error = _load_kernels()
     reason = import_error if modules is None else _unavailable_reason(device)
     if reason is not None:
         failure = KernelUnavailable(op, device, reason)
         if backend == "triton":
             raise failure from (reason if isinstance(reason, BaseException) else None)
         _fall_back(failure)
-        return None
+        return False
     if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             "backend='triton' on CPU tensors runs Triton's interpreter, which needs TRITON_INTERPRET=1 in the "
             "environment before lpjepa is imported; or use backend='torch' on the CPU."
         )
-    return modules[op]
+    return True
 
 
 # What a failed compile or launch raises is Triton's (CompilationError, OutOfResources), the
@@ -176,20 +193,19 @@ _NOT_KERNEL_FAILURES = (ValueError, TypeError, torch.cuda.OutOfMemoryError)
 
 
 def run_op(op, backend, device, dtype, on_triton, on_torch):
-    """``on_triton(module)`` when ``backend`` picks the Triton module of ``op``, else ``on_torch()``.
+    """``on_triton()`` when ``backend`` picks the Triton body of ``op`` (``use_triton``), else ``on_torch()``.
 
     A kernel that fails to compile or launch raises ``KernelUnavailable`` under 'triton';
     under 'auto' the call runs ``on_torch()`` with a ``TritonFallbackWarning`` (once per op
     and device; later calls there skip Triton). While ``torch.compile`` traces, nothing is
     caught: a traced graph holds the kernels or fails to build, never a silent fallback.
     """
-    module = triton_module(op, backend, device, dtype)
-    if module is None:
+    if not use_triton(op, backend, device, dtype):
         return on_torch()
     if torch.compiler.is_compiling():
-        return on_triton(module)
+        return on_triton()
     try:
-        return on_triton(module)
+        return on_triton()
     except _NOT_KERNEL_FAILURES:
         raise
     except Exception as error:

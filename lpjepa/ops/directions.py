@@ -18,7 +18,8 @@ import torch
 def random_projections(num_projections, dim, device="cpu", *, dtype=None, generator=None):
     """(num_projections, dim) Gaussian directions normalised to unit length, drawn as the seed draws them."""
     projections = torch.randn(num_projections, dim, device=device, dtype=dtype, generator=generator)
-    return projections / projections.norm(dim=1, keepdim=True)
+    # torch.linalg.vector_norm is Tensor.norm without its Python wrapper (the draw runs at every step).
+    return projections / torch.linalg.vector_norm(projections, dim=1, keepdim=True)
 
 
 def orthogonal_projections(num_projections, dim, device="cpu", *, dtype=None, generator=None):

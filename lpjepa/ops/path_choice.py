@@ -165,6 +165,11 @@ class PathChooser:
     def forget(self):
         """Drops every decision this process remembers: the next calls measure again and write over the file's."""
         self._load().clear()
+        _ANSWERS.clear()
+
+    def knows(self, step, key):
+        """Whether a decision for ``step`` at ``key`` is remembered (measured here, or read from the file)."""
+        return f"{step}|{key}|{versions_key()}" in self._load()
 
     def choose(self, step, key, candidates, default, run, may_time):
         """The path for ``step`` ('projection' or 'sort') at ``key`` (a string).
@@ -217,8 +222,81 @@ def may_time(*tensors):
     return not (distributed and torch.distributed.get_world_size() > 1)
 
 
-def device_key(tensor):
-    """The device part of a key: the GPU's name, so a cache file serves every card of one model."""
-    if tensor.device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(tensor.device)
-    return tensor.device.type
+_GPU_NAMES = {}  # {CUDA device: its name}, asked of the driver once per device
+
+
+def gpu_name(device):
+    """The device part of a key: the GPU's name, so a cache file serves every card of one model; the type off CUDA."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return device.type
+    if device not in _GPU_NAMES:
+        _GPU_NAMES[device] = torch.cuda.get_device_name(device)
+    return _GPU_NAMES[device]
+
+
+# {(step, the call's shape and settings, forced path): path}: what ``choose`` answered, so a
+# step at a shape already seen pays one dict look-up. Only answers that hold for good are
+# kept (forced, remembered or measured; not a default given while timing was not allowed).
+_ANSWERS = {}
+
+
+def _memo_key(step, shape_key):
+    return step, shape_key, os.environ.get(ENV_FORCED[step]), os.environ.get(ENV_AUTOTUNE)
+
+
+def _answer(memo_key, device, key, candidates, default, run, timing_allowed):
+    """``CHOOSER.choose``'s answer, kept in ``_ANSWERS`` when it cannot change: forced, decided, or off CUDA."""
+    step, _, forced, _ = memo_key
+    path = CHOOSER.choose(step, key(), candidates(), default(), run, timing_allowed())
+    if forced or device.type != "cuda" or CHOOSER.knows(step, key()):
+        _ANSWERS[memo_key] = path
+    return path
+
+
+def projection_path(x, directions, allow_tf32, timing_allowed=None):
+    """The projection path ('triton' or 'cublas') for x (S, B, D) onto directions (K, D) or (S, K, D).
+
+    timing_allowed: None asks ``may_time``; True measures even where it would not (the sweep).
+    """
+    from ..kernels import sliced_wasserstein as kernels
+    from ..kernels.launch import device_arch
+
+    sources, batch, dim = x.shape
+    memo_key = _memo_key("projection", (x.device, x.dtype, allow_tf32, x.shape, directions.shape))
+    if memo_key in _ANSWERS:
+        return _ANSWERS[memo_key]
+
+    def key():
+        return (f"{gpu_name(x.device)}|{x.dtype}|tf32={allow_tf32}|S={sources}|B={bucket(batch)}|D={bucket(dim)}"
+                f"|K={bucket(directions.shape[-2])}")
+
+    def run(path):
+        for launch in kernels.project_plan(x, directions, path=path, allow_tf32=allow_tf32)[1]:
+            launch()
+
+    return _answer(memo_key, x.device, key, lambda: list(kernels.PROJECTION_PATHS),
+                   lambda: kernels.default_paths(batch, arch=device_arch(x.device))[0],  # cuBLAS below sm_80
+                   run, lambda: may_time(x, directions) if timing_allowed is None else timing_allowed)
+
+
+def sort_path(proj, proj_t, need_target_residual, timing_allowed=None):
+    """The sort path ('registers' or 'torch_sort') for proj (V, K, B) against proj_t (T, K, B); timing_allowed as above."""
+    from ..kernels import sliced_wasserstein as kernels
+
+    views, num_projections, batch = proj.shape
+    memo_key = _memo_key("sort", (proj.device, proj.shape, proj_t.shape[0], need_target_residual))
+    if memo_key in _ANSWERS:
+        return _ANSWERS[memo_key]
+
+    def key():
+        return (f"{gpu_name(proj.device)}|V={views}|T={proj_t.shape[0]}|B={bucket(batch)}|K={bucket(num_projections)}"
+                f"|target_residual={need_target_residual}")
+
+    def run(path):
+        for launch in kernels.sort_residual_plan(proj, proj_t, need_target_residual=need_target_residual,
+                                                 path=path)[1]:
+            launch()
+
+    return _answer(memo_key, proj.device, key, lambda: list(kernels.sort_paths_for(batch, need_target_residual)),
+                   lambda: kernels.default_paths(batch, need_target_residual)[1], run,
+                   lambda: may_time(proj, proj_t) if timing_allowed is None else timing_allowed)

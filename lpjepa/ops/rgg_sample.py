@@ -1,12 +1,16 @@
-"""Sampling the (Rectified) Generalized Gaussian prior on the torch backend.
+"""Sampling the (Rectified) Generalized Gaussian prior: the torch and Triton bodies side by side.
 
 Y = ReLU(mu + sigma * X), or mu + sigma * X for a dense target, X ~ GN_p(0, 1) in the
-seed's parameterisation (see ``lpjepa.rgg``), drawn on the target device from a torch
-generator. The Triton sampler is ``lpjepa.ops.rgg_sample_triton``.
+seed's parameterisation (see ``lpjepa.rgg``), drawn on the target device: by torch ops from
+a torch generator (``sample``), or by the Triton kernel of ``lpjepa.kernels.rgg_sample``
+from Philox counters (``triton_sample``). Nothing is differentiated.
 """
 import math
+from typing import List
 
 import torch
+
+from . import backend as backends
 
 
 # Half the step of torch.rand's grid k / 2^m (m = 24 in fp32, 53 in fp64).
@@ -105,3 +109,51 @@ def sample(shape, *, p, mu, sigma, dtype, device, generator=None, rectify=True):
     work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     x = _generalized_normal(shape, p, device, work_dtype, generator).mul_(sigma).add_(mu)
     return (torch.relu_(x) if rectify else x).to(dtype)
+
+
+# --- The Triton body ---------------------------------------------------------------------------
+
+
+def _triton_sample_op_body(
+    shape: List[int], p: float, mu: float, sigma: float, dtype: torch.dtype, device: torch.device, rectify: bool
+) -> torch.Tensor:
+    return backends.kernels("rgg_sample").rgg_sample(shape, p=p, mu=mu, sigma=sigma, dtype=dtype, device=device,
+                                                     rectify=rectify)
+
+
+# Traced calls only: it reads its Philox seed and offset from the device's default generator
+# on the host at each call, which a traced or CUDA-graph-captured body could not, so it is
+# opaque, never deduplicated or dropped (nondeterministic_seeded) and kept out of CUDA graphs.
+_triton_sample_op = torch.library.custom_op(
+    "lpjepa::triton_rgg_sample", _triton_sample_op_body, mutates_args=(),
+    tags=(torch.Tag.nondeterministic_seeded, torch.Tag.cudagraph_unsafe),
+)
+
+
+@_triton_sample_op.register_fake
+def _(shape, p, mu, sigma, dtype, device, rectify):
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def triton_sample(shape, *, p, mu, sigma, dtype, device, generator=None, rectify=True):
+    """``sample`` by the Triton kernel, seeded from ``generator`` or the device's default one.
+
+    fp64 is drawn in fp32 (the kernel's precision) and cast. Eager calls launch the kernel
+    directly; while ``torch.compile`` traces, the call is the opaque op above (a call with
+    its own generator breaks the graph there).
+    """
+    kernels = backends.kernels("rgg_sample")
+    kernel_dtype = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+    if generator is None:
+        if torch.compiler.is_compiling():
+            out = _triton_sample_op(list(shape), float(p), float(mu), float(sigma), kernel_dtype,
+                                    torch.device(device), bool(rectify))
+        else:
+            out = kernels.rgg_sample(shape, p=p, mu=mu, sigma=sigma, dtype=kernel_dtype, device=device,
+                                     rectify=rectify)
+    else:
+        increment = kernels.rgg_philox_increment(math.prod(shape))
+        seed, offset = kernels.philox_seed_offset(increment, device, generator)
+        out = kernels.rgg_sample(shape, p=p, mu=mu, sigma=sigma, dtype=kernel_dtype, device=device, seed=seed,
+                                 offset=offset, rectify=rectify)
+    return out if out.dtype == dtype else out.to(dtype)

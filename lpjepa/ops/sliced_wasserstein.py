@@ -1,49 +1,83 @@
-"""The sliced-Wasserstein op on the torch backend, and the autograd formula both backends share.
+"""The sliced-Wasserstein op: one autograd Function, its torch and Triton bodies side by side.
 
-For features z (B, D), target samples (B, D) and unit directions P (K, D), the loss is
-the seed's ``rdmreg_loss``: the mean over directions and batch of the squared difference
-between the sorted projections of z and of the target.
+For V views (each (b, D)), a target (B, D) shared by the views or (V, B, D) one per view,
+and unit directions (K, D) shared or (V, K, D) one set per view, the loss is the mean over
+views of the seed's ``rdmreg_loss``: the mean over directions and batch of the squared
+difference between the sorted projections of a view and of its target. Every route, on
+either backend, on one process or over a ``torch.distributed`` group, computes it in three
+steps:
 
-Its gradient needs no graph through the sort. The forward keeps the residual, each
-projected feature minus the target quantile of its rank, in the batch's original order:
+1. **project**: (S, B, D) rows onto the directions -> (S, K, B) projected values,
+   direction-major so that each sort reads one contiguous row;
+2. **sort and residual**: each direction's projected views against its sorted target,
+   giving the loss and the *residual*, each projected feature minus the target quantile
+   of its rank, in the batch's original order::
 
-    residual_z[k, b] = (P z^T)[k, b] - sorted((P target^T)[k])[rank of b in (P z^T)[k]]
+       residual[v, k, b] = proj[v, k, b] - sorted(proj_t[v or 0, k])[rank of b in proj[v, k]]
 
-and the backward is one matmul, d loss / d z = 2 / (B K) * residual_z^T @ P (likewise
-for the target, with the sign of its side, and for P). On projected values the
-gradient is the residual itself, 2 / numel * residual: ``save_projected_residuals`` and
-``projected_gradients``, which ``lpjepa.ops.sliced_wasserstein_triton`` registers for
-its op too.
+3. **loss**: the mean of the squared residual.
 
-Two ops, each a ``torch.library.custom_op`` so that ``torch.compile`` sees one opaque
-node instead of tracing a sort:
+Under a process group the views' rows (or their projections, whichever moves fewer
+bytes) are all-gathered between steps 1 and 2, so the sort runs over the global batch.
 
-* ``lpjepa::sliced_wasserstein``: one view, from features, target and directions; the
-  target's sorted projections may be passed in when several views share them.
-* ``lpjepa::projected_sliced_wasserstein``: values already projected, (V, K, B) for V
-  views against (T, K, B) target projections (T = 1 shared, or V); the sort and residual
-  only. The global-batch loss under ``torch.distributed`` runs it on the gathered
-  projections; ``project`` is the matmul before it.
+One autograd formula for all of them, with no graph through the sort: d loss / d proj =
+2 / numel * residual, and the projection's backward is one matmul, d loss / d z =
+residual^T @ P times that scale (likewise the target's residual for its gradient, and both
+for the directions'). Under a group each rank keeps the residual of its own rows.
 
-All arithmetic is float32 (float64 when an input is float64), whatever the input dtype.
+The two bodies:
+
+* **torch** (every device; the CPU path): the matmul and the sort in the compute dtype,
+  fp32 (fp64 for fp64 inputs), numpy's sort on the CPU (``sort_rows``).
+* **Triton** (CUDA; the kernels of ``lpjepa.kernels.sliced_wasserstein``): the projection's
+  operands in the features' dtype (fp16 / bf16 on the tensor cores, fp32 as TF32 when torch
+  allows it), fp32 accumulation, sort and loss; each step's path ('triton' or 'cublas'
+  projection, 'registers' or 'torch_sort' sort) from ``lpjepa.ops.path_choice``. The
+  kernels load at the first Triton call (``lpjepa.ops.backend``), never at import.
+
+Eager calls run the Function, which calls each body directly and pays for nothing else.
+``torch.compile`` cannot trace numpy's sort or a kernel launch, so while it traces, the same
+bodies run as registered ``torch.library`` ops with the same backward
+(``lpjepa.ops.compiled``; on a GPU the Triton ones are ``triton_op``s, so that Inductor sees
+the kernels themselves).
 """
-from typing import Optional, Tuple
+import contextlib
+import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from . import backend as backends
+from . import path_choice
+
 
 def compute_dtype(*tensors):
-    """float64 if any input is float64, else float32: the precision the loss runs in."""
+    """float64 if any input is float64, else float32: the precision the torch body computes in."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def sort_rows(x):
-    """Each row of a (K, B) float matrix sorted ascending (a new tensor).
+def _as(tensor, dtype):
+    """``tensor.to(dtype)`` without the dispatcher's cost when it already is (every step's usual case)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
-    On the CPU numpy's vectorised sort runs 10-30x faster than torch.sort (measured
-    by benchmarks/), so CPU tensors go through it without a copy; NaN sorts last in
-    both, so a NaN input still gives a NaN loss.
+
+def _autocast_off(device_type):
+    """A context with autocast off on ``device_type``; free when autocast is off already (the usual case)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+# --- The torch body --------------------------------------------------------------------------
+
+
+def sort_rows(x):
+    """Each row of a (R, B) float matrix sorted ascending (a new tensor).
+
+    On the CPU numpy's vectorised sort runs 10-30x faster than torch.sort (measured by
+    benchmarks/), so CPU tensors go through it without a copy; NaN sorts last in both, so
+    a NaN input still gives a NaN loss.
     """
     if x.device.type == "cpu":
         return torch.from_numpy(np.sort(x.detach().numpy(), axis=1))
@@ -51,7 +85,7 @@ def sort_rows(x):
 
 
 def argsort_rows(x):
-    """(K, B) int64 indices that sort each row of a (K, B) float matrix ascending."""
+    """(R, B) int64 indices that sort each row of a (R, B) float matrix ascending."""
     if x.device.type == "cpu":
         return torch.from_numpy(np.argsort(x.detach().numpy(), axis=1))
     return torch.sort(x, dim=1).indices
@@ -65,212 +99,308 @@ def _sorted_with_order(proj_t, need_order):
     return torch.gather(proj_t, 1, order), order
 
 
-def sorted_projections(x, projections, dtype=None):
-    """Projections of the rows of x sorted along the batch: (K, B) from x (B, D), projections (K, D).
+def torch_project(sources, directions, dtype):
+    """(S, K, B) projections in ``dtype`` of ``sources`` (a list of (n, B, D), S rows of them in all).
 
-    Computed in ``dtype`` (default: ``compute_dtype(x, projections)``); the layout is
-    direction-major so each sort runs over contiguous memory.
+    directions: (K, D) shared, or (S, K, D) one set per source row. Each source is
+    multiplied where it lies (no stacked copy of the views).
     """
-    dtype = compute_dtype(x, projections) if dtype is None else dtype
-    return sort_rows(projections.to(dtype) @ x.to(dtype).T)
+    directions = directions.to(dtype)
+    rows = sum(source.shape[0] for source in sources)
+    batch = sources[0].shape[1]
+    out = torch.empty((rows, directions.shape[-2], batch), dtype=dtype, device=directions.device)
+    start = 0
+    for source in sources:
+        stop = start + source.shape[0]
+        P = directions if directions.dim() == 2 else directions[start:stop]
+        torch.matmul(P, source.to(dtype).transpose(1, 2), out=out[start:stop])
+        start = stop
+    return out
 
 
-def residual_in_batch_order(proj, quantiles, out=None):
-    """(residual, order) for projected values proj (R, B) and sorted quantiles (R, B).
+def torch_sort_residual(proj, proj_t, need_target_residual, residual_scale=1.0):
+    """(loss, residual (V, K, B), residual_target (T, K, B) or None) of view projections against target projections.
 
-    residual[r, b] = proj[r, b] - quantiles[r, rank of b in row r]: each quantile is
-    placed at the row holding its rank, so the residual comes out in the batch's
-    original order without sorting proj's values. The residual takes the quantiles'
-    scattered buffer (``out`` when given), so proj is left as it is and no third (R, B)
-    buffer is made.
+    proj (V, K, B) and proj_t (T, K, B) in one dtype (T = 1: one target shared by the
+    views, sorted once per direction; T = V: one per view). residual_target, only when
+    ``need_target_residual``, is the targets' residual with the sign of their gradient
+    (summed over the views for a shared target). The loss is the mean of the squared
+    residual, a 0-dim tensor in proj's dtype; both residuals are returned times
+    ``residual_scale`` (the Function passes 2 / numel: the loss's gradient in proj).
     """
-    order = argsort_rows(proj)
-    quantile_of_rank = torch.empty_like(proj) if out is None else out
-    quantile_of_rank.scatter_(1, order, quantiles.to(proj.dtype))
-    return torch.sub(proj, quantile_of_rank, out=quantile_of_rank), order
-
-
-def mean_square(residual):
-    """The loss from a residual of any shape: the mean of its squares, as a 0-dim tensor."""
+    proj_t = proj_t.to(proj.dtype)
+    shared = proj_t.shape[0] == 1
+    residual = torch.empty_like(proj)
+    residual_t = torch.zeros_like(proj_t) if need_target_residual else None
+    if shared:
+        t_sorted, t_order = _sorted_with_order(proj_t[0], need_target_residual)
+    for v in range(proj.shape[0]):
+        if not shared:
+            t_sorted, t_order = _sorted_with_order(proj_t[v], need_target_residual)
+        # Each quantile goes to the row holding its rank: the residual comes out in the
+        # batch's order without sorting proj's values, in residual[v]'s own buffer.
+        order = argsort_rows(proj[v])
+        residual[v].scatter_(1, order, t_sorted)
+        torch.sub(proj[v], residual[v], out=residual[v])
+        if need_target_residual:
+            # Each row's order is a permutation, so the sum over views is deterministic.
+            residual_t[0 if shared else v].scatter_add_(1, t_order, -torch.gather(residual[v], 1, order))
     flat = residual.reshape(-1)
-    return torch.dot(flat, flat) / residual.numel()
+    loss = torch.dot(flat, flat) / flat.numel()
+    if residual_scale != 1.0:
+        residual.mul_(residual_scale)
+        if residual_t is not None:
+            residual_t.mul_(residual_scale)
+    return loss, residual, residual_t
 
 
-def loss_gradient_scale(grad_loss, residual):
-    """d loss / d residual = scale * residual for ``mean_square``: scale = 2 / numel times grad_loss."""
-    return grad_loss.to(residual.dtype) * (2.0 / residual.numel())
+# --- The Triton body -------------------------------------------------------------------------
 
 
-# --- The per-view op -----------------------------------------------------------------------
+def _launch(launch):
+    """One ``KernelLaunch`` of the kernels layer, run now: every eager launch of the op goes through this name."""
+    launch()
 
 
-@torch.library.custom_op("lpjepa::sliced_wasserstein", mutates_args=())
-def sliced_wasserstein_forward(
-    z: torch.Tensor,
-    target: torch.Tensor,
-    projections: torch.Tensor,
-    target_sorted: Optional[torch.Tensor],
-    need_target_residual: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Torch-backend forward of the sliced-Wasserstein loss of one view.
+# Where the kernels are traced into (a GPU, torch >= 2.6), the compiled route's ops are
+# triton_ops (``lpjepa.ops.compiled``).
+TRACES_INTO_KERNELS = hasattr(torch.library, "triton_op") and os.environ.get("TRITON_INTERPRET") != "1"
 
-    z, target: (B, D); projections: (K, D); target_sorted: optional (K, B), the
-    target's sorted projections when several views share one target. Returns, in the
-    compute dtype, the 0-dim loss, residual_z (K, B) (see the module doc) and
-    residual_target (K, B), the target's residual with the sign of its gradient, or
-    an empty tensor unless ``need_target_residual``.
+
+def _kernels():
+    return backends.kernels("sliced_wasserstein")
+
+
+def triton_operand_dtype(features):
+    """The dtype the Triton projection's operands are rounded to: the features' own, fp32 for fp64."""
+    return features.dtype if features.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+
+
+def triton_project(x, directions, allow_tf32, launch=None):
+    """(S, K, B) fp32 projections of x (S, B, D) onto directions (K, D) or (S, K, D), both in one kernel dtype."""
+    path = path_choice.projection_path(x, directions, allow_tf32)
+    out, launches = _kernels().project_plan(x, directions, path=path, allow_tf32=allow_tf32, check=False)
+    for one in launches:
+        (launch or _launch)(one)
+    return out
+
+
+_UNUSED = {}  # {device: a 1-element fp32 tensor}, the eager sort's argument where no target residual is written
+
+
+def triton_sort_residual(proj, proj_t, need_target_residual, launch=None, residual_scale=1.0):
+    """``torch_sort_residual`` on the kernels: fp32 contiguous proj (V, K, B) and proj_t (T, K, B), fp32 outputs."""
+    path = path_choice.sort_path(proj, proj_t, need_target_residual)
+    unused = None
+    if launch is None:  # eager; a traced launch must not alias a buffer across calls
+        unused = _UNUSED.get(proj.device)
+        if unused is None:
+            unused = _UNUSED[proj.device] = torch.empty(1, dtype=torch.float32, device=proj.device)
+    outputs, launches = _kernels().sort_residual_plan(proj, proj_t, need_target_residual=need_target_residual,
+                                                      path=path, check=False, unused=unused,
+                                                      residual_scale=residual_scale)
+    for one in launches:
+        (launch or _launch)(one)
+    return outputs
+
+
+def _triton_backward_operand_dtype(features_dtype, device):
+    """The backward's matmul operands: the features' dtype, or fp32 for bf16 below sm_80 (no bf16 arithmetic there)."""
+    from ..kernels.launch import device_arch
+
+    return torch.float32 if _kernels().bf16_as_fp32(features_dtype, device_arch(device)) else features_dtype
+
+
+# --- The bodies as the Function sees them ------------------------------------------------------
+
+
+class Body(NamedTuple):
+    """One backend's implementation of the two steps, and the dtypes it computes in."""
+
+    name: str
+    triton: bool
+
+    def operand_dtype(self, features, compute):
+        """The projection operands' dtype for ``features`` when the loss computes in ``compute``."""
+        return triton_operand_dtype(features) if self.triton else compute
+
+    def project(self, sources, directions, operand_dtype):
+        """(S, K, B) projections of the (n, B, D) ``sources`` (already in ``operand_dtype`` on Triton)."""
+        if not self.triton:
+            return torch_project(sources, directions, operand_dtype)
+        x = sources[0] if len(sources) == 1 else torch.cat(sources)  # one launch for every source
+        return triton_project(x, _as(directions, operand_dtype), torch.backends.cuda.matmul.allow_tf32)
+
+    def sort_residual(self, proj, proj_t, need_target_residual, residual_scale):
+        if not self.triton:
+            return torch_sort_residual(proj, proj_t, need_target_residual, residual_scale)
+        return triton_sort_residual(proj, proj_t.contiguous(), need_target_residual, residual_scale=residual_scale)
+
+
+TORCH = Body("torch", False)
+TRITON = Body("triton", True)
+
+
+# --- The one autograd formula -------------------------------------------------------------------
+
+
+def project_backward(grad, x, directions, operand_dtype, need_x, need_directions):
+    """(grad_x (S, B, D), grad_directions) of projections (S, K, B) = directions @ x^T from their gradient ``grad``.
+
+    The matmuls take ``operand_dtype`` operands (the fp32 gradient rounded to the features'
+    dtype on the Triton body, as autocast does for the seed's matmuls, so fp16 / bf16 take
+    the tensor cores here too); None where not needed. grad_directions is summed over the
+    sources for shared (K, D) directions.
     """
-    dtype = compute_dtype(z, target, projections)
-    with torch.autocast(z.device.type, enabled=False):
-        P = projections.to(dtype)
-        proj_z = P @ z.to(dtype).T  # (K, B)
-        order_t = None
-        if target_sorted is None:
-            target_sorted, order_t = _sorted_with_order(P @ target.to(dtype).T, need_target_residual)
-        residual_z, order_z = residual_in_batch_order(proj_z, target_sorted)
-        del proj_z, target_sorted
-        loss = mean_square(residual_z)
-        if order_t is None:
-            return loss, residual_z, residual_z.new_empty(0)
-        diff_in_rank_order = torch.gather(residual_z, 1, order_z)
-        residual_t = torch.empty_like(residual_z).scatter_(1, order_t, diff_in_rank_order).neg_()
-        return loss, residual_z, residual_t
+    grad = _as(grad, operand_dtype)
+    P = _as(directions, operand_dtype)
+    grad_x = None
+    if need_x:  # bmm on stride-0 shared directions: matmul would copy the transposed gradient to fold it
+        grad_x = torch.bmm(grad.transpose(1, 2), P if P.dim() == 3 else P.expand(grad.shape[0], -1, -1))
+    grad_directions = None
+    if need_directions:
+        x = _as(x, operand_dtype)
+        if directions.dim() == 3:
+            grad_directions = torch.bmm(grad, x)
+        else:  # (K, S * B) @ (S * B, D)
+            grad_directions = grad.transpose(0, 1).reshape(grad.shape[1], -1) @ x.reshape(-1, x.shape[2])
+    return grad_x, grad_directions
 
 
-@sliced_wasserstein_forward.register_fake
-def _(z, target, projections, target_sorted, need_target_residual):
-    dtype = compute_dtype(z, target, projections)
-    residual_shape = (projections.shape[0], z.shape[0])
-    return (
-        z.new_empty((), dtype=dtype),
-        z.new_empty(residual_shape, dtype=dtype),
-        z.new_empty(residual_shape if need_target_residual else (0,), dtype=dtype),
+class Gather(NamedTuple):
+    """How a call spans a process group: what is all-gathered and each rank's share of the gradient.
+
+    features: True to gather the views' rows, False their projections; all_gather(t, dim):
+    the group's tensors concatenated along ``dim`` in rank order (no autograd); rows: this
+    rank's rows of the global batch (a slice); scale: the factor on this rank's gradient.
+    """
+
+    features: bool
+    all_gather: object
+    rows: slice
+    scale: float
+
+
+class SlicedWasserstein(torch.autograd.Function):
+    """loss = the mean over views of the sliced-Wasserstein loss; see the module doc.
+
+    forward(body, gather, need_target_residual, target, directions, *views): views (b, D),
+    target (B, D) or (V, B, D), directions (K, D) or (V, K, D); gather None (one process) or
+    a ``Gather``. Returns the 0-dim loss in the body's compute dtype (fp32 on Triton).
+    """
+
+    @staticmethod
+    def forward(ctx, body, gather, need_target_residual, target, directions, *views):
+        first = views[0]
+        count = len(views)
+        with _autocast_off(first.device.type):
+            if body.triton:
+                operand = triton_operand_dtype(first)
+            else:
+                operand = compute_dtype(*views, target, directions)
+            # One process, shared directions, a target of the views' rows: one projection for all.
+            together = gather is None and directions.dim() == 2 and target.shape[-2] == first.shape[0]
+            if together and body.triton and target.dim() == 2:  # the common step, in the fewest calls
+                x = torch.stack([_as(source, operand) for source in (*views, target)])
+                proj, proj_t = triton_project(x, _as(directions, operand),
+                                              torch.backends.cuda.matmul.allow_tf32).split_with_sizes((count, 1))
+            else:
+                view_rows = [_as(view, operand)[None] for view in views] if body.triton else [view[None] for view in views]
+                targets = target if target.dim() == 3 else target[None]
+                if directions.dim() == 3 and targets.shape[0] == 1:
+                    targets = targets.expand(directions.shape[0], -1, -1)
+                if body.triton:
+                    targets = _as(targets, operand)
+                if together:
+                    proj, proj_t = body.project(view_rows + [targets], directions, operand).split_with_sizes(
+                        (count, targets.shape[0]))
+                else:
+                    local = view_rows
+                    if gather is not None and gather.features:
+                        local = [gather.all_gather(torch.cat(view_rows), 1)]
+                    proj = body.project(local, directions, operand)
+                    if gather is not None and not gather.features:
+                        proj = gather.all_gather(proj, 2)
+                    proj_t = body.project([targets], directions, operand)
+            # The residuals come back as the loss's gradient in the projections: times 2 / numel
+            # (and this rank's gradient factor), so the backward only multiplies by grad_loss.
+            scale = 2.0 * (1 if gather is None else gather.scale) / proj.numel()
+            loss, residual, residual_t = body.sort_residual(proj, proj_t, need_target_residual, scale)
+            if gather is not None:
+                residual = residual[:, :, gather.rows]
+        ctx.backward_operand = operand
+        if body.triton and operand == torch.bfloat16:  # bf16 below sm_80 multiplies fp32 copies
+            ctx.backward_operand = _triton_backward_operand_dtype(operand, first.device)
+        ctx.view_dtypes = [view.dtype for view in views]
+        ctx.target_shape, ctx.target_dtype = target.shape, target.dtype
+        ctx.need_target_residual = need_target_residual
+        saved_target = target if need_target_residual else None
+        ctx.save_for_backward(residual, residual_t, directions, saved_target, *(views if directions.requires_grad else ()))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        residual, residual_t, directions, target, *views = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        need_views, need_target, need_directions = any(needs[5:]), needs[3] and ctx.need_target_residual, needs[4]
+        with _autocast_off(residual.device.type):
+            grad_loss = _as(grad_loss, residual.dtype)
+            operand = ctx.backward_operand
+            grad_residual = residual * grad_loss
+            x = torch.stack([_as(view, operand) for view in views]) if need_directions else None
+            grad_x, grad_directions = project_backward(grad_residual, x, directions, operand, need_views,
+                                                       need_directions)
+            grad_target = None
+            if need_target or (need_directions and ctx.need_target_residual):
+                grad_t = residual_t * grad_loss
+                targets = target if target.dim() == 3 else target[None]
+                if directions.dim() == 3 and targets.shape[0] == 1:
+                    targets = targets.expand(directions.shape[0], -1, -1)
+                grad_t_rows, grad_directions_t = project_backward(grad_t, targets, directions, operand, need_target,
+                                                                  need_directions)
+                if need_target:
+                    grad_target = grad_t_rows.sum(0) if len(ctx.target_shape) == 2 else grad_t_rows
+                    grad_target = grad_target.to(ctx.target_dtype)
+                if need_directions:
+                    grad_directions = grad_directions + grad_directions_t
+            if grad_directions is not None:
+                grad_directions = grad_directions.to(directions.dtype)
+            view_grads = [None] * len(ctx.view_dtypes)
+            if need_views:
+                view_grads = [_as(grad, dtype) if needs[5 + v] else None
+                              for v, (grad, dtype) in enumerate(zip(grad_x.unbind(0), ctx.view_dtypes))]
+        return (None, None, None, grad_target, grad_directions, *view_grads)
+
+
+# --- What the API calls -------------------------------------------------------------------------
+
+
+def needs_target_residual(target, directions):
+    """Whether the backward needs the target's residual: for the target's gradient or the directions'."""
+    return torch.is_grad_enabled() and (target.requires_grad or directions.requires_grad)
+
+
+def sliced_wasserstein(views, target, directions, backend="auto", gather=None):
+    """The mean over ``views`` of their sliced-Wasserstein losses against ``target`` along ``directions``.
+
+    views: a sequence of (b, D) floating tensors on one device; target (B, D) shared or
+    (V, B, D) one per view; directions (K, D) shared or (V, K, D) one set per view. gather:
+    None for one process, or a ``Gather`` (``lpjepa.loss``'s global-batch loss). backend:
+    'auto', 'torch' or 'triton' (``lpjepa.ops.backend``). Returns the 0-dim loss, float32
+    (float64 on the torch body for float64 inputs), differentiable in every input.
+    """
+    first = views[0]
+    dtype = compute_dtype(*views, target, directions)
+    need_t = needs_target_residual(target, directions)
+    if torch.compiler.is_compiling():
+        # An import statement, which Dynamo runs rather than traces: the module registers its ops on import.
+        from . import compiled
+
+        return backends.run_op("sliced_wasserstein", backend, first.device, dtype,
+                               lambda: compiled.sliced_wasserstein(TRITON, views, target, directions, need_t),
+                               lambda: compiled.sliced_wasserstein(TORCH, views, target, directions, need_t))
+    return backends.run_op(
+        "sliced_wasserstein", backend, first.device, dtype,
+        lambda: SlicedWasserstein.apply(TRITON, gather, need_t, target, directions, *views),
+        lambda: SlicedWasserstein.apply(TORCH, gather, need_t, target, directions, *views),
     )
-
-
-def save_residuals(ctx, z, target, projections, need_target_residual, residual_z, residual_t):
-    """setup_context of a per-view sliced-Wasserstein op returning (loss, residual_z, residual_t)."""
-    ctx.mark_non_differentiable(residual_z, residual_t)
-    ctx.need_target_residual = need_target_residual
-    ctx.save_for_backward(residual_z, residual_t, projections, z, target)
-
-
-def residual_gradients(ctx, grad_loss):
-    """(grad_z, grad_target, grad_projections) from what ``save_residuals`` kept: one matmul each.
-
-    d loss / d z = 2 / (B K) * residual_z^T @ P, likewise for the target; P's gradient
-    collects both sides. None where ctx.needs_input_grad is False; in each input's dtype.
-    """
-    residual_z, residual_t, projections, z, target = ctx.saved_tensors
-    grad_z = grad_target = grad_projections = None
-    with torch.autocast(residual_z.device.type, enabled=False):
-        scale = loss_gradient_scale(grad_loss, residual_z)
-        P = projections.to(residual_z.dtype)
-        if ctx.needs_input_grad[0]:
-            grad_z = (residual_z.T @ P).mul_(scale).to(z.dtype)
-        if ctx.needs_input_grad[1] and ctx.need_target_residual:
-            grad_target = (residual_t.T @ P).mul_(scale).to(target.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_projections = residual_z @ z.to(residual_z.dtype)
-            if ctx.need_target_residual:
-                grad_projections += residual_t @ target.to(residual_t.dtype)
-            grad_projections = grad_projections.mul_(scale).to(projections.dtype)
-    return grad_z, grad_target, grad_projections
-
-
-def needs_target_residual(target, projections):
-    """Whether the backward needs the target's residual: for the target's gradient or P's."""
-    return torch.is_grad_enabled() and (target.requires_grad or projections.requires_grad)
-
-
-def _setup_context(ctx, inputs, output):
-    z, target, projections, _, need_target_residual = inputs
-    save_residuals(ctx, z, target, projections, need_target_residual, *output[1:])
-
-
-def _backward(ctx, grad_loss, _grad_residual_z, _grad_residual_t):
-    return (*residual_gradients(ctx, grad_loss), None, None)
-
-
-sliced_wasserstein_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-def sliced_wasserstein(z, target, projections, target_sorted=None):
-    """The loss of one view on the torch backend (0-dim, in the compute dtype).
-
-    A shared ``target_sorted`` (K, B) is only for a target and directions that need no
-    gradient: the target's residual cannot be rebuilt from sorted values.
-    """
-    need_target_residual = target_sorted is None and needs_target_residual(target, projections)
-    return sliced_wasserstein_forward(z, target, projections, target_sorted, need_target_residual)[0]
-
-
-# --- The op on projected values ------------------------------------------------------------
-
-
-def project(x, projections, dtype=None):
-    """(S, K, B) projections of x (S, B, D) onto projections (K, D) or (S, K, D), in ``dtype`` (default: the compute dtype).
-
-    A single source (S = 1) with (V, K, D) directions is projected onto each set (S = V).
-    """
-    dtype = compute_dtype(x, projections) if dtype is None else dtype
-    return torch.matmul(projections.to(dtype), x.to(dtype).transpose(1, 2))
-
-
-@torch.library.custom_op("lpjepa::projected_sliced_wasserstein", mutates_args=())
-def projected_sliced_wasserstein_forward(
-    proj: torch.Tensor, proj_t: torch.Tensor, need_target_residual: bool
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, residual, residual_target) of view projections (V, K, B) against target projections (T, K, B).
-
-    T = 1: one target shared by the views, sorted once per direction; T = V: a target
-    per view. The loss is the mean over all V * K * B entries of the squared residual
-    (the mean of the views' losses); residual (V, K, B) as in the module doc;
-    residual_target (T, K, B), the targets' residual with the sign of their gradient
-    (summed over the views for a shared target), or empty unless asked for. In proj's
-    dtype.
-    """
-    with torch.autocast(proj.device.type, enabled=False):
-        proj_t = proj_t.to(proj.dtype)
-        shared = proj_t.shape[0] == 1
-        residual = torch.empty_like(proj)
-        residual_t = torch.zeros_like(proj_t) if need_target_residual else proj.new_empty(0)
-        if shared:
-            t_sorted, t_order = _sorted_with_order(proj_t[0], need_target_residual)
-        for v in range(proj.shape[0]):
-            if not shared:
-                t_sorted, t_order = _sorted_with_order(proj_t[v], need_target_residual)
-            _, order = residual_in_batch_order(proj[v], t_sorted, out=residual[v])
-            if need_target_residual:
-                # Each row's order is a permutation, so the sum over views is deterministic.
-                residual_t[0 if shared else v].scatter_add_(1, t_order, -torch.gather(residual[v], 1, order))
-        return mean_square(residual), residual, residual_t
-
-
-@projected_sliced_wasserstein_forward.register_fake
-def _(proj, proj_t, need_target_residual):
-    return proj.new_empty(()), proj.new_empty(proj.shape), proj.new_empty(proj_t.shape if need_target_residual else (0,))
-
-
-def save_projected_residuals(ctx, inputs, output):
-    """setup_context of a projected sliced-Wasserstein op returning (loss, residual, residual_target)."""
-    _, residual, residual_t = output
-    ctx.mark_non_differentiable(residual, residual_t)
-    ctx.save_for_backward(residual, residual_t)
-
-
-def projected_gradients(ctx, grad_loss, _grad_residual, _grad_residual_t):
-    """(grad_proj, grad_proj_t, None): 2 / numel * residual, for either backend's projected op."""
-    residual, residual_t = ctx.saved_tensors
-    scale = loss_gradient_scale(grad_loss, residual)
-    grad_t = residual_t * scale if ctx.needs_input_grad[1] and residual_t.numel() else None
-    return residual * scale, grad_t, None
-
-
-projected_sliced_wasserstein_forward.register_autograd(projected_gradients, setup_context=save_projected_residuals)
-
-
-def projected_sliced_wasserstein(proj, proj_t):
-    """The loss of view projections (V, K, B) against target projections (T, K, B); see the op."""
-    need_target_residual = torch.is_grad_enabled() and proj_t.requires_grad
-    return projected_sliced_wasserstein_forward(proj, proj_t, need_target_residual)[0]

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m lpjepa.kernels.compile_report [--arch 75 80 86 89 90 100 120] [--quick] [--model]
+    python -m benchmarks.compile_report [--arch 75 80 86 89 90 100 120] [--quick] [--model]
 
 No GPU is needed: Triton compiles for a ``GPUTarget`` without one. The launches are
 the ones the launchers really make: ``rgg_launch``, ``project_plan`` and
@@ -23,7 +23,7 @@ dynamic shared memory (bytes), and the tensor-core instructions in its SASS (``T
 HMMA on sm_75 to sm_89 and sm_120, HGMMA on sm_90, UTC*MMA (tcgen05) on sm_100). Exits 1 on
 any spill or local memory, or when static + dynamic shared memory is over the
 architecture's per-block limit; 2 when cuobjdump is missing. ``--model`` adds the static
-performance model of ``lpjepa.kernels.perf_model`` (a roofline lower bound per path).
+performance model of ``benchmarks.perf_model`` (a roofline lower bound per path).
 
 The compile must not run under the Triton interpreter (``TRITON_INTERPRET=1`` turns
 every ``@triton.jit`` into an interpreted function when the kernel modules are
@@ -39,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 # Largest static + dynamic shared memory one block may use (opt-in), in bytes (CUDA C++
 # Programming Guide, technical specifications per compute capability).
@@ -68,8 +69,8 @@ def _report_cases(quick, arch):
     """(label, shape text, KernelLaunch) for every launch the report compiles for ``arch``, each specialisation once."""
     import torch
 
-    from .rgg_sample import rgg_launch
-    from .sliced_wasserstein import project_plan, register_sort_max_batch, sort_paths_for, sort_residual_plan
+    from lpjepa.kernels.rgg_sample import rgg_launch
+    from lpjepa.kernels.sliced_wasserstein import project_plan, register_sort_max_batch, sort_paths_for, sort_residual_plan
 
     modes = ((torch.float32, False), (torch.bfloat16, False)) if quick else (
         (torch.float32, False), (torch.float32, True), (torch.float16, False), (torch.bfloat16, False)
@@ -309,7 +310,7 @@ def _model_launches(shape, dtype, allow_tf32, arch, views=REPORT_VIEWS):
     """{kernel name: the KernelLaunch the launchers make for ``arch``} at ``shape``, on meta tensors (both sort paths)."""
     import torch
 
-    from .sliced_wasserstein import project_plan, sort_paths_for, sort_residual_plan
+    from lpjepa.kernels.sliced_wasserstein import project_plan, sort_paths_for, sort_residual_plan
 
     meta = dict(device="meta")
     x = torch.empty((views, shape.B, shape.D), dtype=dtype, **meta)
@@ -347,7 +348,7 @@ def _model_total_row(prefix, label, step):
 
 
 def _model_report(compiler, dtype_names):
-    """Prints the static performance model (lpjepa.kernels.perf_model) for the GPUs of ``perf_model.MODEL_GPUS``.
+    """Prints the static performance model (benchmarks.perf_model) for the GPUs of ``perf_model.MODEL_GPUS``.
 
     The register sort's instructions come from its compiled SASS (``sass_instruction_mix``)
     for each GPU's arch; the host time of the plans is measured here, on meta tensors.
@@ -355,7 +356,7 @@ def _model_report(compiler, dtype_names):
     import torch
 
     from . import perf_model as pm
-    from .sliced_wasserstein import PROJECTION_PATHS, sort_paths_for
+    from lpjepa.kernels.sliced_wasserstein import PROJECTION_PATHS, sort_paths_for
 
     modes = {"bf16": (torch.bfloat16, False), "fp32-tf32": (torch.float32, True), "fp32": (torch.float32, False)}
     print("\nStatic performance model: a roofline LOWER BOUND per path (datasheet peaks), not a measurement.")
@@ -414,7 +415,7 @@ def _run_worker(arches, quick, model):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m lpjepa.kernels.compile_report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compile_report", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=None, choices=ARCHES,
                         help="compute capabilities to compile for (default: every one this Triton supports)")
     parser.add_argument("--quick", action="store_true", help="a small subset, for CI")
@@ -424,8 +425,9 @@ def main(argv=None):
     if args._worker:
         return _run_worker(args.arch, args.quick, args.model)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    child = [sys.executable, "-m", "lpjepa.kernels.compile_report", _WORKER_FLAG, *[a for a in argv if a != _WORKER_FLAG]]
-    return subprocess.run(child, env=env).returncode
+    child = [sys.executable, "-m", "benchmarks.compile_report", _WORKER_FLAG, *[a for a in argv if a != _WORKER_FLAG]]
+    # benchmarks is a folder of the checkout, not an installed package: the child runs from its root.
+    return subprocess.run(child, env=env, cwd=Path(__file__).resolve().parents[1]).returncode
 
 
 if __name__ == "__main__":

@@ -84,8 +84,8 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
-from . import sliced_wasserstein as kernels
-from .launch import has_tensor_core_dot
+from lpjepa.kernels import sliced_wasserstein as kernels
+from lpjepa.kernels.launch import has_tensor_core_dot
 
 
 class GPU(NamedTuple):
@@ -511,7 +511,7 @@ def host_plan_us(shape, path=("triton", "registers"), *, dtype=torch.bfloat16, a
     allocate their outputs; on ``meta`` that costs nothing, so this is the Python work
     alone). ``repeats`` rounds of all four, timed with ``time.perf_counter``.
     """
-    from .rgg_sample import rgg_launch
+    from lpjepa.kernels.rgg_sample import rgg_launch
 
     projection_path, sort_path = path
     x = torch.empty((views, shape.B, shape.D), dtype=dtype, device=device)
