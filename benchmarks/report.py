@@ -258,7 +258,8 @@ def gpu_target_lines(rows):
 
 def cpu_conditions():
     """What moves CPU timings, said beside a missed target: torch's threads, the cores, the 1-minute load average."""
-    text = f"{torch.get_num_threads()} torch threads on {os.cpu_count()} cores"
+    threads = torch.get_num_threads()
+    text = f"{threads} torch thread{'s' if threads != 1 else ''} on {os.cpu_count()} cores"
     if hasattr(os, "getloadavg"):
         text += f", load average {os.getloadavg()[0]:.2f}"
     return text
@@ -267,7 +268,8 @@ def cpu_conditions():
 # Said once after the CPU targets when one is missed: timings of a shared machine move with its load.
 STABLE_FIGURES_ADVICE = (
     "a target missed on a loaded machine may be met on an idle one (the speedups move with the load): for "
-    "stable figures run on an idle machine (load average well under the core count), or with --threads 1"
+    "stable figures run on an idle machine (load average well under the core count); --threads 1 helps "
+    "under moderate load, not on an overloaded machine"
 )
 
 
