@@ -256,8 +256,29 @@ def gpu_target_lines(rows):
     return lines
 
 
-def target_lines(rows, device):
-    """The issue's CPU targets, met or missed, for the torch backend at the seed's and official shapes."""
+def cpu_conditions():
+    """What moves CPU timings, said beside a missed target: torch's threads, the cores, the 1-minute load average."""
+    threads = torch.get_num_threads()
+    text = f"{threads} torch thread{'s' if threads != 1 else ''} on {os.cpu_count()} cores"
+    if hasattr(os, "getloadavg"):
+        text += f", load average {os.getloadavg()[0]:.2f}"
+    return text
+
+
+# Said once after the CPU targets when one is missed: timings of a shared machine move with its load.
+STABLE_FIGURES_ADVICE = (
+    "a target missed on a loaded machine may be met on an idle one (the speedups move with the load): for "
+    "stable figures run on an idle machine (load average well under the core count); --threads 1 helps "
+    "under moderate load, not on an overloaded machine"
+)
+
+
+def target_lines(rows, device, conditions=None):
+    """The issue's CPU targets, met or missed, for the torch backend at the seed's and official shapes.
+
+    ``conditions``: the machine's state (``cpu_conditions()``), said beside each missed target and
+    followed by the advice for stable figures.
+    """
     if device != "cpu":
         return gpu_target_lines(rows)
     found = {(r["shape"], r["op"]): r for r in rows if r["provider"] == "torch"}
@@ -275,7 +296,10 @@ def target_lines(rows, device):
                 met, want = value <= threshold, f"<= {threshold:g}x the reference's peak memory"
                 miss = f", missed by {value / threshold:.2f}x" if not met else ""
             verdict = _verdict(met)
-            lines.append(f"- {verdict}: torch {bench_cases.OPERATIONS[op]} at {shape}: {value:.2f}x ({want}{miss})")
+            measured = f"; measured with {conditions}" if conditions and not met else ""
+            lines.append(f"- {verdict}: torch {bench_cases.OPERATIONS[op]} at {shape}: {value:.2f}x ({want}{miss}{measured})")
+    if conditions and any(line.startswith("- MISSED") for line in lines):
+        lines.append(f"- {STABLE_FIGURES_ADVICE}")
     return lines
 
 
@@ -326,7 +350,8 @@ def main(argv=None):
     start = time.perf_counter()
     rows, notes = run(args, log=lambda text: print(text, file=sys.stderr, flush=True))
     table = markdown_table(rows)
-    targets = target_lines(rows, args.device)
+    # The load at the end of the run: the 1-minute average then covers the timings' last minute.
+    targets = target_lines(rows, args.device, cpu_conditions() if args.device == "cpu" else None)
     text = [f"Machine: {machine_line}", f"Command: `{command.strip()}`", "", table, ""]
     if targets:
         title = "CPU targets (torch backend vs the seed's reference):" if args.device == "cpu" else "GPU targets:"

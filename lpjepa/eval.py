@@ -1,5 +1,8 @@
 """``python -m lpjepa.eval --checkpoint RUN_DIR``: offline evaluation of a checkpoint (console script ``lpjepa-eval``).
 
+A run folder's finished model, ``checkpoints/final.pt``, is evaluated; a run that has not
+finished (stopped, or still training) has none, and its ``checkpoints/last.pt`` is
+evaluated instead. The program first prints which file and which epoch it evaluates.
 Extracts frozen backbone and projector features of the train and validation splits (no
 augmentation), trains a linear probe on each offline, runs a kNN classifier on the
 backbone features, prints the results and writes them to ``eval.json`` next to the run.
@@ -8,8 +11,8 @@ Every bad flag value ends in one line, ``python -m lpjepa.eval: error: ...``, an
 import json
 import os
 
-from .training.checkpoint import checkpoint_path
-from .training.cli import ArgumentParser, Rule, UsageError, at_least, check_rules, usage_errors
+from .training.checkpoint import describe_checkpoint, evaluated_checkpoint_path, load_checkpoint
+from .training.cli import ArgumentParser, Rule, at_least, check_rules, require_existing_folder, usage_errors
 from .training.config import EVALUATION_RULES
 from .training.evaluation import evaluate_checkpoint
 
@@ -31,7 +34,9 @@ def build_parser():
         description="Offline linear probes (backbone and projector features) and kNN on frozen features of a checkpoint.",
     )
     add = parser.add_argument
-    add("--checkpoint", required=True, help="a .pt written by lpjepa.train (final.pt too), or its run folder (uses checkpoints/last.pt)")
+    add("--checkpoint", required=True,
+        help="a .pt written by lpjepa.train, or its run folder (uses checkpoints/final.pt; checkpoints/last.pt for a run "
+             "that has not finished)")
     add("--data-dir", help="dataset location (default: the one the run trained on)")
     add("--val-dir", help="validation folder for --dataset imagefolder (default: the run's)")
     add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ... (default auto)")
@@ -51,13 +56,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     with usage_errors(parser):
         check_rules(vars(args), FLAG_RULES)
-        if args.out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-            raise UsageError(f"argument --out: the folder of {args.out} does not exist")
-        checkpoint = checkpoint_path(args.checkpoint)
+        if args.out is not None:
+            require_existing_folder("--out", args.out)
+        checkpoint = evaluated_checkpoint_path(args.checkpoint)
+        loaded = load_checkpoint(checkpoint)
+        print(f"evaluating {describe_checkpoint(checkpoint, loaded)}", flush=True)
         results = evaluate_checkpoint(
             checkpoint, data_dir=args.data_dir, val_dir=args.val_dir, device=args.device, num_workers=args.num_workers,
             batch_size=args.batch_size, probe_epochs=args.probe_epochs, probe_lr=args.probe_lr, knn_k=args.knn_k,
-            knn_t=args.knn_t, download=args.download,
+            knn_t=args.knn_t, download=args.download, loaded=loaded,
         )
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))  # RUN_DIR/checkpoints/NAME.pt
     out = args.out or os.path.join(run_dir, "eval.json")

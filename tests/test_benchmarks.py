@@ -150,3 +150,23 @@ def _check_throughput_outputs(out_dir, stdout, recipes):
     assert all(r["loss"] is not None and r["loss"] == r["loss"] for r in rows if r["part"] == "training step")
     table = (out_dir / "table.md").read_text()
     assert table.strip() in stdout and "target 3x" in table
+
+
+def test_a_missed_cpu_target_says_the_load_and_threads_and_how_to_get_stable_figures():
+    from benchmarks import report
+
+    rows = [
+        {"shape": "seed", "op": "step", "provider": "torch", "speedup": 2.5, "memory_ratio": 0.5},  # speedup missed
+        {"shape": "official", "op": "step", "provider": "torch", "speedup": 5.7, "memory_ratio": 0.47},
+    ]
+    conditions = report.cpu_conditions()
+    assert re.fullmatch(r"\d+ torch threads? on \d+ cores(, load average \d+\.\d\d)?", conditions), conditions
+    lines = report.target_lines(rows, "cpu", conditions)
+    missed = [line for line in lines if line.startswith("- MISSED")]
+    assert missed == [f"- MISSED: torch regularizer step: sample + 2 views, fwd + bwd at seed: 2.50x (>= 3x faster, "
+                      f"missed by 1.20x; measured with {conditions})"]
+    assert all("measured with" not in line for line in lines if line.startswith("- met"))
+    assert lines[-1] == f"- {report.STABLE_FIGURES_ADVICE}" and "--threads 1" in lines[-1]
+    # Every target met: no conditions, no advice.
+    met = report.target_lines([dict(rows[1], shape="seed"), rows[1]], "cpu", conditions)
+    assert met and all(line.startswith("- met") for line in met)

@@ -254,6 +254,14 @@ def test_export_refuses_bad_arguments(one_epoch_run, capsys, tmp_path):
     assert "argument --out: invalid value" in line and "must end in .safetensors" in line
     same = str(tmp_path / "b.safetensors")
     assert "must differ from --out" in refused(lp_export.main, [str(one_epoch_run), "--out", same, "--projector-out", same], capsys)
+    # A folder that does not exist is refused, not made: a typo would leave folders behind.
+    for flag in ("--out", "--projector-out"):
+        missing = tmp_path / "nonexistent" / "dir"
+        argv = [str(one_epoch_run), "--out", same, flag, str(missing / "x.safetensors")]
+        line = refused(lp_export.main, argv, capsys)
+        assert line == (f"python -m lpjepa.export: error: argument {flag}: the folder of {missing / 'x.safetensors'} does not "
+                        f"exist; create it first (mkdir -p {missing}) or name a file in an existing folder")
+        assert not (tmp_path / "nonexistent").exists() and not (tmp_path / "b.safetensors").exists()
 
 
 def test_train_refuses_another_optimizer_on_resume(one_epoch_run, capsys, tmp_path):

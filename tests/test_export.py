@@ -36,12 +36,14 @@ def run_loading_code(code):
 
 @torch.no_grad()
 def test_export_of_a_trained_run_loads_back_with_the_same_features(one_epoch_run, tmp_path, capsys):
+    (tmp_path / "exported").mkdir()
     out = tmp_path / "exported" / "backbone.safetensors"
     lp_export.main([str(one_epoch_run), "--out", str(out)])
     printed = capsys.readouterr().out
     projector_file = tmp_path / "exported" / "backbone-projector.safetensors"
     assert out.is_file() and projector_file.is_file()
-    checkpoint = load(one_epoch_run / "checkpoints" / "last.pt")
+    assert printed.startswith(f"from {one_epoch_run / 'checkpoints' / 'final.pt'} (epoch 1: the finished run)\n")
+    checkpoint = load(one_epoch_run / "checkpoints" / "final.pt")
     model = trained_model(checkpoint)
     h, z = model.features(IMAGES)
 

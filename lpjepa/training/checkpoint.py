@@ -8,7 +8,12 @@ A final checkpoint (``final.pt``, ``final_checkpoint``) keeps ``config``, ``epoc
 ``global_step``, ``model`` and ``probes`` only, with ``kind`` set to ``"final"``: what
 evaluation and export need, a third of the size (no optimizer moments). The format
 lives here alone.
+
+Given a run folder, ``--resume`` reads ``checkpoints/last.pt`` (``checkpoint_path``) and
+evaluation and export read the finished model, ``checkpoints/final.pt``, falling back
+to ``last.pt`` for a run that has not finished (``evaluated_checkpoint_path``).
 """
+import csv
 import os
 import random
 
@@ -22,15 +27,67 @@ from .model import LpJEPA
 FINAL_KIND = "final"
 
 
+FINAL_NAME, LAST_NAME = "final.pt", "last.pt"
+
+
 def checkpoint_path(path):
-    """A checkpoint file, or a run folder (its ``checkpoints/last.pt``)."""
-    return os.path.join(path, "checkpoints", "last.pt") if os.path.isdir(path) else path
+    """A checkpoint file, or a run folder (its ``checkpoints/last.pt``: where a resume goes on)."""
+    return os.path.join(path, "checkpoints", LAST_NAME) if os.path.isdir(path) else path
+
+
+def evaluated_checkpoint_path(path):
+    """What evaluation and export read: a checkpoint file as given; in a run folder the finished model.
+
+    That is ``checkpoints/final.pt``, written when the run ends; a run that has not
+    finished (stopped, crashed or still training) has none, and its ``checkpoints/last.pt``,
+    the latest state (possibly mid-epoch), is read instead. ``UsageError`` when the folder
+    holds neither.
+    """
+    if not os.path.isdir(path):
+        return path
+    for name in (FINAL_NAME, LAST_NAME):
+        file = os.path.join(path, "checkpoints", name)
+        if os.path.isfile(file):
+            return file
+    raise UsageError(f"no checkpoint in {path} (a run folder holds checkpoints/{FINAL_NAME} once the run has finished, "
+                     f"checkpoints/{LAST_NAME} from the end of its first epoch; or pass a .pt file)")
+
+
+def describe_checkpoint(path, checkpoint):
+    """One line saying which checkpoint this is: its path, its epoch, and whether the run had finished.
+
+    ``checkpoint`` is the dict loaded from ``path``. For a run folder's ``final.pt`` whose
+    ``metrics.csv`` has gone on past its epoch (the run was resumed for more epochs and has
+    not finished them), the line names ``last.pt`` as the way to evaluate the latest state.
+    """
+    epoch, steps = checkpoint["epoch"], checkpoint.get("batches_done", 0)
+    where = f"epoch {epoch}" + (f" and {steps} steps of epoch {epoch + 1}" if steps else "")
+    if is_final_checkpoint(checkpoint):
+        text = f"{path} ({where}: the finished run)"
+        latest = _last_logged_epoch(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+        if latest is not None and latest > epoch:
+            last = os.path.join(os.path.dirname(path), LAST_NAME)
+            text += f"; the run went on to epoch {latest} after it, pass {last} to use that state"
+        return text
+    if os.path.basename(path) == LAST_NAME and not os.path.isfile(os.path.join(os.path.dirname(path), FINAL_NAME)):
+        return f"{path} ({where}: the run has no {FINAL_NAME}, so it was stopped before its end or is still training)"
+    return f"{path} ({where})"
+
+
+def _last_logged_epoch(run_dir):
+    """The last epoch in ``run_dir/metrics.csv``, or None when the folder has none."""
+    path = os.path.join(run_dir, "metrics.csv")
+    if not os.path.isfile(path):
+        return None
+    with open(path, newline="") as f:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(f) if row.get("epoch")]
+    return max(epochs, default=None)
 
 
 def load_checkpoint(path):
     """The dict a checkpoint file holds; ``UsageError`` when there is none, or the file is not one."""
     if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path} (pass a run folder holding checkpoints/last.pt, or a .pt file)")
+        raise UsageError(f"no checkpoint at {path} (pass a run folder written by lpjepa.train, or a .pt file)")
     try:
         # Our own file, holding Python and numpy RNG states, so not weights_only.
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
@@ -79,8 +136,11 @@ def seed_everything(seed):
 
 
 def load_model_for_eval(checkpoint, device="auto"):
-    """(model in eval mode, config with '_epoch', device) from a checkpoint written by ``lpjepa.train``."""
-    state = load_checkpoint(checkpoint_path(checkpoint))
+    """(model in eval mode, config with '_epoch', device) from a checkpoint written by ``lpjepa.train``.
+
+    ``checkpoint``: the dict ``load_checkpoint`` returned, or a path (``evaluated_checkpoint_path``'s choice).
+    """
+    state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(evaluated_checkpoint_path(checkpoint))
     cfg = dict(state["config"], _epoch=state["epoch"])
     dev = torchrun.resolve_device(device)
     model = LpJEPA(cfg["backbone"], cfg["stem"])

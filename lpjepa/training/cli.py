@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import math
 import numbers
+import os
 from typing import Callable, NamedTuple, Union
 
 # argparse's exit code for a bad command line; every UsageError exits with it too.
@@ -111,3 +112,15 @@ def valid_device(value, context=None):
 
 
 DEVICE_ALLOWED = "auto, cpu, cuda or cuda:N (a torch device name)"
+
+
+def require_existing_folder(flag_name, path):
+    """``UsageError`` when the folder an output file ``path`` would go into does not exist.
+
+    Programs refuse it rather than create it: a typo in the path would otherwise leave a
+    folder somewhere unexpected and the file in it.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"argument {flag_name}: the folder of {path} does not exist; create it first "
+                         f"(mkdir -p {folder}) or name a file in an existing folder")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .. import metrics, rgg
 from . import data
-from .checkpoint import load_model_for_eval
+from .checkpoint import evaluated_checkpoint_path, load_model_for_eval
 from .speed import AMP_DTYPES
 
 # Floor of a feature's standard deviation in the offline probe's standardisation: a
@@ -180,9 +180,17 @@ def evaluate_online(model, probes, knn_loader, val_loader, n_classes, device, am
 
 
 def evaluate_checkpoint(checkpoint, *, data_dir=None, val_dir=None, device="auto", num_workers=None,
-                        batch_size=512, probe_epochs=100, probe_lr=1e-3, knn_k=None, knn_t=None, download=None):
-    """Offline linear probes and kNN on frozen features of a checkpoint; returns a dict of results."""
-    model, cfg, dev = load_model_for_eval(checkpoint, device)
+                        batch_size=512, probe_epochs=100, probe_lr=1e-3, knn_k=None, knn_t=None, download=None,
+                        loaded=None):
+    """Offline linear probes and kNN on frozen features of a checkpoint; returns a dict of results.
+
+    Top-1 and top-5 accuracies; top-5 only with more than 5 classes (with fewer it is 100%).
+
+    ``checkpoint``: a checkpoint file, or a run folder (its ``final.pt``, else its ``last.pt``);
+    ``loaded``: that file's dict when the caller has already loaded it.
+    """
+    checkpoint = evaluated_checkpoint_path(checkpoint)
+    model, cfg, dev = load_model_for_eval(checkpoint if loaded is None else loaded, device)
     overrides = {"data_dir": data_dir, "val_dir": val_dir, "num_workers": num_workers, "download": download}
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     train_split, val_split = data.run_splits(cfg)
@@ -191,7 +199,7 @@ def evaluate_checkpoint(checkpoint, *, data_dir=None, val_dir=None, device="auto
     amp, amp_dtype = dev.type == "cuda" and cfg["amp"], AMP_DTYPES[cfg.get("amp_dtype", "fp16")]
     train_h, train_z, train_y = extract_features(model, train_loader, dev, amp, amp_dtype)
     val_h, val_z, val_y = extract_features(model, val_loader, dev, amp, amp_dtype)
-    results = {"checkpoint": os.path.abspath(checkpoint), "epoch": cfg.get("_epoch")}
+    results = {"checkpoint": os.path.abspath(checkpoint), "epoch": cfg.get("_epoch"), "num_classes": n_classes}
     for name, tr, va in (("backbone", train_h, val_h), ("projector", train_z, val_z)):
         predict = train_linear_probe(tr, train_y, n_classes, epochs=probe_epochs, lr=probe_lr, device=dev, seed=cfg["seed"])
         top1, top5 = topk_accuracy(predict(va), val_y)
@@ -204,4 +212,5 @@ def evaluate_checkpoint(checkpoint, *, data_dir=None, val_dir=None, device="auto
     results["knn_top1"], results["knn_top5"] = knn_accuracy(*on_device, n_classes, k, t)
     results["knn_k"] = k
     results.update(sparsity_metrics(val_z, cfg))
-    return results
+    # Top-5 of 5 classes or fewer is 100% by definition: it would only take a line of the output.
+    return {key: value for key, value in results.items() if not (key.endswith("_top5") and n_classes <= 5)}

@@ -47,7 +47,7 @@ def export_checkpoint(checkpoint, out, projector_out=None):
     """Write a loaded checkpoint's backbone to ``out`` and its projector to ``projector_out``; returns both paths.
 
     checkpoint: a dict written by ``lpjepa.train`` (``last.pt``, ``final.pt``, ``epoch_NNNN.pt``).
-    out: a path ending in ``.safetensors``; projector_out defaults to ``projector_path(out)``.
+    out: a path ending in ``.safetensors``, in a folder that exists; projector_out defaults to ``projector_path(out)``.
     """
     cfg = checkpoint["config"]
     backbone, projector = _part(checkpoint["model"], "backbone"), _part(checkpoint["model"], "projector")
@@ -57,8 +57,6 @@ def export_checkpoint(checkpoint, out, projector_out=None):
         "dataset": cfg["dataset"],
     }
     projector_out = projector_out or projector_path(out)
-    for path in (out, projector_out):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file(backbone, out, metadata=dict(metadata, part="backbone"))
     save_file(projector, projector_out, metadata=dict(metadata, part="projector"))
     for path in (out, projector_out):

@@ -321,7 +321,7 @@ class Trainer:
             return
         cfg, env, data = self.cfg, self.env, self.data
         resolved = dict(cfg, world_size=env.world_size, device=str(self.device), steps_per_epoch=data.steps_per_epoch,
-                        device_data_active=data.on_device, **self.state.speed.as_config())
+                        device_data_active=data.on_device, num_classes=data.num_classes, **self.state.speed.as_config())
         where = f"resuming at epoch {self.start_epoch + 1}, step {self.batches_done}" if self.resumed else "starting"
         print(
             f"{where}: {cfg['dataset']} ({len(data.train_set)} train / {len(data.val_set)} val images, {data.num_classes} classes), "
@@ -365,7 +365,7 @@ class Trainer:
             now = time.perf_counter()
             step_time, tick = now - tick, now
             stats.add(values, images, data_time, step_time)
-            progress.update(self._progress_postfix(latest, images, data_time, step_time))
+            progress.update(self._progress_postfix(latest, images, data_time, step_time), read=due)
             if on_step is not None:
                 on_step(epoch, batch)
             # One process alone knows of its signal; under DDP asking the others is a collective, so only when due.

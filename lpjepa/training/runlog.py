@@ -1,6 +1,7 @@
 """What a run leaves to read: config.json, metrics.csv, TensorBoard events (when installed), progress bars, the epoch lines."""
 import csv
 import json
+import math
 import os
 import sys
 
@@ -145,25 +146,32 @@ class RunLog:
 
 
 class Progress:
-    """A tqdm bar per epoch on a terminal; plain lines (about ten per epoch) otherwise, so logs stay readable."""
+    """A tqdm bar per epoch on a terminal; elsewhere (a log file, CI) a few plain lines, so logs stay readable.
+
+    Off a terminal a line is printed only after a step whose values were read from the device
+    (``update(..., read=True)``), so that every line has the loss, and at most one per tenth of
+    the epoch; the epoch's last step is always read, so an epoch gets at least one line.
+    """
 
     PLAIN_LINES_PER_EPOCH = 10
 
     def __init__(self, total, desc, enabled=True, stream=None, initial=0):
         self.stream = stream or sys.stderr
         self.total, self.desc, self.enabled = total, desc, enabled
-        self.done = initial
-        self.every = max(1, total // self.PLAIN_LINES_PER_EPOCH)
+        self.done = self.printed = initial
+        self.every = max(1, math.ceil(total / self.PLAIN_LINES_PER_EPOCH))
         self.bar = None
         if enabled and getattr(self.stream, "isatty", lambda: False)():
             self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=self.stream)
 
-    def update(self, postfix):
+    def update(self, postfix, read=True):
+        """One step done; ``postfix``: the numbers to show; ``read``: whether they are fresh from the device."""
         self.done += 1
         if self.bar is not None:
             self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(1)
-        elif self.enabled and (self.done % self.every == 0 or self.done == self.total):
+        elif self.enabled and read and (self.done - self.printed >= self.every or self.done == self.total):
+            self.printed = self.done
             text = " ".join(f"{k} {v}" for k, v in postfix.items())
             print(f"{self.desc} {self.done}/{self.total} | {text}", file=self.stream, flush=True)
 
