@@ -16,10 +16,9 @@ import torchvision.transforms.functional as F
 from conftest import tolerance
 from PIL import Image
 from scipy import stats
-from torchvision.transforms import InterpolationMode
 
 from lpjepa.training import gpu_augment as G
-from lpjepa.training.data import NORMALIZATION, RECIPES, train_transform
+from lpjepa.training.data import INTERPOLATIONS, NORMALIZATION, RECIPES, normalization, train_transform
 
 DRAWS = 4000
 # A distribution test passes above this p-value; its negative control must fall below REJECT.
@@ -123,19 +122,21 @@ def images(n, height=32, width=32, dtype=torch.float32, seed=0):
     return torch.rand(n, 3, height, width, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("height, width, size", [(32, 32, 32), (32, 32, 16), (32, 32, 17), (24, 40, 32), (32, 32, 48)])
-def test_resized_crop_and_flip_match_torchvision(height, width, size, dtype):
+def test_resized_crop_and_flip_match_torchvision(height, width, size, dtype, interpolation):
     n = 9
     x = images(n, height, width, dtype)
     rng = np.random.default_rng(5)
     top, left, h, w = G.draw_crops(rng, n, height, width, (0.08, 1.0), (3 / 4, 4 / 3))
     flip = np.arange(n) % 2 == 1
-    ours = G.resized_crop(x, *(torch.from_numpy(a) for a in (top, left, h, w)), size, torch.from_numpy(flip))
+    ours = G.resized_crop(x, *(torch.from_numpy(a) for a in (top, left, h, w)), size, torch.from_numpy(flip),
+                          interpolation=interpolation)
     expected = []
     for i in range(n):
         view = F.resized_crop(x[i], int(top[i]), int(left[i]), int(h[i]), int(w[i]), [size, size],
-                              InterpolationMode.BILINEAR, antialias=True)
+                              INTERPOLATIONS[interpolation], antialias=True)
         expected.append(F.hflip(view) if flip[i] else view)
     atol, rtol = tolerance(dtype)
     torch.testing.assert_close(ours, torch.stack(expected), atol=atol, rtol=rtol)
@@ -187,7 +188,9 @@ def test_grayscale_solarize_normalize_match_torchvision():
 def torchvision_view(image, params, i, recipe, size, mean, std):
     """One view by torchvision's functional ops with the parameters ``params`` drew for view i."""
     x = F.resized_crop(image, int(params.top[i]), int(params.left[i]), int(params.height[i]), int(params.width[i]),
-                       [size, size], InterpolationMode.BILINEAR, antialias=True)
+                       [size, size], INTERPOLATIONS[recipe["interpolation"]], antialias=True)
+    if torch.is_tensor(x) and recipe["interpolation"] == "bicubic":
+        x = x.clamp(0, 1)  # as PIL's uint8 result is
     if params.flip[i]:
         x = F.hflip(x)
     ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
@@ -211,7 +214,7 @@ def test_whole_batch_matches_torchvision_view_by_view(augmentation, n):
     index = rng.integers(0, len(source), n)
     params = augment.draw(n, 32, 32, rng)
     ours = augment.views(source, index, params)
-    mean, std = NORMALIZATION["cifar100"]
+    mean, std = normalization(augmentation, "cifar100")
     expected = torch.stack([torchvision_view(source[index[i]].float() / 255, params, i, augment.recipe, 32, mean, std)
                             for i in range(n)])
     atol, rtol = tolerance(torch.float32)
@@ -227,7 +230,7 @@ def test_close_to_the_pil_pipeline_on_smooth_images():
     augment = G.BatchAugment("paper", 32, "cifar100")
     params = augment.draw(32, 32, 32, np.random.default_rng(7))
     ours = augment.views(source, np.arange(32), params)
-    mean, std = NORMALIZATION["cifar100"]
+    mean, std = normalization("paper", "cifar100")
     pil = torch.stack([torchvision_view(Image.fromarray(source[i].permute(1, 2, 0).numpy()), params, i, augment.recipe,
                                         32, mean, std) for i in range(32)])
     levels = ((ours - pil) * torch.tensor(std).view(1, 3, 1, 1) * 255).abs()

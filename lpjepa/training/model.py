@@ -44,10 +44,21 @@ class Projector(nn.Module):
         return self.model(x)
 
 
-def cifar_stem(backbone):
+# The cifar stem's first convolution: 3x3, stride 1. Its padding is --stem-padding: 1 keeps a 32x32
+# image 32x32; the official run's 2 (solo/methods/base.py, YilunKuang/rectified-lp-jepa@5ae61ab) makes it 34x34.
+CIFAR_STEM_KERNEL, CIFAR_STEM_STRIDE = 3, 1
+
+
+def cifar_stem_layout(padding=1):
+    """The cifar stem's first convolution and pooling, as plain values (for ``--print-config``)."""
+    return {"kernel_size": CIFAR_STEM_KERNEL, "stride": CIFAR_STEM_STRIDE, "padding": padding, "maxpool": False}
+
+
+def cifar_stem(backbone, padding=1):
     """Turn a timm ResNet-family stem into the CIFAR one, in place; returns the backbone.
 
-    A 7x7 stride-2 ``conv1`` becomes a 3x3 stride-1 convolution with the same channels;
+    A 7x7 stride-2 ``conv1`` becomes a 3x3 stride-1 convolution with the same channels and
+    ``padding``;
     a deep stem (``conv1`` a Sequential, as in resnet10t or resnet50d) keeps its
     convolutions with the first one's stride set to 1; ``maxpool`` becomes Identity.
     """
@@ -59,7 +70,8 @@ def cifar_stem(backbone):
         )
     if isinstance(conv1, nn.Conv2d):
         backbone.conv1 = nn.Conv2d(
-            conv1.in_channels, conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=conv1.bias is not None
+            conv1.in_channels, conv1.out_channels, kernel_size=CIFAR_STEM_KERNEL, stride=CIFAR_STEM_STRIDE, padding=padding,
+            bias=conv1.bias is not None,
         )
     else:
         first = next(m for m in conv1.modules() if isinstance(m, nn.Conv2d))
@@ -68,15 +80,18 @@ def cifar_stem(backbone):
     return backbone
 
 
-def create_backbone(backbone_name="resnet18", stem="cifar"):
-    """A timm model without its classifier (``num_classes=0``), randomly initialised, with the chosen stem."""
+def create_backbone(backbone_name="resnet18", stem="cifar", stem_padding=1):
+    """A timm model without its classifier (``num_classes=0``), randomly initialised, with the chosen stem.
+
+    ``stem_padding``: the padding of the cifar stem's 3x3 convolution (a deep stem keeps its own).
+    """
     if stem not in STEMS:
         raise ValueError(f"stem must be one of {STEMS}; got {stem!r}")
     backbone = timm.create_model(backbone_name, pretrained=False, num_classes=0)
-    return cifar_stem(backbone) if stem == "cifar" else backbone
+    return cifar_stem(backbone, stem_padding) if stem == "cifar" else backbone
 
 
-def check_backbone(backbone_name, stem, image_size):
+def check_backbone(backbone_name, stem, image_size, stem_padding=1):
     """Refuse, in one line, a ``--backbone`` timm does not know, a ``--stem`` it cannot take, or an ``--image-size`` it cannot run.
 
     The model is built on the meta device (no memory, no initialisation work) and runs
@@ -90,7 +105,7 @@ def check_backbone(backbone_name, stem, image_size):
         raise UsageError(f"argument --backbone: invalid value {backbone_name}: not a timm model; {hint}")
     with torch.device("meta"):
         try:
-            backbone = create_backbone(backbone_name, stem)
+            backbone = create_backbone(backbone_name, stem, stem_padding)
         except ValueError as error:
             raise UsageError(f"argument --stem: invalid value {stem}: {error}") from None
         try:
@@ -103,6 +118,17 @@ def check_backbone(backbone_name, stem, image_size):
             ) from None
 
 
+def feature_width(backbone_name):
+    """The width of a timm backbone's features (and so of the projector), from a model on the meta device."""
+    with torch.device("meta"):
+        return timm.create_model(backbone_name, pretrained=False, num_classes=0).num_features
+
+
+def projector_layout(width):
+    """The projector's shape as plain values (for ``--print-config``): see ``Projector``."""
+    return {"hidden_dim": width, "output_dim": width, "layers": 3, "final_relu": True}
+
+
 class LpJEPA(nn.Module):
     """Backbone then the seed's 3-layer projector ending in a ReLU.
 
@@ -112,10 +138,10 @@ class LpJEPA(nn.Module):
     h the backbone features, for the probes.
     """
 
-    def __init__(self, backbone_name="resnet18", stem="cifar"):
+    def __init__(self, backbone_name="resnet18", stem="cifar", stem_padding=1):
         super().__init__()
         # Backbone first, then projector: the seed's order, so the same seed gives the same weights.
-        self.backbone = create_backbone(backbone_name, stem)
+        self.backbone = create_backbone(backbone_name, stem, stem_padding)
         self.projector = Projector(dim=self.backbone.num_features)
 
     @property
