@@ -249,3 +249,93 @@ def test_same_generator_state_same_views():
     assert torch.equal(views(-1, 0, 3), views(-1, 0, 3))
     assert not torch.equal(views(-1, 0, 3), views(-1, 0, 4))
     assert views(0, 1, 2).shape == (8, 3, 16, 16)
+
+
+# ----------------------------------------------------------------------------- the official recipe: device vs PIL path
+
+
+class _Recorder:
+    """Wraps the PIL pipeline's random choices while it runs, recording each one (restored by ``recording``)."""
+
+    def __init__(self):
+        self.crops, self.jitters, self.counts = [], [], {"grayscale": 0, "solarize": 0, "flip": 0}
+
+    def crop_params(self, original):
+        def get_params(img, scale, ratio):
+            params = original(img, scale, ratio)
+            self.crops.append(params)
+            return params
+        return staticmethod(get_params)
+
+    def jitter_params(self, original):
+        def get_params(brightness, contrast, saturation, hue):
+            params = original(brightness, contrast, saturation, hue)
+            self.jitters.append(params)
+            return params
+        return staticmethod(get_params)
+
+    def counted(self, name, original):
+        def op(*args, **kwargs):
+            self.counts[name] += 1
+            return original(*args, **kwargs)
+        return op
+
+
+def pil_path_draws(views):
+    """The random choices of ``views`` views of the training PIL path under the official recipe, as it runs them.
+
+    ``TwoViewDataset`` over ``train_transform('paper')`` on a 32x32 image: its
+    RandomResizedCrop and ColorJitter parameters, and how often it grayscales, solarises
+    and flips, read by wrapping torchvision's own calls while the real pipeline runs.
+    """
+    from unittest import mock
+
+    from lpjepa.training.data import TwoViewDataset
+
+    recorder = _Recorder()
+    image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    dataset = TwoViewDataset([(image, 0)] * (views // 2), train_transform("paper", 32, "cifar100"), seed=3)
+    with mock.patch.object(T.RandomResizedCrop, "get_params", recorder.crop_params(T.RandomResizedCrop.get_params)), \
+            mock.patch.object(T.ColorJitter, "get_params", recorder.jitter_params(T.ColorJitter.get_params)), \
+            mock.patch.object(F, "rgb_to_grayscale", recorder.counted("grayscale", F.rgb_to_grayscale)), \
+            mock.patch.object(F, "solarize", recorder.counted("solarize", F.solarize)), \
+            mock.patch.object(F, "hflip", recorder.counted("flip", F.hflip)):
+        for index in range(len(dataset)):
+            dataset[index]
+    return recorder
+
+
+def _same_fraction(count_a, n_a, count_b, n_b):
+    """p-value of a chi-square test that two counts out of n come from one probability."""
+    return stats.chi2_contingency([[count_a, n_a - count_a], [count_b, n_b - count_b]]).pvalue
+
+
+def test_device_path_draws_the_pil_paths_distribution_for_the_official_recipe():
+    """Crop area and aspect, jitter factors and frequency, grayscale / solarize / flip fractions: device vs PIL path."""
+    views = DRAWS // 2  # the PIL path runs its whole pipeline per view: half the draws keep this test to seconds
+    pil = pil_path_draws(views)
+    assert len(pil.crops) == views
+    device = G.BatchAugment("paper", 32, "cifar100")
+    ours = device.draw(views, 32, 32, np.random.default_rng(8))
+    assert device.recipe["interpolation"] == "bicubic" and device.mean == normalization("paper", "cifar100")[0]
+
+    pil_crops = np.array(pil.crops, dtype=np.float64)  # (top, left, height, width)
+    pil_area, pil_aspect = pil_crops[:, 2] * pil_crops[:, 3] / 1024, pil_crops[:, 3] / pil_crops[:, 2]
+    our_area, our_aspect = ours.height * ours.width / 1024, ours.width / ours.height
+    assert stats.ks_2samp(our_area, pil_area).pvalue > ACCEPT
+    assert stats.ks_2samp(our_aspect, pil_aspect).pvalue > ACCEPT
+    assert pil_area.min() >= 0.2 * 0.9 and our_area.min() >= 0.2 * 0.9  # scale (0.2, 1), up to rounding to pixels
+
+    jittered = (ours.factors != np.array([1.0, 1.0, 1.0, 0.0])).any(axis=1)
+    assert _same_fraction(int(jittered.sum()), views, len(pil.jitters), views) > ACCEPT
+    pil_factors = np.array([params[1:] for params in pil.jitters])  # brightness, contrast, saturation, hue
+    for op, name in enumerate(("brightness", "contrast", "saturation", "hue")):
+        assert stats.ks_2samp(ours.factors[jittered, op], pil_factors[:, op]).pvalue > ACCEPT, name
+
+    for name, drawn in (("grayscale", ours.grayscale), ("solarize", ours.solarize), ("flip", ours.flip)):
+        assert _same_fraction(int(drawn.sum()), views, pil.counts[name], views) > ACCEPT, name
+
+    # Negative control: the seed recipe's draws (crop scale from 0.08, no grayscale) are told apart.
+    seed = G.BatchAugment("seed", 32, "cifar100").draw(views, 32, 32, np.random.default_rng(9))
+    assert stats.ks_2samp(seed.height * seed.width / 1024, pil_area).pvalue < REJECT
+    assert _same_fraction(int(seed.grayscale.sum()), views, pil.counts["grayscale"], views) < REJECT

@@ -142,7 +142,10 @@ class TwoViewDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         img, label = self.base_dataset[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.sample_seed(index, epoch))
+            # The CPU generator alone (the transforms draw from it): torch.manual_seed would also
+            # re-seed every CUDA generator, outside what fork_rng restores, and in a process without
+            # CUDA queue that call with a captured stack trace, milliseconds per sample.
+            torch.random.default_generator.manual_seed(self.sample_seed(index, epoch))
             return self.transform(img), self.transform(img), label
 
     def __len__(self):
