@@ -393,3 +393,47 @@ def test_progress_off_a_terminal_prints_about_ten_plain_lines():
     lines = stream.getvalue().splitlines()
     assert len(lines) == 10 and "\r" not in stream.getvalue()
     assert lines[-1] == "epoch 1/3 40/40 | loss 1.0000 zeros 50.0%"
+
+
+# ----------------------------------------------------------------------------- --preset paper
+
+
+def paper_args(data, out, *extra):
+    """A tiny --preset paper run on the CIFAR-format folder: 4 images per process, 1 warm-up epoch of 4 steps."""
+    tiny = [a for a in TINY]
+    del tiny[tiny.index("--batch-size"):tiny.index("--batch-size") + 2]
+    return ["--preset", "paper", "--data-dir", data, "--skip-data-check", "--no-download", "--out", str(out),
+            "--epochs", "2", "--warmup-epochs", "1", "--batch-per-device", "4", *tiny, *extra]
+
+
+@pytest.mark.parametrize("data_path", ["--no-device-data", "--device-data"])
+def test_paper_preset_runs_the_official_recipe_on_both_data_paths(data_path, tmp_path, capsys):
+    data = make_cifar100_folder(str(tmp_path / "data"))
+    out = tmp_path / "paper"
+    train.main(paper_args(data, out, data_path))
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["device_data_active"] == (data_path == "--device-data") and cfg["batch_size"] == 4
+    assert (cfg["stem_padding"], cfg["target_draw"], cfg["probe_optimizer"]) == (2, "per-view", "lars")
+    rows = runlog.MetricsCSV(out / "metrics.csv", runlog.COLUMNS).read()
+    scale = 4 / 256  # --lr-scaling linear: the global batch of 4 / 256
+    # After 8 steps of 2 epochs: warm-up over the first 4, cosine over the next 4, which ends at 0.
+    assert float(rows[0]["lr"]) == pytest.approx(0.03 * scale) and float(rows[1]["lr"]) == pytest.approx(0.0, abs=1e-12)
+    for row in rows:  # the paper's metric is the backbone probe, the official classifier
+        assert row[evaluation.OFFICIAL_TOP1] == row["probe_backbone_top1"] != ""
+    assert "online linear top-1" in capsys.readouterr().out
+    last = load(out / "checkpoints" / "last.pt")
+    model_group, = last["optimizer"]["param_groups"]
+    assert (model_group["eta"], model_group["clip_lr"], model_group["exclude_bias_n_norm"], model_group["weight_decay"]) == (
+        0.02, True, True, 1e-4)
+    probe_group, = last["probe_optimizer"]["param_groups"]
+    assert (probe_group["weight_decay"], probe_group["eta"]) == (0.0, 0.02) and probe_group["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_paper_preset_under_torchrun_scales_by_the_processes(tmp_path):
+    data = make_cifar100_folder(str(tmp_path / "data"))
+    out = tmp_path / "paper-ddp"
+    _torchrun_two_cpu_processes(*paper_args(data, out, "--batch-per-device", "2", "--epochs", "1"))
+    cfg = json.load(open(out / "config.json"))
+    assert (cfg["world_size"], cfg["batch_size"], cfg["batch_per_device"]) == (2, 4, 2)
+    row, = runlog.MetricsCSV(out / "metrics.csv", runlog.COLUMNS).read()
+    assert float(row["lr"]) == pytest.approx(0.0, abs=1e-12) and row[evaluation.OFFICIAL_TOP1] != ""

@@ -316,7 +316,7 @@ def build_parser():
     g = parser.add_argument_group("model")
     g.add_argument("--backbone", help="any timm model name (default resnet18)")
     g.add_argument("--stem", choices=STEMS, help="cifar (default: 3x3 stride-1 conv, no max-pool) or imagenet (the seed's model exactly)")
-    g.add_argument("--stem-padding", type=int, help="padding of the cifar stem's 3x3 convolution (default 1; --preset paper 2, solo-learn's)")
+    g.add_argument("--stem-padding", type=int, help="padding of the cifar stem's 3x3 convolution (default 1; --preset paper 2, solo-learn's; a deep stem, as resnet10t's, keeps its own)")
     g.add_argument("--sync-batchnorm", action=argparse.BooleanOptionalAction, help="synchronise BatchNorm statistics over the processes under torchrun on CUDA (default off; --preset paper on)")
     g = parser.add_argument_group("evaluation")
     g.add_argument("--probe-lr", type=float, help="learning rate of the online linear probes (default 1e-3; --preset paper 0.01, scaled like --lr)")

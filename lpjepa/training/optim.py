@@ -123,6 +123,8 @@ def warmup_cosine_lr(step, base_lr, warmup_steps, total_steps, start_lr=0.0, min
     """
     if step < warmup_steps:
         return start_lr + step * (base_lr - start_lr) / max(warmup_steps - 1, 1)
+    if step >= total_steps:
+        return min_lr
     progress = min(step - warmup_steps, total_steps - warmup_steps) / max(total_steps - warmup_steps, 1)
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
