@@ -54,6 +54,8 @@ OFFICIAL = [
      f"{BASE} cifar: Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False), maxpool Identity"),
     ("resolved.projector", {"hidden_dim": 512, "output_dim": 512, "layers": 3, "final_relu": True},
      f"{YAML} proj_hidden_dim / proj_output_dim 512, projector_type rectified_mlp ({METHOD})"),
+    ("resolved.residual_bn_init", "one (torchvision)",
+     f"{REPO}:solo/backbones/resnet/resnet.py torchvision's resnet18, zero_init_residual False"),
     ("resolved.sync_batchnorm.on", True, f"{YAML} sync_batchnorm: True"),
     ("resolved.precision", "fp16 mixed on CUDA", f"{YAML} precision: 16-mixed"),
     # optimisation
@@ -162,9 +164,12 @@ def test_renamed_loss_flags_old_name_is_one_line(old, new, capsys):
     assert build_parser().parse_args([new, "per-view" if new == "--target-draw" else "dense"])
 
 
-def test_paper_model_has_the_official_stem():
-    cfg, _ = resolve_config(build_parser().parse_args(["--preset", "paper", "--backbone", "resnet10t"]))
-    model = LpJEPA("resnet18", cfg["stem"], cfg["stem_padding"])
+def test_paper_model_has_the_official_stem_and_initialisation():
+    cfg, _ = resolve_config(build_parser().parse_args(["--preset", "paper"]))
+    model = LpJEPA(cfg["backbone"], cfg["stem"], cfg["stem_padding"], cfg["zero_init_last"])
+    # torchvision's ResNet-18 starts every BatchNorm at weight 1 (timm's default zeroes each block's last one).
+    assert all(bool((m.weight == 1).all()) for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not bool(LpJEPA("resnet18", "cifar").backbone.layer1[0].bn2.weight.any())
     conv = model.backbone.conv1
     assert (conv.kernel_size, conv.stride, conv.padding, conv.bias) == ((3, 3), (1, 1), (2, 2), None)
     assert isinstance(model.backbone.maxpool, torch.nn.Identity)
@@ -251,3 +256,11 @@ def test_paper_probes_are_lars_on_the_models_schedule():
     assert probe_optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
     seed_cfg, _ = resolve_config(build_parser().parse_args([]))
     assert optim.build_probe_scheduler(optim.build_probe_optimizer(probes, seed_cfg), seed_cfg, 4) is None
+
+
+def test_no_zero_init_last_on_a_model_without_it_is_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--print-config", "--backbone", "vit_tiny_patch16_224", "--stem", "imagenet", "--no-zero-init-last"])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "argument --no-zero-init-last:" in error[0] and "drop --no-zero-init-last" in error[0]

@@ -52,6 +52,7 @@ DEFAULTS = {
     "backbone": "resnet18",
     "stem": "cifar",
     "stem_padding": 1,
+    "zero_init_last": True,
     "sync_batchnorm": False,
     "num_workers": min(8, os.cpu_count() or 1),
     "amp": True,
@@ -107,6 +108,7 @@ PRESETS = {
         "augmentation": "paper",
         "stem": "cifar",
         "stem_padding": 2,  # base.py: Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False), no max-pool
+        "zero_init_last": False,  # solo/backbones/resnet: torchvision's resnet18 (zero_init_residual False)
         "sync_batchnorm": True,
         "probe_optimizer": "lars",  # the online classifiers sit in the model's LARS optimizer (base.py learnable_params)
         "probe_lr": 0.01,  # optimizer.classifier_lr, scaled like the lr
@@ -251,7 +253,7 @@ def check_config(cfg, epochs_done=0, check_data=True):
     False leaves the data paths alone (``--print-config`` reads no data).
     """
     check_rules(cfg, FLAG_RULES, RuleContext(cfg, world_size_from_env(), epochs_done))
-    check_backbone(cfg["backbone"], cfg["stem"], cfg["image_size"], cfg["stem_padding"])
+    check_backbone(cfg["backbone"], cfg["stem"], cfg["image_size"], cfg["stem_padding"], cfg["zero_init_last"])
     if check_data:
         check_data_paths(cfg)
 
@@ -317,6 +319,7 @@ def build_parser():
     g.add_argument("--backbone", help="any timm model name (default resnet18)")
     g.add_argument("--stem", choices=STEMS, help="cifar (default: 3x3 stride-1 conv, no max-pool) or imagenet (the seed's model exactly)")
     g.add_argument("--stem-padding", type=int, help="padding of the cifar stem's 3x3 convolution (default 1; --preset paper 2, solo-learn's; a deep stem, as resnet10t's, keeps its own)")
+    g.add_argument("--zero-init-last", action=argparse.BooleanOptionalAction, help="timm's ResNet initialisation, the last BatchNorm of each residual block at 0 (default on, the seed's); --no-zero-init-last: at 1, torchvision's, as the official run (--preset paper)")
     g.add_argument("--sync-batchnorm", action=argparse.BooleanOptionalAction, help="synchronise BatchNorm statistics over the processes under torchrun on CUDA (default off; --preset paper on)")
     g = parser.add_argument_group("evaluation")
     g.add_argument("--probe-lr", type=float, help="learning rate of the online linear probes (default 1e-3; --preset paper 0.01, scaled like --lr)")
@@ -384,6 +387,7 @@ def resolved_recipe(cfg, world_size=None):
         "augmentation": {**recipe, "crop_size": cfg["image_size"], "blur_p": 0.0},
         "stem": {"name": cfg["stem"], **(cifar_stem_layout(cfg["stem_padding"]) if cfg["stem"] == "cifar" else {})},
         "projector": projector_layout(feature_width(cfg["backbone"])),
+        "residual_bn_init": "zero (timm)" if cfg["zero_init_last"] else "one (torchvision)",
         # SyncBatchNorm acts under torchrun (more than one process) on CUDA; one process has nothing to synchronise.
         "sync_batchnorm": {"on": cfg["sync_batchnorm"], "active": bool(cfg["sync_batchnorm"] and world_size > 1)},
         "precision": f"{cfg['amp_dtype']} mixed on CUDA" if cfg["amp"] else "fp32",

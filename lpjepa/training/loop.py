@@ -163,7 +163,7 @@ class TrainState:
         self.cfg, self.device = cfg, device
         self.speed = SpeedSettings.resolve(cfg, device)
         self.amp = self.speed.amp
-        self.model = prepare_model(LpJEPA(cfg["backbone"], cfg["stem"], cfg["stem_padding"]).to(device), self.speed)
+        self.model = prepare_model(LpJEPA(cfg["backbone"], cfg["stem"], cfg["stem_padding"], cfg["zero_init_last"]).to(device), self.speed)
         self.probes = OnlineProbes(self.model.feature_dim, self.model.feature_dim, n_classes).to(device)
         self.optimizer = build_optimizer(self.model, cfg, fused=self.speed.fused_optimizer)
         self.probe_optimizer = build_probe_optimizer(self.probes, cfg, fused=self.speed.fused_optimizer)

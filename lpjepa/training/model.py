@@ -80,18 +80,22 @@ def cifar_stem(backbone, padding=1):
     return backbone
 
 
-def create_backbone(backbone_name="resnet18", stem="cifar", stem_padding=1):
+def create_backbone(backbone_name="resnet18", stem="cifar", stem_padding=1, zero_init_last=True):
     """A timm model without its classifier (``num_classes=0``), randomly initialised, with the chosen stem.
 
     ``stem_padding``: the padding of the cifar stem's 3x3 convolution (a deep stem keeps its own).
+    ``zero_init_last``: timm's ResNet initialisation (the last BatchNorm of every residual
+    block starts at 0, the seed's model); False starts it at 1, as torchvision's ResNet,
+    which the official run uses (a ResNet-family model only: others raise TypeError).
     """
     if stem not in STEMS:
         raise ValueError(f"stem must be one of {STEMS}; got {stem!r}")
-    backbone = timm.create_model(backbone_name, pretrained=False, num_classes=0)
+    options = {} if zero_init_last else {"zero_init_last": False}
+    backbone = timm.create_model(backbone_name, pretrained=False, num_classes=0, **options)
     return cifar_stem(backbone, stem_padding) if stem == "cifar" else backbone
 
 
-def check_backbone(backbone_name, stem, image_size, stem_padding=1):
+def check_backbone(backbone_name, stem, image_size, stem_padding=1, zero_init_last=True):
     """Refuse, in one line, a ``--backbone`` timm does not know, a ``--stem`` it cannot take, or an ``--image-size`` it cannot run.
 
     The model is built on the meta device (no memory, no initialisation work) and runs
@@ -105,9 +109,12 @@ def check_backbone(backbone_name, stem, image_size, stem_padding=1):
         raise UsageError(f"argument --backbone: invalid value {backbone_name}: not a timm model; {hint}")
     with torch.device("meta"):
         try:
-            backbone = create_backbone(backbone_name, stem, stem_padding)
+            backbone = create_backbone(backbone_name, stem, stem_padding, zero_init_last)
         except ValueError as error:
             raise UsageError(f"argument --stem: invalid value {stem}: {error}") from None
+        except TypeError:
+            raise UsageError(f"argument --no-zero-init-last: --backbone {backbone_name} is not a timm ResNet-family "
+                             f"model, which alone has that option; drop --no-zero-init-last") from None
         try:
             backbone(torch.empty(CHECK_BATCH, 3, image_size, image_size))
         except Exception as error:  # timm's models raise anything from AssertionError to RuntimeError here
@@ -138,10 +145,10 @@ class LpJEPA(nn.Module):
     h the backbone features, for the probes.
     """
 
-    def __init__(self, backbone_name="resnet18", stem="cifar", stem_padding=1):
+    def __init__(self, backbone_name="resnet18", stem="cifar", stem_padding=1, zero_init_last=True):
         super().__init__()
         # Backbone first, then projector: the seed's order, so the same seed gives the same weights.
-        self.backbone = create_backbone(backbone_name, stem, stem_padding)
+        self.backbone = create_backbone(backbone_name, stem, stem_padding, zero_init_last)
         self.projector = Projector(dim=self.backbone.num_features)
 
     @property
