@@ -264,3 +264,17 @@ def test_no_zero_init_last_on_a_model_without_it_is_one_line(capsys):
     assert stop.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "argument --no-zero-init-last:" in error[0] and "drop --no-zero-init-last" in error[0]
+
+
+def test_sync_batchnorm_converts_on_cuda_only_and_keeps_the_parameters():
+    from lpjepa.training.model import synchronised_batchnorm
+
+    model = LpJEPA("resnet10t", "cifar")
+    params, keys = list(model.parameters()), list(model.state_dict())
+    assert synchronised_batchnorm(model, True, "cpu") is model  # no SyncBatchNorm on the CPU
+    assert synchronised_batchnorm(model, False, "cuda") is model
+    synced = synchronised_batchnorm(model, True, "cuda")  # converting runs anywhere; its forward needs a GPU
+    norms = [m for m in synced.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+    assert [id(p) for p in synced.parameters()] == [id(p) for p in params]
+    assert list(synced.state_dict()) == keys  # checkpoints keep their keys

@@ -31,7 +31,7 @@ from .evaluation import OnlineProbes, evaluate_online
 from .gpu_augment import BatchAugment
 from .guard import NON_FINITE_EXIT_CODE, NonFiniteGuard, NonFiniteLoss, describe
 from .interrupt import StopRequest
-from .model import LpJEPA
+from .model import LpJEPA, synchronised_batchnorm
 from .optim import build_optimizer, build_probe_optimizer, build_probe_scheduler, build_scheduler
 from .runlog import Progress, RunLog, format_summary, refuse_a_used_folder
 from .speed import SpeedSettings, prepare_model
@@ -199,10 +199,7 @@ class TrainState:
         if not env.distributed:
             return
         ids = [self.device.index] if self.device.type == "cuda" else None
-        if self.cfg["sync_batchnorm"] and self.device.type == "cuda":
-            # The same Parameter objects in SyncBatchNorm modules: the optimizer built on them still holds them.
-            # (torch's SyncBatchNorm runs on GPUs only; a CPU run under gloo keeps per-process statistics.)
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model = synchronised_batchnorm(self.model, self.cfg["sync_batchnorm"], self.device)
         self.train_model = DistributedDataParallel(self.model, device_ids=ids)
         self.train_probes = DistributedDataParallel(self.probes, device_ids=ids)
         self.process_group = torch.distributed.group.WORLD

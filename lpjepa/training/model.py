@@ -162,3 +162,15 @@ class LpJEPA(nn.Module):
         h = self.backbone(x)
         z = self.projector(h)
         return (h, z) if with_features else z
+
+
+def synchronised_batchnorm(model, enabled, device):
+    """``model`` with every BatchNorm a ``SyncBatchNorm`` when ``enabled`` and ``device`` is CUDA, else as it is.
+
+    The converted modules hold the same Parameter objects and buffers, so an optimizer
+    built on the model's parameters still steps them. torch's ``SyncBatchNorm`` runs on
+    GPUs only: on the CPU (gloo) each process keeps its own statistics.
+    """
+    if not enabled or torch.device(device).type != "cuda":
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
