@@ -45,7 +45,7 @@ def main(argv=None):
     print(f"backbone ({cfg['backbone']}, {cfg['stem']} stem, epoch {checkpoint['epoch']}): {backbone_file}")
     print(f"projector: {projector_file}")
     print("load the backbone with timm:")
-    print(loading_code(cfg["backbone"], cfg["stem"], backbone_file))
+    print(loading_code(cfg["backbone"], cfg["stem"], backbone_file, cfg.get("stem_padding", 1)))
 
 
 if __name__ == "__main__":

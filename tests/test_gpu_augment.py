@@ -16,10 +16,9 @@ import torchvision.transforms.functional as F
 from conftest import tolerance
 from PIL import Image
 from scipy import stats
-from torchvision.transforms import InterpolationMode
 
 from lpjepa.training import gpu_augment as G
-from lpjepa.training.data import NORMALIZATION, RECIPES, train_transform
+from lpjepa.training.data import INTERPOLATIONS, NORMALIZATION, RECIPES, normalization, train_transform
 
 DRAWS = 4000
 # A distribution test passes above this p-value; its negative control must fall below REJECT.
@@ -123,19 +122,21 @@ def images(n, height=32, width=32, dtype=torch.float32, seed=0):
     return torch.rand(n, 3, height, width, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("height, width, size", [(32, 32, 32), (32, 32, 16), (32, 32, 17), (24, 40, 32), (32, 32, 48)])
-def test_resized_crop_and_flip_match_torchvision(height, width, size, dtype):
+def test_resized_crop_and_flip_match_torchvision(height, width, size, dtype, interpolation):
     n = 9
     x = images(n, height, width, dtype)
     rng = np.random.default_rng(5)
     top, left, h, w = G.draw_crops(rng, n, height, width, (0.08, 1.0), (3 / 4, 4 / 3))
     flip = np.arange(n) % 2 == 1
-    ours = G.resized_crop(x, *(torch.from_numpy(a) for a in (top, left, h, w)), size, torch.from_numpy(flip))
+    ours = G.resized_crop(x, *(torch.from_numpy(a) for a in (top, left, h, w)), size, torch.from_numpy(flip),
+                          interpolation=interpolation)
     expected = []
     for i in range(n):
         view = F.resized_crop(x[i], int(top[i]), int(left[i]), int(h[i]), int(w[i]), [size, size],
-                              InterpolationMode.BILINEAR, antialias=True)
+                              INTERPOLATIONS[interpolation], antialias=True)
         expected.append(F.hflip(view) if flip[i] else view)
     atol, rtol = tolerance(dtype)
     torch.testing.assert_close(ours, torch.stack(expected), atol=atol, rtol=rtol)
@@ -187,7 +188,9 @@ def test_grayscale_solarize_normalize_match_torchvision():
 def torchvision_view(image, params, i, recipe, size, mean, std):
     """One view by torchvision's functional ops with the parameters ``params`` drew for view i."""
     x = F.resized_crop(image, int(params.top[i]), int(params.left[i]), int(params.height[i]), int(params.width[i]),
-                       [size, size], InterpolationMode.BILINEAR, antialias=True)
+                       [size, size], INTERPOLATIONS[recipe["interpolation"]], antialias=True)
+    if torch.is_tensor(x) and recipe["interpolation"] == "bicubic":
+        x = x.clamp(0, 1)  # as PIL's uint8 result is
     if params.flip[i]:
         x = F.hflip(x)
     ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
@@ -211,7 +214,7 @@ def test_whole_batch_matches_torchvision_view_by_view(augmentation, n):
     index = rng.integers(0, len(source), n)
     params = augment.draw(n, 32, 32, rng)
     ours = augment.views(source, index, params)
-    mean, std = NORMALIZATION["cifar100"]
+    mean, std = normalization(augmentation, "cifar100")
     expected = torch.stack([torchvision_view(source[index[i]].float() / 255, params, i, augment.recipe, 32, mean, std)
                             for i in range(n)])
     atol, rtol = tolerance(torch.float32)
@@ -227,7 +230,7 @@ def test_close_to_the_pil_pipeline_on_smooth_images():
     augment = G.BatchAugment("paper", 32, "cifar100")
     params = augment.draw(32, 32, 32, np.random.default_rng(7))
     ours = augment.views(source, np.arange(32), params)
-    mean, std = NORMALIZATION["cifar100"]
+    mean, std = normalization("paper", "cifar100")
     pil = torch.stack([torchvision_view(Image.fromarray(source[i].permute(1, 2, 0).numpy()), params, i, augment.recipe,
                                         32, mean, std) for i in range(32)])
     levels = ((ours - pil) * torch.tensor(std).view(1, 3, 1, 1) * 255).abs()
@@ -246,3 +249,93 @@ def test_same_generator_state_same_views():
     assert torch.equal(views(-1, 0, 3), views(-1, 0, 3))
     assert not torch.equal(views(-1, 0, 3), views(-1, 0, 4))
     assert views(0, 1, 2).shape == (8, 3, 16, 16)
+
+
+# ----------------------------------------------------------------------------- the official recipe: device vs PIL path
+
+
+class _Recorder:
+    """Wraps the PIL pipeline's random choices while it runs, recording each one (restored by ``recording``)."""
+
+    def __init__(self):
+        self.crops, self.jitters, self.counts = [], [], {"grayscale": 0, "solarize": 0, "flip": 0}
+
+    def crop_params(self, original):
+        def get_params(img, scale, ratio):
+            params = original(img, scale, ratio)
+            self.crops.append(params)
+            return params
+        return staticmethod(get_params)
+
+    def jitter_params(self, original):
+        def get_params(brightness, contrast, saturation, hue):
+            params = original(brightness, contrast, saturation, hue)
+            self.jitters.append(params)
+            return params
+        return staticmethod(get_params)
+
+    def counted(self, name, original):
+        def op(*args, **kwargs):
+            self.counts[name] += 1
+            return original(*args, **kwargs)
+        return op
+
+
+def pil_path_draws(views):
+    """The random choices of ``views`` views of the training PIL path under the official recipe, as it runs them.
+
+    ``TwoViewDataset`` over ``train_transform('paper')`` on a 32x32 image: its
+    RandomResizedCrop and ColorJitter parameters, and how often it grayscales, solarises
+    and flips, read by wrapping torchvision's own calls while the real pipeline runs.
+    """
+    from unittest import mock
+
+    from lpjepa.training.data import TwoViewDataset
+
+    recorder = _Recorder()
+    image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    dataset = TwoViewDataset([(image, 0)] * (views // 2), train_transform("paper", 32, "cifar100"), seed=3)
+    with mock.patch.object(T.RandomResizedCrop, "get_params", recorder.crop_params(T.RandomResizedCrop.get_params)), \
+            mock.patch.object(T.ColorJitter, "get_params", recorder.jitter_params(T.ColorJitter.get_params)), \
+            mock.patch.object(F, "rgb_to_grayscale", recorder.counted("grayscale", F.rgb_to_grayscale)), \
+            mock.patch.object(F, "solarize", recorder.counted("solarize", F.solarize)), \
+            mock.patch.object(F, "hflip", recorder.counted("flip", F.hflip)):
+        for index in range(len(dataset)):
+            dataset[index]
+    return recorder
+
+
+def _same_fraction(count_a, n_a, count_b, n_b):
+    """p-value of a chi-square test that two counts out of n come from one probability."""
+    return stats.chi2_contingency([[count_a, n_a - count_a], [count_b, n_b - count_b]]).pvalue
+
+
+def test_device_path_draws_the_pil_paths_distribution_for_the_official_recipe():
+    """Crop area and aspect, jitter factors and frequency, grayscale / solarize / flip fractions: device vs PIL path."""
+    views = DRAWS // 2  # the PIL path runs its whole pipeline per view: half the draws keep this test to seconds
+    pil = pil_path_draws(views)
+    assert len(pil.crops) == views
+    device = G.BatchAugment("paper", 32, "cifar100")
+    ours = device.draw(views, 32, 32, np.random.default_rng(8))
+    assert device.recipe["interpolation"] == "bicubic" and device.mean == normalization("paper", "cifar100")[0]
+
+    pil_crops = np.array(pil.crops, dtype=np.float64)  # (top, left, height, width)
+    pil_area, pil_aspect = pil_crops[:, 2] * pil_crops[:, 3] / 1024, pil_crops[:, 3] / pil_crops[:, 2]
+    our_area, our_aspect = ours.height * ours.width / 1024, ours.width / ours.height
+    assert stats.ks_2samp(our_area, pil_area).pvalue > ACCEPT
+    assert stats.ks_2samp(our_aspect, pil_aspect).pvalue > ACCEPT
+    assert pil_area.min() >= 0.2 * 0.9 and our_area.min() >= 0.2 * 0.9  # scale (0.2, 1), up to rounding to pixels
+
+    jittered = (ours.factors != np.array([1.0, 1.0, 1.0, 0.0])).any(axis=1)
+    assert _same_fraction(int(jittered.sum()), views, len(pil.jitters), views) > ACCEPT
+    pil_factors = np.array([params[1:] for params in pil.jitters])  # brightness, contrast, saturation, hue
+    for op, name in enumerate(("brightness", "contrast", "saturation", "hue")):
+        assert stats.ks_2samp(ours.factors[jittered, op], pil_factors[:, op]).pvalue > ACCEPT, name
+
+    for name, drawn in (("grayscale", ours.grayscale), ("solarize", ours.solarize), ("flip", ours.flip)):
+        assert _same_fraction(int(drawn.sum()), views, pil.counts[name], views) > ACCEPT, name
+
+    # Negative control: the seed recipe's draws (crop scale from 0.08, no grayscale) are told apart.
+    seed = G.BatchAugment("seed", 32, "cifar100").draw(views, 32, 32, np.random.default_rng(9))
+    assert stats.ks_2samp(seed.height * seed.width / 1024, pil_area).pvalue < REJECT
+    assert _same_fraction(int(seed.grayscale.sum()), views, pil.counts["grayscale"], views) < REJECT

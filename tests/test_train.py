@@ -138,28 +138,26 @@ def test_defaults_are_the_seed_and_the_paper_preset_overrides_them():
     assert cfg["epochs"] == 3  # a flag given beats the preset
 
 
-def test_paper_optimizer_is_timm_lars_with_warmup_then_cosine():
-    from timm.optim import Lars
-
+def test_paper_optimizer_is_lars_with_warmup_then_cosine():
     cfg, _ = config(["--preset", "paper", "--epochs", "4", "--warmup-epochs", "1"])
     model = torch.nn.Linear(3, 3)
     optimizer = optim.build_optimizer(model, cfg)
     scheduler = optim.build_scheduler(optimizer, cfg, steps_per_epoch=10)
-    assert isinstance(optimizer, Lars)
-    lrs = []
+    assert isinstance(optimizer, optim.LARS)
+    lrs = [optimizer.param_groups[0]["lr"]]
     for step in range(1, 41):
         scheduler.step_update(step)
         lrs.append(optimizer.param_groups[0]["lr"])
-    assert lrs[4] < lrs[9] == pytest.approx(0.03)  # linear warm-up over the first epoch
+    assert lrs[0] == pytest.approx(3e-5) and lrs[4] < lrs[9] == pytest.approx(0.03)  # linear warm-up over the first epoch
     assert lrs[20] < lrs[10] and lrs[-1] == pytest.approx(0.0, abs=1e-9)  # then cosine to 0
 
 
 def test_loss_family_flags_reach_the_loss():
-    cfg, _ = config(["--target", "dense", "--sigma", "unit-rectified", "--directions", "svd", "--targets", "per-view"])
-    assert (cfg["target"], cfg["sigma"], cfg["directions"], cfg["targets"]) == ("dense", "unit-rectified", "svd", "per-view")
+    cfg, _ = config(["--target-law", "dense", "--sigma", "unit-rectified", "--directions", "svd", "--target-draw", "per-view"])
+    assert (cfg["target_law"], cfg["sigma"], cfg["directions"], cfg["target_draw"]) == ("dense", "unit-rectified", "svd", "per-view")
     assert config(["--sigma", "0.5"])[0]["sigma"] == 0.5
     defaults, _ = config([])
-    assert (defaults["target"], defaults["sigma"], defaults["directions"], defaults["targets"]) == (
+    assert (defaults["target_law"], defaults["sigma"], defaults["directions"], defaults["target_draw"]) == (
         "rectified", "gn", "gaussian", "shared")
     z1, z2 = torch.rand(2, 12, 6).unbind()
     torch.manual_seed(3)
@@ -178,8 +176,8 @@ def test_loss_family_flags_reach_the_loss():
     ("--sigma", "-1", "argument --sigma: must be gn, unit-rectified or a number > 0; got '-1'"),
     ("--sigma", "sigma_RGN", "argument --sigma: must be gn, unit-rectified or a number > 0"),
     ("--directions", "random", "argument --directions: invalid choice: 'random'"),
-    ("--target", "relu", "argument --target: invalid choice: 'relu'"),
-    ("--targets", "each", "argument --targets: invalid choice: 'each'"),
+    ("--target-law", "relu", "argument --target-law: invalid choice: 'relu'"),
+    ("--target-draw", "each", "argument --target-draw: invalid choice: 'each'"),
 ])
 def test_bad_loss_family_flag_is_one_line(flag, value, message, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -208,6 +206,9 @@ def test_run_folder_eval_and_plot(straight_run, tiny_images, capsys):
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     for row in rows:
         for key in runlog.COLUMNS:
+            if key == evaluation.OFFICIAL_TOP1:  # the paper's metric is the official classifier's: not this AdamW probe's
+                assert row[key] == "", key
+                continue
             assert math.isfinite(float(row[key])), key
         assert 0 <= float(row["probe_backbone_top1"]) <= 1 and float(row["prior_zero_fraction"]) == 0.5
     last, final = (load(straight_run / "checkpoints" / name) for name in ("last.pt", "final.pt"))
@@ -235,10 +236,10 @@ def test_run_folder_eval_and_plot(straight_run, tiny_images, capsys):
 
 def test_dense_per_view_svd_run_logs_its_family(tiny_images, tmp_path):
     out = tmp_path / "family"
-    train.main(run_args(tiny_images, out, "--epochs", "1", "--target", "dense", "--sigma", "unit-rectified",
-                        "--directions", "svd-bottom-half", "--targets", "per-view"))
+    train.main(run_args(tiny_images, out, "--epochs", "1", "--target-law", "dense", "--sigma", "unit-rectified",
+                        "--directions", "svd-bottom-half", "--target-draw", "per-view"))
     cfg = json.load(open(out / "config.json"))
-    assert (cfg["target"], cfg["sigma"], cfg["directions"], cfg["targets"]) == (
+    assert (cfg["target_law"], cfg["sigma"], cfg["directions"], cfg["target_draw"]) == (
         "dense", "unit-rectified", "svd-bottom-half", "per-view")
     row, = runlog.MetricsCSV(out / "metrics.csv", runlog.COLUMNS).read()
     assert float(row["prior_zero_fraction"]) == 0.0  # a dense target has no zeros
@@ -392,3 +393,47 @@ def test_progress_off_a_terminal_prints_about_ten_plain_lines():
     lines = stream.getvalue().splitlines()
     assert len(lines) == 10 and "\r" not in stream.getvalue()
     assert lines[-1] == "epoch 1/3 40/40 | loss 1.0000 zeros 50.0%"
+
+
+# ----------------------------------------------------------------------------- --preset paper
+
+
+def paper_args(data, out, *extra):
+    """A tiny --preset paper run on the CIFAR-format folder: 4 images per process, 1 warm-up epoch of 4 steps."""
+    tiny = [a for a in TINY]
+    del tiny[tiny.index("--batch-size"):tiny.index("--batch-size") + 2]
+    return ["--preset", "paper", "--data-dir", data, "--skip-data-check", "--no-download", "--out", str(out),
+            "--epochs", "2", "--warmup-epochs", "1", "--batch-per-device", "4", *tiny, *extra]
+
+
+@pytest.mark.parametrize("data_path", ["--no-device-data", "--device-data"])
+def test_paper_preset_runs_the_official_recipe_on_both_data_paths(data_path, tmp_path, capsys):
+    data = make_cifar100_folder(str(tmp_path / "data"))
+    out = tmp_path / "paper"
+    train.main(paper_args(data, out, data_path))
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["device_data_active"] == (data_path == "--device-data") and cfg["batch_size"] == 4
+    assert (cfg["stem_padding"], cfg["target_draw"], cfg["probe_optimizer"]) == (2, "per-view", "lars")
+    rows = runlog.MetricsCSV(out / "metrics.csv", runlog.COLUMNS).read()
+    scale = 4 / 256  # --lr-scaling linear: the global batch of 4 / 256
+    # After 8 steps of 2 epochs: warm-up over the first 4, cosine over the next 4, which ends at 0.
+    assert float(rows[0]["lr"]) == pytest.approx(0.03 * scale) and float(rows[1]["lr"]) == pytest.approx(0.0, abs=1e-12)
+    for row in rows:  # the paper's metric is the backbone probe, the official classifier
+        assert row[evaluation.OFFICIAL_TOP1] == row["probe_backbone_top1"] != ""
+    assert "online linear top-1" in capsys.readouterr().out
+    last = load(out / "checkpoints" / "last.pt")
+    model_group, = last["optimizer"]["param_groups"]
+    assert (model_group["eta"], model_group["clip_lr"], model_group["exclude_bias_n_norm"], model_group["weight_decay"]) == (
+        0.02, True, True, 1e-4)
+    probe_group, = last["probe_optimizer"]["param_groups"]
+    assert (probe_group["weight_decay"], probe_group["eta"]) == (0.0, 0.02) and probe_group["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_paper_preset_under_torchrun_scales_by_the_processes(tmp_path):
+    data = make_cifar100_folder(str(tmp_path / "data"))
+    out = tmp_path / "paper-ddp"
+    _torchrun_two_cpu_processes(*paper_args(data, out, "--batch-per-device", "2", "--epochs", "1"))
+    cfg = json.load(open(out / "config.json"))
+    assert (cfg["world_size"], cfg["batch_size"], cfg["batch_per_device"]) == (2, 4, 2)
+    row, = runlog.MetricsCSV(out / "metrics.csv", runlog.COLUMNS).read()
+    assert float(row["lr"]) == pytest.approx(0.0, abs=1e-12) and row[evaluation.OFFICIAL_TOP1] != ""

@@ -13,7 +13,7 @@ model       backbone with its stem, and the seed's projector
 loop        ``train(cfg)``: the train state, one step, one epoch, the end of an epoch
 guard       the non-finite-loss guard: a device-side flag per step, read every N steps and before a save
 evaluation  kNN, linear probes, sparsity; online every epoch and offline from a checkpoint
-optim       optimizers and the learning-rate schedule
+optim       optimizers (AdamW, solo-learn's LARS) and the learning-rate schedule (solo-learn's warm-up and cosine)
 interrupt   Ctrl-C / SIGTERM: finish the step, save, exit
 runlog      the run folder: config.json, metrics.csv, TensorBoard, progress, epoch lines
 plot        curves from metrics.csv and eval.json

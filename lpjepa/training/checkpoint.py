@@ -135,15 +135,24 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+# Config keys renamed since older checkpoints were written: old key -> new key (read when resuming or evaluating).
+RENAMED_KEYS = {"target": "target_law", "targets": "target_draw"}
+
+
+def upgrade_config(saved):
+    """A checkpoint's config with its keys under today's names (``RENAMED_KEYS``)."""
+    return {RENAMED_KEYS.get(key, key): value for key, value in saved.items()}
+
+
 def load_model_for_eval(checkpoint, device="auto"):
     """(model in eval mode, config with '_epoch', device) from a checkpoint written by ``lpjepa.train``.
 
     ``checkpoint``: the dict ``load_checkpoint`` returned, or a path (``evaluated_checkpoint_path``'s choice).
     """
     state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(evaluated_checkpoint_path(checkpoint))
-    cfg = dict(state["config"], _epoch=state["epoch"])
+    cfg = dict(upgrade_config(state["config"]), _epoch=state["epoch"])
     dev = torchrun.resolve_device(device)
-    model = LpJEPA(cfg["backbone"], cfg["stem"])
+    model = LpJEPA(cfg["backbone"], cfg["stem"], cfg.get("stem_padding", 1))
     model.load_state_dict(state["model"])
     return model.to(dev).eval(), cfg, dev
 

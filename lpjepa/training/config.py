@@ -10,29 +10,38 @@ import time
 from typing import NamedTuple
 
 from ..loss import DIRECTION_SCHEMES, SIGMA_CONVENTIONS, TARGET_MODES
-from .checkpoint import checkpoint_path, is_final_checkpoint, load_checkpoint
+from .checkpoint import checkpoint_path, is_final_checkpoint, load_checkpoint, upgrade_config
 from .cli import (DEVICE_ALLOWED, ArgumentParser, Rule, UsageError, at_least, check_rules, finite, finite_above, finite_at_least,
                   flag, valid_device)
-from .data import AUGMENTATIONS, DATASETS, check_data_paths
-from .model import STEMS, check_backbone
+from .data import AUGMENTATIONS, DATASETS, augmentation_recipe, check_data_paths
+from .model import STEMS, check_backbone, cifar_stem_layout, feature_width, projector_layout
+from .optim import LARS_EPS, effective_lr, lr_scale
 
 DEFAULTS = {
     "epochs": 100,
     "batch_size": 256,
+    "batch_per_device": None,
     "lr": 1e-3,
+    "lr_scaling": "none",
     "weight_decay": 1e-4,
     "optimizer": "adamw",
+    "momentum": 0.9,
+    "lars_eta": 0.02,
+    "lars_clip": True,
+    "lars_exclude_bias_norm": True,
     "schedule": "constant",
     "warmup_epochs": 0,
+    "warmup_start_lr": 0.0,
+    "min_lr": 0.0,
     "lamb_inv": 25.0,
     "lamb_reg": 125.0,
     "p": 1.0,
     "mu": 0.0,
     "num_projections": 256,
-    "target": "rectified",
+    "target_law": "rectified",
     "sigma": "gn",
     "directions": "gaussian",
-    "targets": "shared",
+    "target_draw": "shared",
     "augmentation": "seed",
     "dataset": "cifar100",
     "data_dir": "./data",
@@ -42,6 +51,9 @@ DEFAULTS = {
     "skip_data_check": False,
     "backbone": "resnet18",
     "stem": "cifar",
+    "stem_padding": 1,
+    "zero_init_last": True,
+    "sync_batchnorm": False,
     "num_workers": min(8, os.cpu_count() or 1),
     "amp": True,
     "amp_dtype": "fp16",
@@ -49,6 +61,7 @@ DEFAULTS = {
     "device": "auto",
     "seed": 0,
     "probe_lr": 1e-3,
+    "probe_optimizer": "adamw",
     "knn_k": 200,
     "knn_t": 0.07,
     "eval_every": 1,
@@ -63,23 +76,51 @@ DEFAULTS = {
     "log_every": 50,
 }
 
-# The published CIFAR-100 recipe (the paper's solo-learn configuration).
+# The official CIFAR-100 run: YilunKuang/rectified-lp-jepa@5ae61ab, scripts/pretrain/cifar/rectified_lpjepa_cifar100.yaml,
+# with the defaults solo-learn fills in (solo/methods/base.py, solo/args/pretrain.py, solo/utils/lars.py in the same
+# repository). docs/training.md tabulates each value with its file; tests/test_train_recipe.py pins them.
 PRESETS = {
     "seed": {},
     "paper": {
+        "epochs": 1000,  # max_epochs
+        "batch_per_device": 256,  # optimizer.batch_size is per device (pretrain.py scales the lr by it x devices)
         "optimizer": "lars",
-        "lr": 0.03,
-        "schedule": "cosine",
-        "warmup_epochs": 10,
-        "epochs": 1000,
-        "num_projections": 8192,
-        "augmentation": "paper",
+        "lr": 0.03,  # optimizer.lr, x (batch per device x devices) / 256 (solo/args/pretrain.py)
+        "lr_scaling": "linear",
+        "weight_decay": 1e-4,
+        "momentum": 0.9,  # solo/args/pretrain.py's default for lars
+        "lars_eta": 0.02,
+        "lars_clip": True,
+        "lars_exclude_bias_norm": True,
+        "schedule": "cosine",  # scheduler.name warmup_cosine, per step (base.py's default interval)
+        "warmup_epochs": 10,  # base.py's default
+        "warmup_start_lr": 3e-5,  # base.py's default
+        "min_lr": 0.0,  # base.py's default
+        "lamb_inv": 25.0,
         "lamb_reg": 250.0,
+        "p": 1.0,
+        "mu": 0.0,
+        "num_projections": 8192,
+        "target_law": "rectified",
+        "sigma": "gn",  # mode_of_sigma sigma_GN
+        "directions": "gaussian",  # projection_vectors_type random
+        "target_draw": "per-view",  # the official loss draws a target inside each view's call
+        "augmentation": "paper",
+        "stem": "cifar",
+        "stem_padding": 2,  # base.py: Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False), no max-pool
+        "zero_init_last": False,  # solo/backbones/resnet: torchvision's resnet18 (zero_init_residual False)
+        "sync_batchnorm": True,
+        "probe_optimizer": "lars",  # the online classifiers sit in the model's LARS optimizer (base.py learnable_params)
+        "probe_lr": 0.01,  # optimizer.classifier_lr, scaled like the lr
+        "amp": True,
+        "amp_dtype": "fp16",  # precision 16-mixed
     },
 }
 
-# --target: the prior's samples rectified (the seed's) or dense (the LpJEPA baseline).
-TARGETS = ("rectified", "dense")
+# --target-law: the prior's samples rectified (the seed's) or dense (the LpJEPA baseline).
+TARGET_LAWS = ("rectified", "dense")
+# --lr-scaling: the learning rates as given, or times the global batch / 256 (solo-learn's linear scaling).
+LR_SCALINGS = ("none", "linear")
 
 
 def sigma_flag(text):
@@ -96,7 +137,7 @@ def sigma_flag(text):
 
 
 # Keys that define the model, the data or the optimizer's state a checkpoint holds; --resume refuses to change them.
-FIXED_ON_RESUME = ("backbone", "stem", "dataset", "image_size", "optimizer")
+FIXED_ON_RESUME = ("backbone", "stem", "stem_padding", "dataset", "image_size", "optimizer", "probe_optimizer")
 
 # BatchNorm (the projector's, the backbone's) needs two images per process to compute a variance.
 MIN_BATCH_PER_PROCESS = 2
@@ -173,9 +214,16 @@ EVALUATION_RULES = (
 FLAG_RULES = (
     Rule("epochs", lambda v, c: isinstance(v, int) and v >= 1 and v > c.epochs_done, _epochs_allowed),
     Rule("batch_size", _batch_ok, _batch_allowed),
+    Rule("batch_per_device", at_least(MIN_BATCH_PER_PROCESS),
+         f"a whole number of images >= {MIN_BATCH_PER_PROCESS} per process (BatchNorm)"),
     Rule("lr", finite_above(0), "a finite learning rate > 0"),
     Rule("weight_decay", finite_at_least(0), "a finite number >= 0"),
+    Rule("momentum", lambda v, c: finite(v) and 0 <= v < 1, "a finite number in [0, 1)"),
+    Rule("lars_eta", finite_above(0), "a finite trust coefficient > 0"),
     Rule("warmup_epochs", _warmup_ok, _warmup_allowed),
+    Rule("warmup_start_lr", finite_at_least(0), "a finite learning rate >= 0"),
+    Rule("min_lr", finite_at_least(0), "a finite learning rate >= 0"),
+    Rule("stem_padding", at_least(0), "a whole number of pixels >= 0"),
     Rule("lamb_inv", finite_at_least(0), "a finite weight >= 0"),
     Rule("lamb_reg", finite_at_least(0), "a finite weight >= 0"),
     Rule("p", finite_above(0), "a finite shape > 0 (1: Laplace, 2: Gaussian)"),
@@ -198,14 +246,16 @@ def world_size_from_env():
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_config(cfg, epochs_done=0):
+def check_config(cfg, epochs_done=0, check_data=True):
     """Refuse, before any work, a config the run cannot use: every flag's rule, then the backbone, then the data paths.
 
-    Raises ``UsageError`` naming the flag, the value and what is allowed.
+    Raises ``UsageError`` naming the flag, the value and what is allowed. ``check_data``
+    False leaves the data paths alone (``--print-config`` reads no data).
     """
     check_rules(cfg, FLAG_RULES, RuleContext(cfg, world_size_from_env(), epochs_done))
-    check_backbone(cfg["backbone"], cfg["stem"], cfg["image_size"])
-    check_data_paths(cfg)
+    check_backbone(cfg["backbone"], cfg["stem"], cfg["image_size"], cfg["stem_padding"], cfg["zero_init_last"])
+    if check_data:
+        check_data_paths(cfg)
 
 
 def build_parser():
@@ -218,15 +268,24 @@ def build_parser():
     )
     # Every default is None here so that a flag given explicitly can be told from a default (for presets and --resume).
     add = parser.add_argument
-    add("--preset", choices=sorted(PRESETS), default=None, help="seed (default: the notebook's recipe) or paper (LARS, cosine, 1000 epochs, 8192 projections, strong augmentation, lamb_reg 250)")
+    add("--preset", choices=sorted(PRESETS), default=None, help="seed (default: the notebook's recipe) or paper (the official CIFAR-100 run: LARS, warm-up and cosine, 1000 epochs, 8192 projections, per-view targets, the official augmentation and online classifier; docs/training.md)")
+    add("--print-config", action="store_true", help="print the resolved configuration (every hyper-parameter the run would use) as JSON and exit, without reading data")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help=f"(default {d['epochs']})")
     g.add_argument("--batch-size", type=int, help=f"global batch, split over the processes (default {d['batch_size']})")
-    g.add_argument("--lr", type=float, help=f"(default {d['lr']})")
+    g.add_argument("--batch-per-device", type=int, help="images per process instead: the global batch is this times the processes (--preset paper: 256)")
+    g.add_argument("--lr", type=float, help=f"base learning rate (default {d['lr']})")
+    g.add_argument("--lr-scaling", choices=LR_SCALINGS, help="none (default): --lr and --probe-lr as given; linear: both times the global batch / 256 (solo-learn's, --preset paper)")
     g.add_argument("--weight-decay", type=float, help=f"(default {d['weight_decay']})")
-    g.add_argument("--optimizer", choices=("adamw", "lars"), help=f"(default {d['optimizer']}; LARS is timm's)")
-    g.add_argument("--schedule", choices=("constant", "cosine"), help=f"learning rate per step (default {d['schedule']}; cosine is timm's)")
+    g.add_argument("--optimizer", choices=("adamw", "lars"), help=f"(default {d['optimizer']}; LARS is solo-learn's: --momentum, --lars-eta, --lars-clip, --lars-exclude-bias-norm)")
+    g.add_argument("--momentum", type=float, help=f"LARS momentum (default {d['momentum']})")
+    g.add_argument("--lars-eta", type=float, help=f"LARS trust coefficient (default {d['lars_eta']})")
+    g.add_argument("--lars-clip", action=argparse.BooleanOptionalAction, help="clip LARS's layer-wise rate at the learning rate (default on)")
+    g.add_argument("--lars-exclude-bias-norm", action=argparse.BooleanOptionalAction, help="no LARS adaptation and no weight decay on biases and norms (1-d parameters; default on)")
+    g.add_argument("--schedule", choices=("constant", "cosine"), help=f"learning rate per step (default {d['schedule']}; cosine: linear warm-up from --warmup-start-lr, then cosine to --min-lr, solo-learn's)")
     g.add_argument("--warmup-epochs", type=int, help="linear warm-up before the cosine (default 0)")
+    g.add_argument("--warmup-start-lr", type=float, help="learning rate of the warm-up's first step (default 0; --preset paper 3e-5)")
+    g.add_argument("--min-lr", type=float, help="learning rate the cosine ends at (default 0)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="mixed precision on CUDA (default on; never on the CPU)")
     g.add_argument("--amp-dtype", choices=("fp16", "bf16"), help="autocast dtype of --amp: fp16 with a GradScaler (default) or bf16 without one")
     g = parser.add_argument_group("loss")
@@ -235,10 +294,10 @@ def build_parser():
     g.add_argument("--p", type=float, help=f"shape of the Generalized Gaussian prior (default {d['p']})")
     g.add_argument("--mu", type=float, help=f"mean shift of the prior; lower gives more zeros (default {d['mu']})")
     g.add_argument("--num-projections", type=int, help=f"random directions of the sliced Wasserstein loss (default {d['num_projections']})")
-    g.add_argument("--target", choices=TARGETS, help="the prior's samples: rectified (default, the seed's) or dense (mu + sigma GN_p, the LpJEPA baseline)")
+    g.add_argument("--target-law", choices=TARGET_LAWS, help="the prior's samples: rectified (default, the seed's) or dense (mu + sigma GN_p, the LpJEPA baseline)")
     g.add_argument("--sigma", type=sigma_flag, metavar="{gn,unit-rectified,NUMBER}", help="the prior's scale: unit variance before the ReLU (gn, default), after it (unit-rectified), or a number")
     g.add_argument("--directions", choices=DIRECTION_SCHEMES, help="how the directions are drawn (default gaussian, the seed's; svd and svd-bottom-half are the official code's)")
-    g.add_argument("--targets", choices=TARGET_MODES, help="one target batch for both views (shared, default) or a fresh one per view (per-view, the official code's)")
+    g.add_argument("--target-draw", choices=TARGET_MODES, help="one target batch for both views (shared, default) or a fresh one per view (per-view, the official code's)")
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, help=f"(default {d['dataset']})")
     g.add_argument("--data-dir", help="CIFAR: the folder holding cifar-100-python/ (or cifar-10-batches-py/); "
@@ -259,8 +318,12 @@ def build_parser():
     g = parser.add_argument_group("model")
     g.add_argument("--backbone", help="any timm model name (default resnet18)")
     g.add_argument("--stem", choices=STEMS, help="cifar (default: 3x3 stride-1 conv, no max-pool) or imagenet (the seed's model exactly)")
+    g.add_argument("--stem-padding", type=int, help="padding of the cifar stem's 3x3 convolution (default 1; --preset paper 2, solo-learn's; a deep stem, as resnet10t's, keeps its own)")
+    g.add_argument("--zero-init-last", action=argparse.BooleanOptionalAction, help="timm's ResNet initialisation, the last BatchNorm of each residual block at 0 (default on, the seed's); --no-zero-init-last: at 1, torchvision's, as the official run (--preset paper)")
+    g.add_argument("--sync-batchnorm", action=argparse.BooleanOptionalAction, help="synchronise BatchNorm statistics over the processes under torchrun on CUDA (default off; --preset paper on)")
     g = parser.add_argument_group("evaluation")
-    g.add_argument("--probe-lr", type=float, help="AdamW lr of the online linear probes (default 1e-3)")
+    g.add_argument("--probe-lr", type=float, help="learning rate of the online linear probes (default 1e-3; --preset paper 0.01, scaled like --lr)")
+    g.add_argument("--probe-optimizer", choices=("adamw", "lars"), help="adamw (default, constant lr) or lars (solo-learn's online classifier: the model's LARS settings and schedule, no weight decay)")
     g.add_argument("--knn-k", type=int, help="neighbours of the kNN classifier (default 200; capped at the smallest class's number of training images, said once at the start)")
     g.add_argument("--knn-t", type=float, help="temperature of the kNN vote weights (default 0.07)")
     g.add_argument("--eval-every", type=int, help="evaluate every N epochs, and after the last (default 1)")
@@ -281,18 +344,66 @@ def resolve_config(args):
     A new run: the defaults, then the preset, then the flags given. With ``--resume``:
     the checkpoint's config, then the flags given, except those in ``FIXED_ON_RESUME``.
     """
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "preset")}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "preset", "print_config")}
     if args.resume:
         cfg, checkpoint = _resumed_config(args.resume, args.preset, given)
         epochs_done = checkpoint["epoch"]
     else:
         cfg, checkpoint, epochs_done = _new_config(args.preset or "seed", given), None, 0
-    check_config(cfg, epochs_done)
+    check_config(cfg, epochs_done, check_data=not getattr(args, "print_config", False))
     return cfg, checkpoint
+
+
+def resolved_recipe(cfg, world_size=None):
+    """Every hyper-parameter a run of ``cfg`` uses, as JSON-ready values (what ``--print-config`` prints).
+
+    ``config``: the run's config itself (what ``config.json`` holds); ``resolved``: what the
+    run derives from it: the processes and the batch per process, the learning rates after
+    ``--lr-scaling``, the optimizers' and the schedule's settings, the augmentation's numbers
+    and normalisation, the model's stem and the online probes. ``world_size``: the number
+    of processes (default: torchrun's ``WORLD_SIZE``, 1 without torchrun).
+    """
+    world_size = world_size_from_env() if world_size is None else world_size
+    recipe = augmentation_recipe(cfg["augmentation"], cfg["dataset"])
+    lars = {"momentum": cfg["momentum"], "eta": cfg["lars_eta"], "clip_lr": cfg["lars_clip"],
+            "exclude_bias_n_norm": cfg["lars_exclude_bias_norm"], "eps": LARS_EPS}
+    optimizer = {"name": cfg["optimizer"], "lr": effective_lr(cfg, "lr"), "weight_decay": cfg["weight_decay"],
+                 **(lars if cfg["optimizer"] == "lars" else {})}
+    probes = {"on": ["backbone features (detached)", "projector outputs (detached)"], "optimizer": cfg["probe_optimizer"],
+              "lr": effective_lr(cfg, "probe_lr"), "weight_decay": 0.0,
+              "schedule": cfg["schedule"] if cfg["probe_optimizer"] == "lars" else "constant",
+              **(lars if cfg["probe_optimizer"] == "lars" else {})}
+    schedule = {"name": cfg["schedule"], "interval": "step"}
+    if cfg["schedule"] == "cosine":
+        schedule.update(warmup_epochs=cfg["warmup_epochs"], warmup_start_lr=cfg["warmup_start_lr"], min_lr=cfg["min_lr"])
+    resolved = {
+        "world_size": world_size,
+        "batch_size": cfg["batch_size"],
+        "batch_per_device": cfg["batch_size"] // world_size,
+        "lr_scale": lr_scale(cfg),
+        "optimizer": optimizer,
+        "schedule": schedule,
+        "probes": probes,
+        "augmentation": {**recipe, "crop_size": cfg["image_size"], "blur_p": 0.0},
+        "stem": {"name": cfg["stem"], **(cifar_stem_layout(cfg["stem_padding"]) if cfg["stem"] == "cifar" else {})},
+        "projector": projector_layout(feature_width(cfg["backbone"])),
+        "residual_bn_init": "zero (timm)" if cfg["zero_init_last"] else "one (torchvision)",
+        # SyncBatchNorm acts under torchrun (more than one process) on CUDA; one process has nothing to synchronise.
+        "sync_batchnorm": {"on": cfg["sync_batchnorm"], "active": bool(cfg["sync_batchnorm"] and world_size > 1)},
+        "precision": f"{cfg['amp_dtype']} mixed on CUDA" if cfg["amp"] else "fp32",
+        "loss": {"lamb_inv": cfg["lamb_inv"], "lamb_reg": cfg["lamb_reg"], "p": cfg["p"], "mu": cfg["mu"],
+                 "sigma": cfg["sigma"], "num_projections": cfg["num_projections"], "target_law": cfg["target_law"],
+                 "target_draw": cfg["target_draw"], "directions": cfg["directions"]},
+    }
+    return {"config": cfg, "resolved": resolved}
 
 
 def _new_config(preset, given):
     cfg = {**DEFAULTS, **PRESETS[preset], **given, "preset": preset}
+    if "batch_size" in given and "batch_per_device" not in given:
+        cfg["batch_per_device"] = None  # a global --batch-size given beats a preset's batch per device
+    if cfg["batch_per_device"] is not None:
+        cfg["batch_size"] = cfg["batch_per_device"] * world_size_from_env()
     if cfg["out"] is None:
         cfg["out"] = os.path.join("runs", f"{cfg['dataset']}-{cfg['backbone']}-{time.strftime('%Y%m%d-%H%M%S')}")
     return cfg
@@ -310,12 +421,17 @@ def _resumed_config(path, preset, given):
             f"training cannot continue from it exactly; resume from the run folder (its checkpoints/last.pt), "
             f"or use this file with python -m lpjepa.eval or python -m lpjepa.export"
         )
-    cfg = {**DEFAULTS, **checkpoint["config"]}  # keys added since the checkpoint was written take their defaults
+    # Keys added since the checkpoint was written take their defaults; renamed ones their new names.
+    cfg = {**DEFAULTS, **upgrade_config(checkpoint["config"])}
     if preset is not None and preset != cfg["preset"]:
         raise UsageError(f"argument --preset: the checkpoint was trained with --preset {cfg['preset']}, not {preset}")
     for key in FIXED_ON_RESUME:
         if key in given and given[key] != cfg[key]:
             raise UsageError(f"argument {flag(key)}: the checkpoint was trained with {cfg[key]}; --resume cannot change it")
+    if "batch_size" in given:
+        given.setdefault("batch_per_device", None)
+    elif "batch_per_device" in given:
+        given["batch_size"] = given["batch_per_device"] * world_size_from_env()
     done = checkpoint["epoch"]
     batches = checkpoint["batches_done"]
     if batches and "batch_size" in given and given["batch_size"] != cfg["batch_size"]:

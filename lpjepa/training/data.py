@@ -29,21 +29,42 @@ NORMALIZATION = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+# The official run's statistics where they differ from the seed's: solo-learn's MEANS_N_STD
+# (YilunKuang/rectified-lp-jepa@5ae61ab, solo/data/pretrain_dataloader.py, build_transform_pipeline).
+OFFICIAL_NORMALIZATION = {"cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
 
 CIFAR_CLASSES = {"cifar100": datasets.CIFAR100, "cifar10": datasets.CIFAR10}
 
 AUGMENTATIONS = ("seed", "paper")
 
 # The numbers of each view augmentation, shared by the PIL pipeline (``train_transform``)
-# and the batched one on tensors (``gpu_augment``): crop scale and aspect ratio, ColorJitter's
-# (brightness, contrast, saturation, hue) strengths and the probabilities of jitter,
-# grayscale, solarize (threshold 128 of 255) and horizontal flip.
+# and the batched one on tensors (``gpu_augment``): crop scale and aspect ratio, the crop's
+# resize filter, ColorJitter's (brightness, contrast, saturation, hue) strengths and the
+# probabilities of jitter, grayscale, solarize (threshold 128 of 255) and horizontal flip,
+# and the normalisation (``normalization``).
+# 'paper' is the official CIFAR-100 run's (scripts/pretrain/cifar/rectified_lpjepa_cifar100.yaml,
+# augmentations; bicubic and the order of the ops from solo/data/pretrain_dataloader.py).
 RECIPES = {
-    "seed": {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "jitter": (0.4, 0.4, 0.4, 0.1), "jitter_p": 1.0,
-             "grayscale_p": 0.0, "solarize_p": 0.0, "solarize_threshold": 128, "flip_p": 0.5},
-    "paper": {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "jitter": (0.4, 0.4, 0.2, 0.1), "jitter_p": 0.8,
-              "grayscale_p": 0.2, "solarize_p": 0.1, "solarize_threshold": 128, "flip_p": 0.5},
+    "seed": {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "interpolation": "bilinear", "jitter": (0.4, 0.4, 0.4, 0.1),
+             "jitter_p": 1.0, "grayscale_p": 0.0, "solarize_p": 0.0, "solarize_threshold": 128, "flip_p": 0.5},
+    "paper": {"scale": (0.2, 1.0), "ratio": (3 / 4, 4 / 3), "interpolation": "bicubic", "jitter": (0.4, 0.4, 0.2, 0.1),
+              "jitter_p": 0.8, "grayscale_p": 0.2, "solarize_p": 0.1, "solarize_threshold": 128, "flip_p": 0.5},
 }
+INTERPOLATIONS = {"bilinear": transforms.InterpolationMode.BILINEAR, "bicubic": transforms.InterpolationMode.BICUBIC}
+
+
+def normalization(augmentation, dataset):
+    """(mean, std) of Normalize for a recipe on a dataset: the official statistics under 'paper', else ``NORMALIZATION``."""
+    if augmentation == "paper" and dataset in OFFICIAL_NORMALIZATION:
+        return OFFICIAL_NORMALIZATION[dataset]
+    return NORMALIZATION[dataset]
+
+
+def augmentation_recipe(augmentation, dataset="cifar100"):
+    """The numbers of a recipe as plain JSON values (tuples as lists), with its normalisation on ``dataset``."""
+    recipe = {k: list(v) if isinstance(v, tuple) else v for k, v in RECIPES[augmentation].items()}
+    mean, std = normalization(augmentation, dataset)
+    return {**recipe, "mean": list(mean), "std": list(std)}
 
 # Stride between the per-sample seeds of successive --seed values. Prime, so that one
 # image gets the same seed under two --seed values only when the dataset's length or
@@ -57,15 +78,16 @@ def train_transform(augmentation="seed", image_size=32, dataset="cifar100"):
     """The view augmentation on PIL images (``RECIPES`` holds its numbers).
 
     'seed': the seed notebook's RandomResizedCrop, flip, ColorJitter(0.4, 0.4, 0.4, 0.1)
-    applied to every view. 'paper': the stronger CIFAR recipe of the paper's codebase
-    (solo-learn): crop scale (0.08, 1), jitter (0.4, 0.4, 0.2, 0.1) with probability
-    0.8, grayscale 0.2, solarize 0.1, flip.
+    applied to every view. 'paper': the official CIFAR-100 run's (solo-learn's pipeline):
+    crop scale (0.2, 1), bicubic, jitter (0.4, 0.4, 0.2, 0.1) with probability 0.8,
+    grayscale 0.2, solarize 0.1, flip, the official normalisation.
     """
     if augmentation not in AUGMENTATIONS:
         raise ValueError(f"augmentation must be one of {AUGMENTATIONS}; got {augmentation!r}")
-    mean, std = NORMALIZATION[dataset]
+    mean, std = normalization(augmentation, dataset)
     r = RECIPES[augmentation]
-    crop = transforms.RandomResizedCrop(image_size, scale=r["scale"], ratio=r["ratio"])
+    crop = transforms.RandomResizedCrop(image_size, scale=r["scale"], ratio=r["ratio"],
+                                        interpolation=INTERPOLATIONS[r["interpolation"]])
     flip = transforms.RandomHorizontalFlip(r["flip_p"])
     jitter = transforms.ColorJitter(*r["jitter"])
     if augmentation == "seed":
@@ -81,9 +103,14 @@ def train_transform(augmentation="seed", image_size=32, dataset="cifar100"):
     return transforms.Compose(ops + [transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
-def eval_transform(image_size=32, dataset="cifar100"):
-    """Deterministic transform for probes and kNN: resize the short side, center-crop, normalize."""
-    mean, std = NORMALIZATION[dataset]
+def eval_transform(image_size=32, dataset="cifar100", augmentation="seed"):
+    """Deterministic transform for probes and kNN: resize the short side, center-crop, normalize as the recipe's training views.
+
+    (The official run's validation loader normalises CIFAR-100 with CIFAR-10's statistics,
+    solo/data/classification_dataloader.py; a mismatch with its own training views that
+    this program does not copy: docs/training.md.)
+    """
+    mean, std = normalization(augmentation, dataset)
     return transforms.Compose(
         [
             transforms.Resize(image_size),
@@ -115,7 +142,10 @@ class TwoViewDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         img, label = self.base_dataset[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.sample_seed(index, epoch))
+            # The CPU generator alone (the transforms draw from it): torch.manual_seed would also
+            # re-seed every CUDA generator, outside what fork_rng restores, and in a process without
+            # CUDA queue that call with a captured stack trace, milliseconds per sample.
+            torch.random.default_generator.manual_seed(self.sample_seed(index, epoch))
             return self.transform(img), self.transform(img), label
 
     def __len__(self):
@@ -350,7 +380,7 @@ def make_loader(dataset, batch_size, *, num_workers, pin_memory, sampler=None, d
 
 def eval_loaders(cfg, train, val, batch_size, pin_memory):
     """Loaders of the train split without augmentation (the kNN bank, the offline probes' data) and of the validation split."""
-    transform = eval_transform(cfg["image_size"], cfg["dataset"])
+    transform = eval_transform(cfg["image_size"], cfg["dataset"], cfg.get("augmentation", "seed"))
     return tuple(
         make_loader(Transformed(split, transform), batch_size, num_workers=cfg["num_workers"], pin_memory=pin_memory)
         for split in (train, val)

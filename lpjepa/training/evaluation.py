@@ -118,10 +118,10 @@ class OnlineProbes(nn.Module):
 def sparsity_metrics(z, cfg):
     """The projector output's sparsity (lpjepa.metrics) next to the prior's predicted zero fraction.
 
-    The prior is the run's (``cfg``: p, mu, sigma, target); a dense target has no zeros.
+    The prior is the run's (``cfg``: p, mu, sigma, target_law); a dense target has no zeros.
     """
     report = metrics.sparsity_report(z)
-    rectify = cfg.get("target", "rectified") == "rectified"
+    rectify = cfg.get("target_law", cfg.get("target", "rectified")) == "rectified"  # "target": a config from before the rename
     return {
         "val_zero_fraction": report["zero_fraction"],
         "val_l0": report["l0"],
@@ -162,6 +162,17 @@ def train_linear_probe(train_x, train_y, num_classes, *, epochs=100, lr=1e-3, we
     return predict
 
 
+# The metrics.csv column of the paper's CIFAR-100 number (its Table 2): the validation top-1 of solo-learn's
+# online linear classifier on the backbone features (val_acc1 in the official run's log). Written only when
+# the backbone probe is that classifier (``is_official_classifier``); empty otherwise.
+OFFICIAL_TOP1 = "online_linear_top1"
+
+
+def is_official_classifier(cfg):
+    """Whether the backbone probe is trained as the official run trains its online classifier (LARS, scaled lr)."""
+    return cfg.get("probe_optimizer") == "lars" and cfg.get("lr_scaling") == "linear"
+
+
 def evaluate_online(model, probes, knn_loader, val_loader, n_classes, device, amp, cfg):
     """Online probe accuracy, kNN on backbone features and sparsity of the projector output, on the validation split."""
     amp_dtype = AMP_DTYPES[cfg.get("amp_dtype", "fp16")]
@@ -171,6 +182,8 @@ def evaluate_online(model, probes, knn_loader, val_loader, n_classes, device, am
     probes.eval()
     result = probes.accuracy(val_h, val_z, val_y)
     probes.train()
+    if is_official_classifier(cfg):
+        result[OFFICIAL_TOP1] = result["probe_backbone_top1"]
     k = capped_knn_k(cfg["knn_k"], train_y)
     result["knn_top1"], result["knn_top5"] = knn_accuracy(
         train_h, train_y, val_h.to(device), val_y.to(device), n_classes, k, cfg["knn_t"]

@@ -52,7 +52,8 @@ def export_checkpoint(checkpoint, out, projector_out=None):
     cfg = checkpoint["config"]
     backbone, projector = _part(checkpoint["model"], "backbone"), _part(checkpoint["model"], "projector")
     metadata = {
-        "format": FORMAT, "backbone": cfg["backbone"], "stem": cfg["stem"], "epoch": str(checkpoint["epoch"]),
+        "format": FORMAT, "backbone": cfg["backbone"], "stem": cfg["stem"],
+        "stem_padding": str(cfg.get("stem_padding", 1)), "epoch": str(checkpoint["epoch"]),
         "feature_dim": str(projector["model.0.weight"].shape[1]), "image_size": str(cfg["image_size"]),
         "dataset": cfg["dataset"],
     }
@@ -80,7 +81,7 @@ def read_metadata(path):
 def load_backbone(path):
     """The exported backbone as a timm model with the stem it was trained with, in eval mode (strict load)."""
     metadata = read_metadata(path)
-    backbone = create_backbone(metadata["backbone"], metadata["stem"])
+    backbone = create_backbone(metadata["backbone"], metadata["stem"], int(metadata.get("stem_padding", "1")))
     backbone.load_state_dict(load_file(path))
     return backbone.eval()
 
@@ -92,18 +93,18 @@ def load_projector(path):
     return projector.eval()
 
 
-def _cifar_stem_lines(backbone_name):
-    """The lines that turn a fresh timm model into ``model.cifar_stem``'s, for the model named."""
+def _cifar_stem_lines(backbone_name, padding=1):
+    """The lines that turn a fresh timm model into ``model.cifar_stem``'s (with ``padding``), for the model named."""
     conv1 = create_backbone(backbone_name, "imagenet").conv1
     if isinstance(conv1, nn.Conv2d):
         bias = conv1.bias is not None
         return [f"backbone.conv1 = torch.nn.Conv2d({conv1.in_channels}, {conv1.out_channels}, kernel_size=3, stride=1, "
-                f"padding=1, bias={bias})"]
+                f"padding={padding}, bias={bias})"]
     first = next(name for name, module in conv1.named_modules() if isinstance(module, nn.Conv2d))
     return [f'backbone.get_submodule("conv1.{first}").stride = (1, 1)']
 
 
-def loading_code(backbone_name, stem, path):
+def loading_code(backbone_name, stem, path, stem_padding=1):
     """Python lines that load the exported backbone file ``path`` with timm, torch and safetensors alone."""
     if stem == "imagenet":
         return "\n".join([
@@ -116,7 +117,7 @@ def loading_code(backbone_name, stem, path):
         "from safetensors.torch import load_file",
         f'backbone = timm.create_model("{backbone_name}", num_classes=0)',
         "# the CIFAR stem the run trained with (timm has no option for it): stride 1, no max-pool",
-        *_cifar_stem_lines(backbone_name),
+        *_cifar_stem_lines(backbone_name, stem_padding),
         "backbone.maxpool = torch.nn.Identity()",
         f'backbone.load_state_dict(load_file("{path}"))',
     ])

@@ -1,7 +1,7 @@
 """The view augmentation of ``data.train_transform``, applied to a whole batch of uint8 image tensors at once.
 
 Per view the same random choices as torchvision's transforms (``RECIPES`` holds the
-numbers): RandomResizedCrop (scale, ratio and position, bilinear with antialiasing),
+numbers): RandomResizedCrop (scale, ratio and position, bilinear or bicubic with antialiasing),
 horizontal flip, ColorJitter (brightness, contrast, saturation and hue factors and the
 random order of the four), RandomGrayscale, RandomSolarize, then Normalize. Each op
 computes what torchvision's functional op computes on a float image in [0, 1]
@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .data import NORMALIZATION, RECIPES
+from .data import RECIPES, normalization
 
 # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma, as PIL's "L" conversion).
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
@@ -194,13 +194,34 @@ def to_device(array, device):
 # ----------------------------------------------------------------------------- the ops on batches
 
 
-def resize_weights(start, length, in_size, out_size, dtype=torch.float32):
-    """(n, out_size, in_size) matrices: row o is output pixel o of a bilinear, antialiased resize of ``[start, start + length)``.
+# The bicubic filter's parameter: PIL's (and torch's antialiased bicubic's) Keys cubic, a = -0.5.
+CUBIC_A = -0.5
 
-    ``start``, ``length``: (n,) tensors, each view's crop along one axis (pixels). The
-    weights are those of torch's ``interpolate(mode='bilinear', antialias=True)``, which
-    torchvision's resize and PIL use: a triangle filter widened by the scale when
-    shrinking, over the crop's pixels only, normalised to sum to 1.
+
+def _triangle(distance):
+    return (1.0 - distance.abs()).clamp_(min=0.0)
+
+
+def _cubic(distance):
+    """Keys' cubic convolution kernel with ``CUBIC_A``: 0 from |x| = 2 on."""
+    x, a = distance.abs(), CUBIC_A
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
+
+
+# The resize filters: the kernel of a distance in input pixels (widened by the scale when shrinking).
+FILTERS = {"bilinear": _triangle, "bicubic": _cubic}
+
+
+def resize_weights(start, length, in_size, out_size, dtype=torch.float32, interpolation="bilinear"):
+    """(n, out_size, in_size) matrices: row o is output pixel o of an antialiased resize of ``[start, start + length)``.
+
+    ``start``, ``length``: (n,) tensors, each view's crop along one axis (pixels).
+    ``interpolation``: 'bilinear' or 'bicubic'. The weights are those of torch's
+    ``interpolate(mode=..., antialias=True)``, which torchvision's resize and PIL use: a
+    triangle (bilinear) or Keys cubic with a = -0.5 (bicubic) filter widened by the scale
+    when shrinking, over the crop's pixels only, normalised to sum to 1.
     """
     start, length = start.to(dtype), length.to(dtype)
     scale = length / out_size
@@ -208,28 +229,30 @@ def resize_weights(start, length, in_size, out_size, dtype=torch.float32):
     center = start[:, None] + scale[:, None] * (torch.arange(out_size, device=start.device, dtype=dtype) + 0.5)
     pixel = torch.arange(in_size, device=start.device, dtype=dtype)
     distance = (pixel + 0.5 - center[:, :, None]) / support[:, None, None]
-    weights = (1.0 - distance.abs()).clamp_(min=0.0)
+    weights = FILTERS[interpolation](distance)
     inside = (pixel >= start[:, None]) & (pixel < (start + length)[:, None])
     weights = weights * inside[:, None, :]
     return weights / weights.sum(dim=2, keepdim=True)
 
 
-def resized_crop(images, top, left, height, width, size, flip=None, value_scale=1.0):
-    """Crop each image to (top, left, height, width), resize it to ``size`` x ``size`` (bilinear, antialiased), flip it.
+def resized_crop(images, top, left, height, width, size, flip=None, value_scale=1.0, interpolation="bilinear"):
+    """Crop each image to (top, left, height, width), resize it to ``size`` x ``size`` (antialiased), flip it.
 
     ``images``: (n, C, H, W) float; the crop arguments (n,) tensors; ``flip``: (n,) bool
-    or None; ``value_scale``: a factor on every value (1 / 255 takes uint8 values to [0, 1]).
+    or None; ``value_scale``: a factor on every value (1 / 255 takes uint8 values to [0, 1]);
+    ``interpolation``: 'bilinear' or 'bicubic' (whose overshoot is left unclamped here).
     Returns (n, C, size, size) in the images' dtype. Each view is
     ``rows @ image @ columns^T``, with the flip folded into the column weights and the
     value scale into the row weights.
     """
     dtype, n = images.dtype, images.shape[0]
     if images.shape[-2] == images.shape[-1]:  # both axes in one call: half the ops
-        both = resize_weights(torch.cat([top, left]), torch.cat([height, width]), images.shape[-1], size, dtype)
+        both = resize_weights(torch.cat([top, left]), torch.cat([height, width]), images.shape[-1], size, dtype,
+                              interpolation)
         rows, columns = both[:n] * value_scale, both[n:]
     else:
-        rows = resize_weights(top, height, images.shape[-2], size, dtype) * value_scale
-        columns = resize_weights(left, width, images.shape[-1], size, dtype)
+        rows = resize_weights(top, height, images.shape[-2], size, dtype, interpolation) * value_scale
+        columns = resize_weights(left, width, images.shape[-1], size, dtype, interpolation)
     if flip is not None:
         columns = torch.where(flip[:, None, None], columns.flip(1), columns)
     return rows[:, None] @ images @ columns[:, None].transpose(-1, -2)
@@ -308,7 +331,7 @@ class BatchAugment:
     def __init__(self, augmentation="seed", image_size=32, dataset="cifar100", dtype=torch.float32):
         self.recipe = RECIPES[augmentation]
         self.size = image_size
-        self.mean, self.std = NORMALIZATION[dataset]
+        self.mean, self.std = normalization(augmentation, dataset)
         self.dtype = dtype
         self.solarize_threshold = self.recipe["solarize_threshold"] / UINT8_MAX
         self._normalization = {}
@@ -326,7 +349,10 @@ class BatchAugment:
         indices = to_device(np.stack([index[order], np.argsort(order)]).astype(np.int64), device)
         x = source.index_select(0, indices[0]).to(self.dtype)
         crop = table[:, CROP_COLUMNS].T
-        x = resized_crop(x, *crop, self.size, flip=table[:, FLIP_COLUMN] > 0, value_scale=1.0 / UINT8_MAX)
+        x = resized_crop(x, *crop, self.size, flip=table[:, FLIP_COLUMN] > 0, value_scale=1.0 / UINT8_MAX,
+                         interpolation=self.recipe["interpolation"])
+        if self.recipe["interpolation"] == "bicubic":
+            x = x.clamp_(0.0, 1.0)  # the PIL path's crop is a uint8 image: the cubic's overshoot is clipped there
         blends = table[:, BLEND_COLUMNS].view(-1, JITTER_OPS, 3)
         for position in range(JITTER_OPS):
             x = blend(x, *blends[:, position].T)

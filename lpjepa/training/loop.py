@@ -31,8 +31,8 @@ from .evaluation import OnlineProbes, evaluate_online
 from .gpu_augment import BatchAugment
 from .guard import NON_FINITE_EXIT_CODE, NonFiniteGuard, NonFiniteLoss, describe
 from .interrupt import StopRequest
-from .model import LpJEPA
-from .optim import build_optimizer, build_probe_optimizer, build_scheduler
+from .model import LpJEPA, synchronised_batchnorm
+from .optim import build_optimizer, build_probe_optimizer, build_probe_scheduler, build_scheduler
 from .runlog import Progress, RunLog, format_summary, refuse_a_used_folder
 from .speed import SpeedSettings, prepare_model
 
@@ -71,8 +71,8 @@ def ssl_loss(z1, z2, cfg, process_group=None):
     """
     return rectified_lpjepa_loss(
         z1, z2, lamb_inv=cfg["lamb_inv"], lamb_reg=cfg["lamb_reg"], p=cfg["p"], mu=cfg["mu"],
-        num_projections=cfg["num_projections"], sigma=cfg["sigma"], rectify=cfg["target"] == "rectified",
-        directions=cfg["directions"], targets=cfg["targets"], process_group=process_group,
+        num_projections=cfg["num_projections"], sigma=cfg["sigma"], rectify=cfg["target_law"] == "rectified",
+        directions=cfg["directions"], targets=cfg["target_draw"], process_group=process_group,
         even_batches=True,  # the training loader drops the last, short batch: every rank steps with local_batch rows
     )
 
@@ -163,12 +163,13 @@ class TrainState:
         self.cfg, self.device = cfg, device
         self.speed = SpeedSettings.resolve(cfg, device)
         self.amp = self.speed.amp
-        self.model = prepare_model(LpJEPA(cfg["backbone"], cfg["stem"]).to(device), self.speed)
+        self.model = prepare_model(LpJEPA(cfg["backbone"], cfg["stem"], cfg["stem_padding"], cfg["zero_init_last"]).to(device), self.speed)
         self.probes = OnlineProbes(self.model.feature_dim, self.model.feature_dim, n_classes).to(device)
         self.optimizer = build_optimizer(self.model, cfg, fused=self.speed.fused_optimizer)
         self.probe_optimizer = build_probe_optimizer(self.probes, cfg, fused=self.speed.fused_optimizer)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.speed.grad_scaling)
         self.scheduler = build_scheduler(self.optimizer, cfg, steps_per_epoch)
+        self.probe_scheduler = build_probe_scheduler(self.probe_optimizer, cfg, steps_per_epoch)
         self.global_step = 0
         self.guard = NonFiniteGuard(device, self.scaler)
         # What a step calls: the modules themselves, or their DDP wrappers after ``distribute``.
@@ -181,18 +182,24 @@ class TrainState:
     def restore(self, checkpoint):
         """Continue from a loaded checkpoint; returns ``(epoch, batches_done, epoch_stats)``, where the run goes on."""
         position = restore_training_state(self, checkpoint, self.device)
-        if self.scheduler is not None:
-            # Not from a saved state: timm's cosine is a function of the step and the config
-            # alone, and a saved state would bring back the old length when --resume changes
-            # --epochs. The new length applies from the current step on.
-            self.scheduler.step_update(self.global_step)
+        # Not from a saved state: the schedule is a function of the step and the config
+        # alone, and a saved state would bring back the old length when --resume changes
+        # --epochs. The new length applies from the current step on.
+        self._schedule()
         return position
+
+    def _schedule(self):
+        """Set the learning rates of the step about to run (``global_step``), when they follow a schedule."""
+        for scheduler in (self.scheduler, self.probe_scheduler):
+            if scheduler is not None:
+                scheduler.step_update(self.global_step)
 
     def distribute(self, env):
         """Under DDP: wrappers that average the gradients over the processes, and the loss over the global batch."""
         if not env.distributed:
             return
         ids = [self.device.index] if self.device.type == "cuda" else None
+        self.model = synchronised_batchnorm(self.model, self.cfg["sync_batchnorm"], self.device)
         self.train_model = DistributedDataParallel(self.model, device_ids=ids)
         self.train_probes = DistributedDataParallel(self.probes, device_ids=ids)
         self.process_group = torch.distributed.group.WORLD
@@ -222,8 +229,6 @@ class TrainState:
         self.scaler.update()
         self.global_step += 1
         self.guard.observe(self.global_step, parts)
-        if self.scheduler is not None:
-            self.scheduler.step_update(self.global_step)
         # A step the grad scaler skips leaves the model as it was; its non-finite features
         # must not reach the probes either (identity on finite values).
         h, z = (torch.nan_to_num(torch.cat(pair).detach(), nan=0.0, posinf=0.0, neginf=0.0) for pair in ((h1, h2), (z1, z2)))
@@ -231,6 +236,7 @@ class TrainState:
         self.probe_optimizer.zero_grad(set_to_none=True)
         probe_loss.backward()
         self.probe_optimizer.step()
+        self._schedule()  # after both steps: the probes' step ran at the same step's learning rate as the model's
         values = [parts.loss, parts.invariance, parts.regularizer, (z1 == 0).float().mean(), probe_loss, *vicreg]
         return torch.stack([v.detach().float() for v in values]), x1.shape[0]
 

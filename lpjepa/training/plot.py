@@ -29,6 +29,8 @@ from .cli import UsageError  # noqa: E402
 FIGURES = {
     "loss": (("loss", "total"), ("invariance", "invariance (unweighted)"), ("regularizer", "RDMReg (unweighted)")),
     "accuracy": (
+        # --preset paper: the official online classifier (the backbone probe itself), the paper's number.
+        ("online_linear_top1", "online linear classifier, top-1 (the paper's Table 2 metric)"),
         ("probe_backbone_top1", "online probe, backbone, top-1"),
         ("probe_backbone_top5", "online probe, backbone, top-5"),
         ("probe_projector_top1", "online probe, projector, top-1"),
