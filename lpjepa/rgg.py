@@ -31,27 +31,24 @@ _TAU_RANGE = (-6.5, 4.0)
 _LOG_X_BEYOND_TAIL = 690.0
 
 
-def resolve_sigma(sigma, p, mu):
+def resolve_sigma(sigma, p, mu=None):
     """The scale a ``sigma`` argument stands for at (p, mu), as a float.
 
     None or 'gn': ``sigma_gn(p)``, unit variance before rectification (the seed's, the
     official code's ``sigma_GN``); 'unit-rectified': ``sigma_for_unit_rectified_variance(p, mu)``,
-    unit variance after it (the official ``sigma_RGN``); a number > 0: itself. The
-    convention names a formula, so a dense target takes the same number.
+    unit variance after it (the official ``sigma_RGN``), which needs mu (a function that
+    solves for mu passes None, and gets an error for that convention); a number > 0:
+    itself. The convention names a formula, so a dense target takes the same number.
     """
     p = check_p(p)
     sigma = check_sigma(sigma)
     if sigma is None or sigma == "gn":
         return sigma_gn(p)
     if sigma == "unit-rectified":
+        if mu is None:
+            raise ValueError("sigma='unit-rectified' depends on mu, which this function solves for; pass a number")
         return sigma_for_unit_rectified_variance(p, check_finite("mu", mu))
     return sigma
-
-
-def _resolve_sigma(p, sigma, mu=None):
-    if mu is None and check_sigma(sigma) == "unit-rectified":
-        raise ValueError("sigma='unit-rectified' depends on mu, which this function solves for; pass a number")
-    return resolve_sigma(sigma, p, mu)
 
 
 # Terms of the series and of the continued fraction past which the incomplete gammas stop (never reached
@@ -190,7 +187,7 @@ def expected_zero_fraction(p, mu, sigma=None, *, rectify=True):
     """
     p = check_p(p)
     mu = check_finite("mu", mu)
-    sigma = _resolve_sigma(p, sigma, mu)
+    sigma = resolve_sigma(sigma, p, mu)
     return gn_cdf(-mu / sigma, p) if rectify else 0.0
 
 
@@ -205,7 +202,7 @@ def mu_for_zero_fraction(q, p, sigma=None):
     ``mu_for_zero_fraction(0.9, p)``. q must lie strictly between 0 and 1.
     """
     p = check_p(p)
-    sigma = _resolve_sigma(p, sigma)
+    sigma = resolve_sigma(sigma, p)
     if not isinstance(q, (int, float)) or not 0.0 < q < 1.0:
         raise ValueError(f"q must be a fraction strictly between 0 and 1; got q={q!r}")
     # expected_zero_fraction = F(-mu/sigma): find the GN_p quantile t = F^-1(q), then mu = -sigma t.
@@ -316,7 +313,7 @@ def rectified_moments(p, mu, sigma=None):
     """
     p = check_p(p)
     mu = check_finite("mu", mu)
-    sigma = _resolve_sigma(p, sigma, mu)
+    sigma = resolve_sigma(sigma, p, mu)
     a = -mu / sigma  # Y > 0 exactly when X > a
     log_scale, (m0, m1, m2) = _tail_excess_moments(abs(a), p)
     if a > 0:
@@ -328,11 +325,6 @@ def rectified_moments(p, mu, sigma=None):
     b, scale = -a, math.exp(log_scale)
     e1, e2 = scale * m1, scale * m2
     return sigma * (b + e1), sigma * sigma * (_gn_variance(p) - e2 - e1 * e1 - 2.0 * b * e1)
-
-
-def rectified_mean(p, mu, sigma=None):
-    """E[ReLU(mu + sigma * X)], X ~ GN_p(0, 1)."""
-    return rectified_moments(p, mu, sigma)[0]
 
 
 def rectified_variance(p, mu, sigma=None):
@@ -367,11 +359,3 @@ def _unit_rectified_sigma(p, mu):
         if hi - lo <= 1e-14 * hi:
             break
     return 0.5 * (lo + hi)
-
-
-def zero_fraction_table(ps=(1.0, 2.0), mus=(-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0)):
-    """A Markdown table of the expected fraction of zeros for each mu (rows) and p (columns)."""
-    header = "| mu | " + " | ".join(f"p = {p:g}" for p in ps) + " |"
-    rule = "|---:|" + "---:|" * len(ps)
-    rows = [f"| {mu:+.1f} | " + " | ".join(f"{expected_zero_fraction(p, mu):.1%}" for p in ps) + " |" for mu in mus]
-    return "\n".join([header, rule, *rows])

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from lpjepa import export as lp_export
 from lpjepa.training.checkpoint import final_checkpoint
-from lpjepa.training.export import export_checkpoint, load_backbone, load_projector, loading_code, read_metadata
-from lpjepa.training.model import LpJEPA
+from lpjepa.training.export import export_checkpoint, load_backbone, loading_code, read_metadata
+from lpjepa.training.model import LpJEPA, Projector
 from test_train import load
 
 IMAGES = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -52,7 +52,9 @@ def test_export_of_a_trained_run_loads_back_with_the_same_features(one_epoch_run
     assert "pretrained=True" not in code and 'get_submodule("conv1.0").stride = (1, 1)' in code  # resnet10t's deep stem
     for backbone in (run_loading_code(code), load_backbone(str(out))):
         torch.testing.assert_close(backbone(IMAGES), h, rtol=0, atol=0)
-    torch.testing.assert_close(load_projector(str(projector_file))(h), z, rtol=0, atol=0)
+    projector = Projector(int(read_metadata(str(projector_file))["feature_dim"]))
+    projector.load_state_dict(load_file(str(projector_file)))  # strict: every weight is in the file, no other
+    torch.testing.assert_close(projector.eval()(h), z, rtol=0, atol=0)
     metadata = read_metadata(str(out))
     assert (metadata["backbone"], metadata["stem"], metadata["epoch"], metadata["part"]) == ("resnet10t", "cifar", "1", "backbone")
     assert not any(key.startswith(("backbone.", "projector.")) for key in load_file(str(out)))

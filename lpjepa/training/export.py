@@ -24,7 +24,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .model import Projector, create_backbone
+from .model import create_backbone
 
 FORMAT = "lpjepa-export"
 SUFFIX = ".safetensors"
@@ -84,13 +84,6 @@ def load_backbone(path):
     backbone = create_backbone(metadata["backbone"], metadata["stem"], int(metadata.get("stem_padding", "1")))
     backbone.load_state_dict(load_file(path))
     return backbone.eval()
-
-
-def load_projector(path):
-    """The exported projector (``lpjepa.training.model.Projector``), in eval mode (strict load)."""
-    projector = Projector(int(read_metadata(path)["feature_dim"]))
-    projector.load_state_dict(load_file(path))
-    return projector.eval()
 
 
 def _cifar_stem_lines(backbone_name, padding=1):
