@@ -41,7 +41,6 @@ bodies run as registered ``torch.library`` ops with the same backward
 (``lpjepa.ops.compiled``; on a GPU the Triton ones are ``triton_op``s, so that Inductor sees
 the kernels themselves).
 """
-import contextlib
 import os
 from typing import NamedTuple
 
@@ -60,13 +59,6 @@ def compute_dtype(*tensors):
 def _as(tensor, dtype):
     """``tensor.to(dtype)`` without the dispatcher's cost when it already is (every step's usual case)."""
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
-
-
-def _autocast_off(device_type):
-    """A context with autocast off on ``device_type``; free when autocast is off already (the usual case)."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 # --- The torch body --------------------------------------------------------------------------
@@ -291,85 +283,101 @@ class SlicedWasserstein(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, body, gather, need_target_residual, target, directions, *views):
-        first = views[0]
-        count = len(views)
-        with _autocast_off(first.device.type):
-            if body.triton:
-                operand = triton_operand_dtype(first)
-            else:
-                operand = compute_dtype(*views, target, directions)
-            # One process, shared directions, a target of the views' rows: one projection for all.
-            together = gather is None and directions.dim() == 2 and target.shape[-2] == first.shape[0]
-            if together and body.triton and target.dim() == 2:  # the common step, in the fewest calls
-                x = torch.stack([_as(source, operand) for source in (*views, target)])
-                proj, proj_t = triton_project(x, _as(directions, operand),
-                                              torch.backends.cuda.matmul.allow_tf32).split_with_sizes((count, 1))
-            else:
-                view_rows = [_as(view, operand)[None] for view in views] if body.triton else [view[None] for view in views]
-                targets = target if target.dim() == 3 else target[None]
-                if directions.dim() == 3 and targets.shape[0] == 1:
-                    targets = targets.expand(directions.shape[0], -1, -1)
-                if body.triton:
-                    targets = _as(targets, operand)
-                if together:
-                    proj, proj_t = body.project(view_rows + [targets], directions, operand).split_with_sizes(
-                        (count, targets.shape[0]))
-                else:
-                    local = view_rows
-                    if gather is not None and gather.features:
-                        local = [gather.all_gather(torch.cat(view_rows), 1)]
-                    proj = body.project(local, directions, operand)
-                    if gather is not None and not gather.features:
-                        proj = gather.all_gather(proj, 2)
-                    proj_t = body.project([targets], directions, operand)
-            # The residuals come back as the loss's gradient in the projections: times 2 / numel
-            # (and this rank's gradient factor), so the backward only multiplies by grad_loss.
-            scale = 2.0 * (1 if gather is None else gather.scale) / proj.numel()
-            loss, residual, residual_t = body.sort_residual(proj, proj_t, need_target_residual, scale)
-            if gather is not None:
-                residual = residual[:, :, gather.rows]
-        ctx.backward_operand = operand
-        if body.triton and operand == torch.bfloat16:  # bf16 below sm_80 multiplies fp32 copies
-            ctx.backward_operand = _triton_backward_operand_dtype(operand, first.device)
-        ctx.view_dtypes = [view.dtype for view in views]
-        ctx.target_shape, ctx.target_dtype = target.shape, target.dtype
-        ctx.need_target_residual = need_target_residual
-        saved_target = target if need_target_residual else None
-        ctx.save_for_backward(residual, residual_t, directions, saved_target, *(views if directions.requires_grad else ()))
-        return loss
+        device_type = views[0].device.type
+        if torch.is_autocast_enabled(device_type):  # checked, not entered: a with block costs every step
+            with torch.autocast(device_type, enabled=False):
+                return _forward(ctx, body, gather, need_target_residual, target, directions, views)
+        return _forward(ctx, body, gather, need_target_residual, target, directions, views)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        residual, residual_t, directions, target, *views = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        need_views, need_target, need_directions = any(needs[5:]), needs[3] and ctx.need_target_residual, needs[4]
-        with _autocast_off(residual.device.type):
-            grad_loss = _as(grad_loss, residual.dtype)
-            operand = ctx.backward_operand
-            grad_residual = residual * grad_loss
-            x = torch.stack([_as(view, operand) for view in views]) if need_directions else None
-            grad_x, grad_directions = project_backward(grad_residual, x, directions, operand, need_views,
-                                                       need_directions)
-            grad_target = None
-            if need_target or (need_directions and ctx.need_target_residual):
-                grad_t = residual_t * grad_loss
-                targets = target if target.dim() == 3 else target[None]
-                if directions.dim() == 3 and targets.shape[0] == 1:
-                    targets = targets.expand(directions.shape[0], -1, -1)
-                grad_t_rows, grad_directions_t = project_backward(grad_t, targets, directions, operand, need_target,
-                                                                  need_directions)
-                if need_target:
-                    grad_target = grad_t_rows.sum(0) if len(ctx.target_shape) == 2 else grad_t_rows
-                    grad_target = grad_target.to(ctx.target_dtype)
-                if need_directions:
-                    grad_directions = grad_directions + grad_directions_t
-            if grad_directions is not None:
-                grad_directions = grad_directions.to(directions.dtype)
-            view_grads = [None] * len(ctx.view_dtypes)
-            if need_views:
-                view_grads = [_as(grad, dtype) if needs[5 + v] else None
-                              for v, (grad, dtype) in enumerate(zip(grad_x.unbind(0), ctx.view_dtypes))]
-        return (None, None, None, grad_target, grad_directions, *view_grads)
+        device_type = grad_loss.device.type
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return _backward(ctx, grad_loss)
+        return _backward(ctx, grad_loss)
+
+
+def _forward(ctx, body, gather, need_target_residual, target, directions, views):
+    """``SlicedWasserstein.forward`` with autocast off."""
+    first = views[0]
+    count = len(views)
+    if body.triton:
+        operand = triton_operand_dtype(first)
+    else:
+        operand = compute_dtype(*views, target, directions)
+    # One process, shared directions, a target of the views' rows: one projection for all.
+    together = gather is None and directions.dim() == 2 and target.shape[-2] == first.shape[0]
+    if together and body.triton and target.dim() == 2:  # the common step, in the fewest calls
+        x = torch.stack([_as(source, operand) for source in (*views, target)])
+        proj, proj_t = triton_project(x, _as(directions, operand),
+                                      torch.backends.cuda.matmul.allow_tf32).split_with_sizes((count, 1))
+    else:
+        view_rows = [_as(view, operand)[None] for view in views] if body.triton else [view[None] for view in views]
+        targets = target if target.dim() == 3 else target[None]
+        if directions.dim() == 3 and targets.shape[0] == 1:
+            targets = targets.expand(directions.shape[0], -1, -1)
+        if body.triton:
+            targets = _as(targets, operand)
+        if together:
+            proj, proj_t = body.project(view_rows + [targets], directions, operand).split_with_sizes(
+                (count, targets.shape[0]))
+        else:
+            local = view_rows
+            if gather is not None and gather.features:
+                local = [gather.all_gather(torch.cat(view_rows), 1)]
+            proj = body.project(local, directions, operand)
+            if gather is not None and not gather.features:
+                proj = gather.all_gather(proj, 2)
+            proj_t = body.project([targets], directions, operand)
+    # The residuals come back as the loss's gradient in the projections: times 2 / numel
+    # (and this rank's gradient factor), so the backward only multiplies by grad_loss.
+    scale = 2.0 * (1 if gather is None else gather.scale) / proj.numel()
+    loss, residual, residual_t = body.sort_residual(proj, proj_t, need_target_residual, scale)
+    if gather is not None:
+        residual = residual[:, :, gather.rows]
+    ctx.backward_operand = operand
+    if body.triton and operand == torch.bfloat16:  # bf16 below sm_80 multiplies fp32 copies
+        ctx.backward_operand = _triton_backward_operand_dtype(operand, first.device)
+    ctx.view_dtypes = [view.dtype for view in views]
+    ctx.target_shape, ctx.target_dtype = target.shape, target.dtype
+    ctx.need_target_residual = need_target_residual
+    saved_target = target if need_target_residual else None
+    ctx.save_for_backward(residual, residual_t, directions, saved_target, *(views if directions.requires_grad else ()))
+    return loss
+
+
+def _backward(ctx, grad_loss):
+    """``SlicedWasserstein.backward`` with autocast off."""
+    residual, residual_t, directions, target, *views = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    need_views, need_target, need_directions = any(needs[5:]), needs[3] and ctx.need_target_residual, needs[4]
+    grad_loss = _as(grad_loss, residual.dtype)
+    operand = ctx.backward_operand
+    grad_residual = residual * grad_loss
+    x = torch.stack([_as(view, operand) for view in views]) if need_directions else None
+    grad_x, grad_directions = project_backward(grad_residual, x, directions, operand, need_views,
+                                               need_directions)
+    grad_target = None
+    if need_target or (need_directions and ctx.need_target_residual):
+        grad_t = residual_t * grad_loss
+        targets = target if target.dim() == 3 else target[None]
+        if directions.dim() == 3 and targets.shape[0] == 1:
+            targets = targets.expand(directions.shape[0], -1, -1)
+        grad_t_rows, grad_directions_t = project_backward(grad_t, targets, directions, operand, need_target,
+                                                          need_directions)
+        if need_target:
+            grad_target = grad_t_rows.sum(0) if len(ctx.target_shape) == 2 else grad_t_rows
+            grad_target = grad_target.to(ctx.target_dtype)
+        if need_directions:
+            grad_directions = grad_directions + grad_directions_t
+    if grad_directions is not None:
+        grad_directions = grad_directions.to(directions.dtype)
+    view_grads = [None] * len(ctx.view_dtypes)
+    if need_views:
+        view_grads = [_as(grad, dtype) if needs[5 + v] else None
+                      for v, (grad, dtype) in enumerate(zip(grad_x.unbind(0), ctx.view_dtypes))]
+    return (None, None, None, grad_target, grad_directions, *view_grads)
 
 
 # --- What the API calls -------------------------------------------------------------------------
