@@ -72,7 +72,9 @@ def sorted_projections(x, projections, dtype=None):
     direction-major so each sort runs over contiguous memory.
     """
     dtype = compute_dtype(x, projections) if dtype is None else dtype
-    return sort_rows(projections.to(dtype) @ x.to(dtype).T)
+    # Outside autocast, or a CPU bf16 autocast hands numpy's sort a bf16 matrix it cannot read.
+    with torch.autocast(x.device.type, enabled=False):
+        return sort_rows(projections.to(dtype) @ x.to(dtype).T)
 
 
 def residual_in_batch_order(proj, quantiles, out=None):
