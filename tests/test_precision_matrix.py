@@ -18,6 +18,7 @@ backends.
 """
 import contextlib
 import itertools
+import os
 
 import pytest
 import torch
@@ -174,6 +175,9 @@ def check_cell(entry, dtype, autocast_dtype, device, backend):
             if target is None:
                 target = _target(count, rows, dim, targets, device, replay, backend)
             projections = _directions(views, directions, replay)
+        if backend == "triton" and dtype in (torch.float16, torch.bfloat16):
+            # The Triton backend projects in the features' precision: these roundings are what it used.
+            target, projections = target.to(dtype), projections.to(dtype)
         reference_leaves = [v.detach().double().requires_grad_() for v in views]
         expected = _reference_value(entry, reference_leaves, target, projections)
         expected.backward()
@@ -255,3 +259,16 @@ def test_every_entry_point_under_every_precision_on_cuda(entry, dtype, autocast,
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sample_rgg_under_every_precision_on_cuda(dtype, autocast, backend):
     check_sampler_cell(DTYPES[dtype], AUTOCASTS[autocast], "cuda", backend)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter (the CUDA tests run it)")
+@pytest.mark.parametrize("dtype,autocast", [(torch.float16, torch.bfloat16), (torch.float32, torch.float16)])
+def test_the_triton_backend_under_an_autocast_of_another_dtype_on_the_interpreter(dtype, autocast):
+    """fp16 views under a bf16 autocast once raised in torch.stack (autocast's promotion knows no mixed halves)."""
+    views = _views(2, 5, 4, dtype, torch.device("cpu"), seed=0)
+    target = lpjepa.sample_rgg((5, 4), generator=torch.Generator().manual_seed(1))
+    projections = direction_ops.random_projections(4, 4, generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", autocast):
+        ours = lpjepa.RDMReg(num_projections=4, backend="triton")(*views, target=target, projections=projections)
+    expected = _reference_value("RDMReg", [v.double() for v in views], target.to(dtype), projections.to(dtype))
+    torch.testing.assert_close(ours.double(), expected, **dict(zip(("atol", "rtol"), tolerance(torch.float16))))

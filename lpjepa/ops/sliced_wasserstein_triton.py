@@ -218,9 +218,12 @@ def views_loss(views, target, projections):
     Projection operands are the first view's dtype (see the module doc).
     """
     dtype = operand_dtype(views[0])
-    projections = projections.to(dtype)  # once, for both projections below
-    stacked = torch.stack([view.to(dtype) for view in views]) if len(views) > 1 else views[0].to(dtype)[None]
-    proj = project(stacked, projections, dtype)
-    targets = target.to(dtype) if target.dim() == 3 else target.to(dtype)[None]
-    proj_t = project(targets, projections, dtype)
-    return projected_sliced_wasserstein(proj, proj_t)
+    # Autocast off: torch.stack is one of its promoting ops, and fp16 views under a bf16 autocast
+    # (or bf16 under fp16) raise "Unexpected floating ScalarType in at::autocast::prioritize".
+    with torch.autocast(views[0].device.type, enabled=False):
+        projections = projections.to(dtype)  # once, for both projections below
+        stacked = torch.stack([view.to(dtype) for view in views]) if len(views) > 1 else views[0].to(dtype)[None]
+        proj = project(stacked, projections, dtype)
+        targets = target.to(dtype) if target.dim() == 3 else target.to(dtype)[None]
+        proj_t = project(targets, projections, dtype)
+        return projected_sliced_wasserstein(proj, proj_t)
