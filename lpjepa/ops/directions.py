@@ -134,17 +134,21 @@ def canonical_singular_vectors(vh, singular_values, rows, noise=0.0):
 
 
 def _completion(rows, count):
-    """``count`` orthonormal (D,) vectors orthogonal to the orthonormal ``rows`` (k, D), chosen deterministically."""
-    dim = rows.shape[1]
-    complement = torch.eye(dim, dtype=rows.dtype, device=rows.device) - rows.T @ rows  # projector, (D, D)
+    """``count`` orthonormal (D,) vectors orthogonal to the orthonormal ``rows`` (k, D), chosen deterministically.
+
+    Without forming the D x D projector onto the complement: its diagonal is 1 minus the columns'
+    squared norms, and its column at axis i is e_i minus the rows' combination, O(k D) per vector.
+    """
+    basis = rows
     chosen = []
     for _ in range(count):
         # The axis with the largest component left: its column of the projector has norm sqrt(diagonal).
-        axis = complement.diagonal().argmax().reshape(1)
-        column = complement.index_select(1, axis)[:, 0]
+        axis = (1.0 - basis.square().sum(dim=0)).argmax().reshape(1)
+        column = -(basis.T @ basis.index_select(1, axis)[:, 0])
+        column.index_add_(0, axis, torch.ones(1, dtype=column.dtype, device=column.device))
         vector = column / column.norm()
-        complement = complement - torch.outer(vector, vector)
         chosen.append(vector)
+        basis = torch.cat([basis, vector[None]])
     return torch.stack(chosen)
 
 
