@@ -37,7 +37,7 @@ setup(
         ],
     },
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scipy", "mpmath"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "mpmath", "POT"],
         "tensorboard": ["tensorboard"],  # TensorBoard events in the run folder; without it, metrics.csv alone
     },
 )

@@ -136,6 +136,69 @@ def check_loss_inputs(z, target, projections=None, *, target_name="target_sample
                 )
 
 
+def _holds_views(value):
+    """Whether ``value`` is several views in one argument: a list or tuple, or a (V, N, D) stack."""
+    return isinstance(value, (list, tuple)) or (isinstance(value, torch.Tensor) and value.dim() == 3)
+
+
+def _describe_views(value):
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__} of {len(value)}"
+
+
+def unpack_views(views, caller="rdmreg"):
+    """The views of a call, as a tuple of (N, D) tensors (not yet validated).
+
+    ``views``: the positional arguments, either the views unpacked, ``caller(z1, z2)``, or one list /
+    tuple of them or one (V, N, D) stack (Lightly's collate gives a list, its JEPA losses take stacks),
+    ``caller([z1, z2])``. A stack is unbound along its first dimension, so the gradient reaches it.
+    """
+    if len(views) == 1 and _holds_views(views[0]):
+        only = views[0]
+        return tuple(only.unbind(0)) if isinstance(only, torch.Tensor) else tuple(only)
+    if len(views) == 1 and isinstance(views[0], torch.Tensor) and views[0].dim() != 2:
+        raise ValueError(
+            f"{caller} takes (N, D) views or one (V, N, D) stack of them; got a tensor of shape "
+            f"{tuple(views[0].shape)}. Flatten the features first, e.g. z.flatten(1)."
+        )
+    for i, view in enumerate(views):
+        if _holds_views(view):
+            raise ValueError(
+                f"{caller} takes the views either unpacked, {caller}(z1, z2), or as one list or (V, N, D) stack, "
+                f"{caller}([z1, z2]); views[{i}] is {_describe_views(view)} beside other arguments"
+            )
+    return tuple(views)
+
+
+def two_views(first, second, names=("z_a", "z_b")):
+    """The objective's two (N, D) views, from ``(first, second)`` or from ``first`` alone holding both.
+
+    ``first`` alone may be a list or tuple of two views or a (2, N, D) stack (``second`` None).
+    """
+    a, b = names
+    if second is None:
+        if not _holds_views(first):
+            raise ValueError(
+                f"{b} is missing: pass two (N, D) views, ({a}, {b}), or {a} alone as a list of 2 views or a "
+                f"(2, N, D) stack"
+            )
+        views = tuple(first.unbind(0)) if isinstance(first, torch.Tensor) else tuple(first)
+        if len(views) != 2:
+            raise ValueError(
+                f"the objective compares two views; {a} holds {len(views)} ({_describe_views(first)}). "
+                f"Pass 2, e.g. {a}[:2], or use RDMReg for the regularizer of any number of views."
+            )
+        return views
+    for name, value in ((a, first), (b, second)):
+        if _holds_views(value):
+            raise ValueError(
+                f"{name} must be one (N, D) view when {b} is given; got {_describe_views(value)}. "
+                f"Pass ({a}, {b}), or {a} alone as a list of 2 views or a (2, N, D) stack."
+            )
+    return first, second
+
+
 def check_views(views):
     """RDMReg's views: at least one, floating tensors of one shape."""
     if not views:

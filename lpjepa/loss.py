@@ -210,13 +210,15 @@ class RDMReg(nn.Module):
         return draw() if self.targets == "shared" else torch.stack([draw() for _ in range(num_views)])
 
     def forward(self, *views, target=None, projections=None, generator=None):
-        """views: (B, D) tensors. Optional ``target`` and ``projections`` fix the randomness.
+        """views: (B, D) tensors, or one list / tuple of them, or one (V, B, D) stack (the same value).
 
+        Optional ``target`` and ``projections`` fix the randomness.
         target: (B, D), or (V, B, D) one per view; projections: (K, D), or (V, K, D) one
         set per view. Under torch.distributed the views are the local (b, D) rows and the
         target, if given, is global (the sum of the ranks' b rows), the same on every rank.
         The target is drawn first, then the directions, from one generator.
         """
+        views = _checks.unpack_views(views, "RDMReg")
         _checks.check_views(views)
         first = views[0]
         group = distributed.resolve_process_group(self.process_group)
@@ -256,7 +258,7 @@ class LossParts(NamedTuple):
 
 def rectified_lpjepa_loss(
     z1,
-    z2,
+    z2=None,
     *,
     lamb_inv=25.0,
     lamb_reg=125.0,
@@ -277,7 +279,8 @@ def rectified_lpjepa_loss(
 ):
     """The full objective: lamb_inv * MSE(z1, z2) + lamb_reg * RDMReg(z1, z2).
 
-    z1, z2: (B, D) projector outputs of two views. Defaults are the seed's (Table 1
+    z1, z2: (B, D) projector outputs of two views; or z1 alone, a list / tuple of the two
+    or a (2, B, D) stack, as Lightly's collate and JEPA losses hold them. Defaults are the seed's (Table 1
     weights, p = 1, mu = 0, 256 projections, sigma 'gn', a rectified target shared by
     the views, Gaussian directions); ``sigma``, ``rectify``, ``directions`` and
     ``targets`` as in ``RDMReg``. Returns ``LossParts(loss, invariance, regularizer)``
@@ -293,6 +296,7 @@ def rectified_lpjepa_loss(
     ``scale_grad_by_world_size`` for both terms (see ``lpjepa.distributed``);
     ``even_batches`` as in ``RDMReg``.
     """
+    z1, z2 = _checks.two_views(z1, z2, ("z1", "z2"))
     group = distributed.resolve_process_group(process_group)
     rdmreg = RDMReg(
         p, mu, num_projections, sigma, backend, process_group=group, scale_grad_by_world_size=scale_grad_by_world_size,
@@ -327,7 +331,8 @@ class RectifiedLpJEPALoss(nn.Module):
 
     For Lightly users, this is the RDMReg objective in the shape of Lightly's losses: named
     method + "Loss" like ``VICRegLoss``, its forward takes the two views' (B, D) projector
-    outputs and returns one 0-dim tensor, lamb_inv * MSE(z_a, z_b) + lamb_reg *
+    outputs (or, with ``z_b`` omitted, ``z_a`` as a list / tuple of the two, as Lightly's
+    collate gives them, or a (2, B, D) stack, as its JEPA losses take them) and returns one 0-dim tensor, lamb_inv * MSE(z_a, z_b) + lamb_reg *
     RDMReg(z_a, z_b), in the loss's compute dtype (float32; float64 for float64 inputs).
     ``forward_components`` returns ``LossParts(loss, invariance, regularizer)`` instead. It
     is ``rectified_lpjepa_loss`` (the same defaults: the seed's) holding its options and,
@@ -343,9 +348,11 @@ class RectifiedLpJEPALoss(nn.Module):
     as one process would on the whole batch, with targets and directions drawn alike on
     every rank from ``self.rdmreg.seed_stream`` (a fresh draw per call). The local backward
     is then scaled by the world size, so that DDP's gradient averaging yields exactly the
-    single-process gradient (not 1/world size of it). True needs ``torch.distributed``
-    initialized by the first call (not at construction: a training framework may build the
-    loss before it starts the processes). ``even_batches=True`` says every rank passes as
+    single-process gradient (not 1/world size of it). As in Lightly's losses, True without an
+    initialized process group (one process, or a call before ``init_process_group``) computes
+    the local loss, the same as False, so that one script runs unchanged on one GPU and on
+    many; only a torch build without ``torch.distributed`` (``torch.distributed.is_available()``
+    False) makes True an error, a ValueError at construction. ``even_batches=True`` says every rank passes as
     many rows as this one and skips the per-call gather of the batch sizes (``RDMReg``).
     """
 
@@ -390,23 +397,24 @@ class RectifiedLpJEPALoss(nn.Module):
     def extra_repr(self):
         return f"lamb_inv={self.lamb_inv}, lamb_reg={self.lamb_reg}, gather_distributed={self.gather_distributed}"
 
-    def forward(self, z_a, z_b, *, target=None, projections=None, generator=None):
-        """The loss: a 0-dim tensor. z_a, z_b: (B, D) views; the keywords as in ``forward_components``."""
+    def forward(self, z_a, z_b=None, *, target=None, projections=None, generator=None):
+        """The loss: a 0-dim tensor. z_a, z_b: (B, D) views (or z_a alone: a list of 2 or a (2, B, D) stack).
+
+        The keywords as in ``forward_components``."""
         return self.forward_components(z_a, z_b, target=target, projections=projections, generator=generator).loss
 
-    def forward_components(self, z_a, z_b, *, target=None, projections=None, generator=None):
+    def forward_components(self, z_a, z_b=None, *, target=None, projections=None, generator=None):
         """``LossParts(loss, invariance, regularizer)`` of the two (B, D) views z_a, z_b.
+
+        With ``z_b`` omitted, ``z_a`` holds both: a list or tuple of two (B, D) views or a
+        (2, B, D) stack (the same value as the views unpacked).
 
         Optional ``target`` ((B, D), or (2, B, D) per view), ``projections`` ((K, D) or
         (2, K, D)) and ``generator`` fix the randomness, as in ``rectified_lpjepa_loss``;
         with ``gather_distributed=True`` the views are this rank's rows and a given target
         is the global batch's, the same on every rank.
         """
-        if self.gather_distributed and not torch.distributed.is_initialized():
-            raise ValueError(
-                "gather_distributed=True needs torch.distributed to be initialized before the loss is called; "
-                "call torch.distributed.init_process_group first (torchrun and DDP launchers do), "
-                "or pass gather_distributed=False for the local loss."
-            )
+        z_a, z_b = _checks.two_views(z_a, z_b)
+        # gather_distributed without an initialized process group: 'auto' resolves to None, the local loss.
         group = distributed.resolve_process_group(self.rdmreg.process_group)
         return _objective(self.rdmreg, group, z_a, z_b, self.lamb_inv, self.lamb_reg, target, projections, generator)

@@ -89,10 +89,13 @@ def test_svd_directions_against_the_batchs_svd(batch, dim, num_projections, sche
     assert ours.shape == (2, num_projections, dim)
     for v, view in enumerate(views):
         vh_torch, vh_numpy, values = _centred_svd(view)
-        torch.testing.assert_close(ours[v, :kept], vh_torch[first_kept : first_kept + kept], **FP64)
-        # numpy's LAPACK may flip a vector's sign: compare the lines they span, where they are
-        # unique (a centred batch of B rows has rank B - 1: the last vector is then arbitrary).
+        # Where the vectors are unique up to sign (a centred batch of B rows has rank B - 1: the last
+        # vector is then arbitrary, tests/test_svd_fallback.py), torch's, with the sign that makes the
+        # entry of largest magnitude positive; numpy's LAPACK may flip a sign: compare the lines.
         rows = [i for i in range(kept) if values[first_kept + i] > 1e-8 * values[0]]
+        theirs = vh_torch[[first_kept + i for i in rows]]
+        theirs = theirs * torch.gather(theirs, 1, theirs.abs().argmax(dim=1, keepdim=True)).sign()
+        torch.testing.assert_close(ours[v, rows], theirs, **FP64)
         overlap = (ours[v, rows] @ torch.from_numpy(vh_numpy[[first_kept + i for i in rows]]).T).abs()
         torch.testing.assert_close(overlap.diagonal(), torch.ones(len(rows), dtype=torch.float64), **FP64)
         torch.testing.assert_close(ours[v, kept:], shared, **FP64)

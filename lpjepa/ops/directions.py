@@ -12,6 +12,8 @@ All draw from the torch generator they are given (or the default one), so a seed
 them; none is differentiated (the singular vectors come from detached features, as in
 the official code).
 """
+import warnings
+
 import torch
 
 
@@ -49,12 +51,106 @@ def centred_right_singular_vectors(batch):
     """(V, min(B, D), D) right singular vectors V^T of each centred (B, D) batch of ``batch`` (V, B, D).
 
     Rows in order of decreasing singular value, computed in ``batch``'s dtype with
-    ``torch.linalg.svd(..., full_matrices=False)`` (the official code's call); the
-    input is detached.
+    ``torch.linalg.svd(..., full_matrices=False)`` (the official code's call); the input is
+    detached. The choice is made deterministic for a given input (``canonical_singular_vectors``):
+    each vector's sign is fixed, and the rows of (numerically) zero singular value, which the SVD
+    leaves arbitrary (with B <= D the centred batch has rank B - 1 at most, so the last row is
+    one), are derived from the row space alone.
+
+    A failed SVD never stops a run. It falls back, with a warning that names the cause, to
+    ``torch.linalg.eigh`` of the D x D covariance in float64 (the same subspaces, rows and signs
+    chosen by the same rule; the official code tries LOBPCG, then eigh), and, when that fails too
+    (non-finite features, where the loss is NaN whatever the directions), to the first min(B, D)
+    coordinate axes.
     """
     batch = batch.detach()
     centred = batch - batch.mean(dim=1, keepdim=True)
-    return torch.linalg.svd(centred, full_matrices=False).Vh
+    try:
+        singular_values, vh = torch.linalg.svd(centred, full_matrices=False)[1:]
+        noise = 0.0
+    except RuntimeError as error:  # torch.linalg.LinAlgError, or a backend's failure to converge
+        singular_values, vh, noise = _covariance_eigenvectors(centred, error)
+    return canonical_singular_vectors(vh, singular_values, rows=centred.shape[1], noise=noise)
+
+
+def _covariance_eigenvectors(centred, svd_error):
+    """(singular values, V^T, their relative noise) of ``centred`` (V, B, D) from eigh of its covariance.
+
+    The covariance squares the singular values, so in float64 those below sqrt(D * eps) of the
+    largest are noise: ``noise`` is that floor, which ``canonical_singular_vectors`` treats as zero.
+    """
+    views, rows, dim = centred.shape
+    count = min(rows, dim)
+    cause = f"{type(svd_error).__name__.lstrip('_')}: {str(svd_error).splitlines()[0] if str(svd_error) else ''}"
+    try:
+        covariance = centred.double().transpose(1, 2) @ centred.double()
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+    except RuntimeError as eigh_error:
+        warnings.warn(
+            f"torch.linalg.svd failed on the centred ({rows}, {dim}) batch ({cause}), and so did torch.linalg.eigh "
+            f"of its covariance ({type(eigh_error).__name__.lstrip('_')}); the SVD directions are the first {count} coordinate "
+            "axes for this call. Non-finite features are the usual cause: the loss is NaN whatever the directions.",
+            RuntimeWarning, stacklevel=3,
+        )
+        axes = torch.eye(count, dim, dtype=centred.dtype, device=centred.device).expand(views, count, dim)
+        return torch.zeros(views, count, dtype=centred.dtype, device=centred.device), axes.contiguous(), 0.0
+    warnings.warn(
+        f"torch.linalg.svd failed on the centred ({rows}, {dim}) batch ({cause}); the SVD directions come from "
+        "torch.linalg.eigh of its covariance in float64 instead (the same subspaces, the same sign and "
+        "null-space rule).",
+        RuntimeWarning, stacklevel=3,
+    )
+    eigenvalues, eigenvectors = eigenvalues.flip(-1)[:, :count], eigenvectors.flip(-1)[:, :, :count]
+    singular_values = eigenvalues.clamp_min(0).sqrt()
+    vh = eigenvectors.transpose(1, 2)
+    return singular_values.to(centred.dtype), vh.to(centred.dtype), (dim * torch.finfo(torch.float64).eps) ** 0.5
+
+
+def canonical_singular_vectors(vh, singular_values, rows, noise=0.0):
+    """The rows of ``vh`` (V, r, D) made a function of the input alone, whichever algorithm found them.
+
+    singular_values: (V, r), decreasing. A row whose singular value is at most
+    ``max(rows, D) * eps * s_max`` (numpy's matrix-rank tolerance) or ``noise * s_max`` is in the
+    null space of the centred batch, where any orthonormal completion is an SVD: those rows are
+    replaced by the deterministic completion of the others' span, each coordinate axis in turn
+    whose remaining component is largest, its part orthogonal to the rows already chosen,
+    normalised. Every other row's sign is fixed so that its entry of largest magnitude is positive
+    (ties: the first). The loss does not change with a sign: negating a direction negates every
+    residual. Computed in float64, returned in ``vh``'s dtype.
+    """
+    views, count, dim = vh.shape
+    floor = max(max(rows, dim) * torch.finfo(vh.dtype).eps, noise)
+    largest = singular_values.max(dim=1, keepdim=True).values
+    in_row_space = singular_values > floor * largest  # (V, r); False for all-zero or non-finite values
+    out = vh.double()
+    largest_entry = out.abs().argmax(dim=2, keepdim=True)
+    signs = torch.where(torch.gather(out, 2, largest_entry) < 0, -1.0, 1.0)
+    out = torch.where(in_row_space[:, :, None], out * signs, out)
+    null_counts = (~in_row_space).sum(dim=1).tolist()  # one host sync; the SVD has made one already
+    for view, nulls in enumerate(null_counts):
+        if nulls:
+            kept = out[view, : count - nulls]
+            out[view, count - nulls :] = _completion(kept, nulls)
+    return out.to(vh.dtype)
+
+
+def _completion(rows, count):
+    """``count`` orthonormal (D,) vectors orthogonal to the orthonormal ``rows`` (k, D), chosen deterministically.
+
+    Without forming the D x D projector onto the complement: its diagonal is 1 minus the columns'
+    squared norms, and its column at axis i is e_i minus the rows' combination, O(k D) per vector.
+    """
+    basis = rows
+    chosen = []
+    for _ in range(count):
+        # The axis with the largest component left: its column of the projector has norm sqrt(diagonal).
+        axis = (1.0 - basis.square().sum(dim=0)).argmax().reshape(1)
+        column = -(basis.T @ basis.index_select(1, axis)[:, 0])
+        column.index_add_(0, axis, torch.ones(1, dtype=column.dtype, device=column.device))
+        vector = column / column.norm()
+        chosen.append(vector)
+        basis = torch.cat([basis, vector[None]])
+    return torch.stack(chosen)
 
 
 def svd_projections(singular_vectors, num_projections, bottom_half=False, *, generator=None):
