@@ -223,8 +223,8 @@ def check_generator(generator, device):
 
 # ``directions=``: how the sliced-Wasserstein directions are drawn (``lpjepa.ops.directions``).
 DIRECTION_SCHEMES = ("gaussian", "orthogonal", "svd", "svd-bottom-half")
-# ``targets=``: one target batch for all views (the seed's) or a fresh one per view (the official code's).
-TARGET_MODES = ("shared", "per-view")
+# ``target_draw=``: one target batch for all views (the seed's) or a fresh one per view (the official code's).
+TARGET_DRAWS = ("shared", "per-view")
 
 
 def check_choice(name, value, choices):

@@ -11,7 +11,7 @@ the same draw feeds the global-batch computation (``_global_loss``), which uses 
 collectives and seed stream of ``lpjepa.distributed``.
 
 The family of the paper and its official code is one set of arguments: the target
-(``rectify``: rectified or dense, ``sigma``: its scale convention, ``targets``: one
+(``rectify``: rectified or dense, ``sigma``: its scale convention, ``target_draw``: one
 for all views or one per view) and the directions (``directions``: 'gaussian',
 'orthogonal', 'svd', 'svd-bottom-half'; see ``lpjepa.ops.directions``). A shared target
 is a (B, D) tensor, per-view targets a (V, B, D) stack; shared directions are (K, D),
@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _checks, distributed
-from ._checks import DIRECTION_SCHEMES, SIGMA_CONVENTIONS, TARGET_MODES  # noqa: F401 (the family's choices)
+from ._checks import DIRECTION_SCHEMES, SIGMA_CONVENTIONS, TARGET_DRAWS  # noqa: F401 (the family's choices)
 from .ops import directions as direction_ops
 from .ops import sliced_wasserstein as sliced_wasserstein_op
 from .ops.backend import check_backend
@@ -137,8 +137,8 @@ class RDMReg(nn.Module):
     * ``sigma``: 'gn' (or None; unit variance before the ReLU, the seed's),
       'unit-rectified' (unit variance after it) or a number (``lpjepa.rgg.resolve_sigma``);
     * ``rectify``: False matches the dense mu + sigma * GN_p instead (the LpJEPA baseline);
-    * ``targets``: 'shared' (one target for all views) or 'per-view' (a fresh target per
-      view, as the official code draws them);
+    * ``target_draw``: 'shared' (one target for all views) or 'per-view' (a fresh target per
+      view, as the official code draws them); ``targets`` is its former name, still taken;
     * ``directions``: 'gaussian', 'orthogonal', 'svd' or 'svd-bottom-half'
       (``draw_directions``); the SVD schemes give each view its own directions.
 
@@ -173,8 +173,9 @@ class RDMReg(nn.Module):
         scale_grad_by_world_size=True,
         rectify=True,
         directions="gaussian",
-        targets="shared",
+        target_draw=None,
         even_batches=False,
+        targets=None,
     ):
         super().__init__()
         self.p = _checks.check_p(p)
@@ -190,13 +191,14 @@ class RDMReg(nn.Module):
         self.scale_grad_by_world_size = bool(scale_grad_by_world_size)
         self.rectify = bool(rectify)
         self.directions = _checks.check_choice("directions", directions, _checks.DIRECTION_SCHEMES)
-        self.targets = _checks.check_choice("targets", targets, _checks.TARGET_MODES)
+        target_draw = _checks.check_alias("target_draw", target_draw, "targets", targets, "shared")
+        self.target_draw = _checks.check_choice("target_draw", target_draw, _checks.TARGET_DRAWS)
         self.even_batches = bool(even_batches)
 
     def extra_repr(self):
         return (
             f"p={self.p}, mu={self.mu}, num_projections={self.num_projections}, sigma={self.sigma!r}, "
-            f"rectify={self.rectify}, directions={self.directions!r}, targets={self.targets!r}"
+            f"rectify={self.rectify}, directions={self.directions!r}, target_draw={self.target_draw!r}"
         )
 
     def draw_targets(self, num_views, rows, dim, device, generator=None):
@@ -207,7 +209,7 @@ class RDMReg(nn.Module):
                 device=device, generator=generator, backend=self.backend, rectify=self.rectify,
             )
 
-        return draw() if self.targets == "shared" else torch.stack([draw() for _ in range(num_views)])
+        return draw() if self.target_draw == "shared" else torch.stack([draw() for _ in range(num_views)])
 
     def forward(self, *views, target=None, projections=None, generator=None):
         """views: (B, D) tensors, or one list / tuple of them, or one (V, B, D) stack (the same value).
@@ -268,7 +270,7 @@ def rectified_lpjepa_loss(
     sigma="gn",
     rectify=True,
     directions="gaussian",
-    targets="shared",
+    target_draw=None,
     target=None,
     projections=None,
     generator=None,
@@ -276,6 +278,7 @@ def rectified_lpjepa_loss(
     process_group="auto",
     scale_grad_by_world_size=True,
     even_batches=False,
+    targets=None,
 ):
     """The full objective: lamb_inv * MSE(z1, z2) + lamb_reg * RDMReg(z1, z2).
 
@@ -283,7 +286,7 @@ def rectified_lpjepa_loss(
     or a (2, B, D) stack, as Lightly's collate and JEPA losses hold them. Defaults are the seed's (Table 1
     weights, p = 1, mu = 0, 256 projections, sigma 'gn', a rectified target shared by
     the views, Gaussian directions); ``sigma``, ``rectify``, ``directions`` and
-    ``targets`` as in ``RDMReg``. Returns ``LossParts(loss, invariance, regularizer)``
+    ``target_draw`` as in ``RDMReg``. Returns ``LossParts(loss, invariance, regularizer)``
     in the loss's compute dtype (float32; float64 for float64 inputs), so a training loop reads::
 
         parts = rectified_lpjepa_loss(model(x1), model(x2))
@@ -300,7 +303,7 @@ def rectified_lpjepa_loss(
     group = distributed.resolve_process_group(process_group)
     rdmreg = RDMReg(
         p, mu, num_projections, sigma, backend, process_group=group, scale_grad_by_world_size=scale_grad_by_world_size,
-        rectify=rectify, directions=directions, targets=targets, even_batches=even_batches,
+        rectify=rectify, directions=directions, target_draw=target_draw, even_batches=even_batches, targets=targets,
     )
     if group is not None:
         rdmreg.seed_stream = distributed.default_seed_stream(group)
@@ -367,10 +370,11 @@ class RectifiedLpJEPALoss(nn.Module):
         sigma="gn",
         rectify=True,
         directions="gaussian",
-        targets="shared",
+        target_draw=None,
         backend="auto",
         gather_distributed=False,
         even_batches=False,
+        targets=None,
     ):
         super().__init__()
         self.lamb_inv = _checks.check_finite("lamb_inv", lamb_inv)
@@ -384,7 +388,7 @@ class RectifiedLpJEPALoss(nn.Module):
             )
         self.rdmreg = RDMReg(
             p, mu, num_projections, sigma, backend, process_group="auto" if gather_distributed else None,
-            rectify=_checks.check_flag("rectify", rectify), directions=directions, targets=targets,
+            rectify=_checks.check_flag("rectify", rectify), directions=directions, target_draw=target_draw, targets=targets,
             even_batches=_checks.check_flag("even_batches", even_batches),
         )
 

@@ -207,9 +207,9 @@ def check_svd_directions_are_the_global_batchs_on_every_rank(rank):
 def check_loss_family_matches_single_process(rank):
     """SVD directions and per-view dense targets from the seed stream: the single-process loss and gradient slices."""
     cases = [
-        dict(directions="svd", targets="shared"),
-        dict(directions="svd-bottom-half", targets="per-view", rectify=False),
-        dict(directions="orthogonal", targets="per-view", sigma="unit-rectified"),
+        dict(directions="svd", target_draw="shared"),
+        dict(directions="svd-bottom-half", target_draw="per-view", rectify=False),
+        dict(directions="orthogonal", target_draw="per-view", sigma="unit-rectified"),
     ]
     for options in cases:
         for sizes, gather in [((4, 4), "projections"), ((3, 5), "features")]:
@@ -239,7 +239,7 @@ def check_triton_per_view_directions_and_targets(rank):
     z1, z2, _, _ = (t.float() for t in _global_views(sizes, dim=6, seed=11))
     rows = _rows(sizes, rank)
     local = _local_leaves([z1, z2], rows)
-    options = dict(num_projections=12, directions="svd", targets="per-view", backend="triton")
+    options = dict(num_projections=12, directions="svd", target_draw="per-view", backend="triton")
     loss = lpjepa.RDMReg(seed=88, scale_grad_by_world_size=False, **options)(*local)
     loss.backward()
     across = _all_equal_across_ranks(loss)

@@ -91,8 +91,13 @@ def test_loss_family_bad_input():
         lpjepa.RDMReg(directions="random")
     with pytest.raises(ValueError, match="directions must be one of"):
         lpjepa.rdmreg_loss(Z, T, directions="torch_svd_and_random")
-    with pytest.raises(ValueError, match="targets must be one of"):
-        lpjepa.RDMReg(targets="each")
+    with pytest.raises(ValueError, match="target_draw must be one of"):
+        lpjepa.RDMReg(target_draw="each")
+    # ``targets`` is the former name of target_draw: still taken, never in conflict with it.
+    assert lpjepa.RDMReg(targets="per-view").target_draw == "per-view"
+    assert lpjepa.RectifiedLpJEPALoss(targets="per-view").rdmreg.target_draw == "per-view"
+    with pytest.raises(ValueError, match="target_draw and targets name the same setting"):
+        lpjepa.RDMReg(target_draw="shared", targets="per-view")
     with pytest.raises(ValueError, match="sigma must be one of"):
         lpjepa.RDMReg(sigma="sigma_RGN")
     with pytest.raises(ValueError, match=r"target must have the shape of z \(8, 4\) \(or \(2, 8, 4\), one per view\)"):

@@ -22,9 +22,9 @@ FP64 = dict(zip(("atol", "rtol"), tolerance(torch.float64)))
 FP32 = dict(zip(("atol", "rtol"), tolerance(torch.float32)))
 FAMILY = [
     {},
-    dict(p=1.5, mu=-0.3, sigma="unit-rectified", directions="orthogonal", targets="per-view"),
+    dict(p=1.5, mu=-0.3, sigma="unit-rectified", directions="orthogonal", target_draw="per-view"),
     dict(p=2.0, rectify=False, directions="svd", lamb_inv=1.0, lamb_reg=3.0),
-    dict(directions="svd-bottom-half", targets="per-view", sigma=0.7),
+    dict(directions="svd-bottom-half", target_draw="per-view", sigma=0.7),
 ]
 
 
@@ -131,7 +131,7 @@ def test_num_slices_is_num_projections():
         (dict(num_projections=2.5), TypeError, "num_projections must be an int"),
         (dict(sigma=-1.0), ValueError, "sigma must be > 0"),
         (dict(directions="random"), ValueError, "directions must be one of"),
-        (dict(targets="each"), ValueError, "targets must be one of"),
+        (dict(target_draw="each"), ValueError, "target_draw must be one of"),
         (dict(backend="cuda"), ValueError, "backend"),
         (dict(gather_distributed="yes"), TypeError, "gather_distributed must be True or False"),
         (dict(even_batches=1), TypeError, "even_batches must be True or False"),

@@ -131,7 +131,7 @@ def test_svd_loss_and_gradient_match_the_seeds_loss_on_those_directions(scheme, 
 )
 def test_per_view_targets_against_the_seeds_loss(backend, dtype, directions):
     views = [v.to(dtype).requires_grad_() for v in _views(33, 9, seed=4)]
-    module = lpjepa.RDMReg(p=1.5, mu=-0.4, num_projections=16, targets="per-view", directions=directions, backend=backend)
+    module = lpjepa.RDMReg(p=1.5, mu=-0.4, num_projections=16, target_draw="per-view", directions=directions, backend=backend)
     loss = module(*views, generator=torch.Generator().manual_seed(8))
     grads = torch.autograd.grad(loss, views)
     # The same draws by hand: a target per view, one after the other, then the directions.
@@ -148,8 +148,8 @@ def test_per_view_targets_against_the_seeds_loss(backend, dtype, directions):
 
 
 def test_per_view_target_of_the_first_view_is_the_shared_target():
-    shared = lpjepa.RDMReg(targets="shared").draw_targets(2, 16, 5, "cpu", torch.Generator().manual_seed(9))
-    per_view = lpjepa.RDMReg(targets="per-view").draw_targets(2, 16, 5, "cpu", torch.Generator().manual_seed(9))
+    shared = lpjepa.RDMReg(target_draw="shared").draw_targets(2, 16, 5, "cpu", torch.Generator().manual_seed(9))
+    per_view = lpjepa.RDMReg(target_draw="per-view").draw_targets(2, 16, 5, "cpu", torch.Generator().manual_seed(9))
     assert per_view.shape == (2, 16, 5) and torch.equal(per_view[0], shared)
 
 
@@ -196,7 +196,7 @@ def test_sigma_conventions_of_the_module(p, mu):
 def test_rectified_lpjepa_loss_passes_the_family_on():
     z1, z2 = _views(24, 8, seed=8)
     options = dict(p=1.5, mu=-0.2, num_projections=16, sigma="unit-rectified", rectify=False,
-                   directions="svd-bottom-half", targets="per-view")
+                   directions="svd-bottom-half", target_draw="per-view")
     parts = lpjepa.rectified_lpjepa_loss(z1, z2, generator=torch.Generator().manual_seed(13), **options)
     module_options = {k: v for k, v in options.items() if k not in ("p", "mu", "num_projections")}
     regularizer = lpjepa.RDMReg(1.5, -0.2, 16, **module_options)(z1, z2, generator=torch.Generator().manual_seed(13))

@@ -169,7 +169,7 @@ def test_pot_agrees_with_every_direction_scheme_over_several_views(directions):
         singular = direction_ops.centred_right_singular_vectors(torch.stack(views))
         projections = direction_ops.svd_projections(singular, num_projections, directions == "svd-bottom-half",
                                                     generator=torch.Generator().manual_seed(5))
-    ours = lpjepa.RDMReg(num_projections=num_projections, targets="per-view")(*views, target=target,
+    ours = lpjepa.RDMReg(num_projections=num_projections, target_draw="per-view")(*views, target=target,
                                                                                projections=projections)
     theirs = np.mean([_pot_squared(v, target[i], projections[i]) for i, v in enumerate(views)])
     np.testing.assert_allclose(ours.item(), theirs, rtol=FP64["rtol"], atol=FP64["atol"])

@@ -165,7 +165,7 @@ def check_cell(entry, dtype, autocast_dtype, device, backend):
         generator = None if fixed else torch.Generator(device=device).manual_seed(7 + index)
 
         leaves = [v.clone().requires_grad_() for v in views]
-        options = dict(directions=directions, targets=targets, backend=backend)
+        options = dict(directions=directions, target_draw=targets, backend=backend)
         with _autocast(device.type, autocast_dtype):
             loss = _call(entry, leaves, options, target, projections, generator)
             loss.backward()

@@ -165,7 +165,7 @@ def test_loss_family_flags_reach_the_loss():
     torch.manual_seed(3)
     expected = lpjepa.rectified_lpjepa_loss(
         z1, z2, num_projections=cfg["num_projections"], sigma="unit-rectified", rectify=False, directions="svd",
-        targets="per-view",
+        target_draw="per-view",
     )
     torch.testing.assert_close(ours.loss, expected.loss)
     torch.manual_seed(3)

@@ -9,7 +9,7 @@ import os
 import time
 from typing import NamedTuple
 
-from ..loss import DIRECTION_SCHEMES, SIGMA_CONVENTIONS, TARGET_MODES
+from ..loss import DIRECTION_SCHEMES, SIGMA_CONVENTIONS, TARGET_DRAWS
 from .checkpoint import checkpoint_path, is_final_checkpoint, load_checkpoint, upgrade_config
 from .cli import (DEVICE_ALLOWED, ArgumentParser, Rule, UsageError, at_least, check_rules, finite, finite_above, finite_at_least,
                   flag, valid_device)
@@ -297,7 +297,7 @@ def build_parser():
     g.add_argument("--target-law", choices=TARGET_LAWS, help="the prior's samples: rectified (default, the seed's) or dense (mu + sigma GN_p, the LpJEPA baseline)")
     g.add_argument("--sigma", type=sigma_flag, metavar="{gn,unit-rectified,NUMBER}", help="the prior's scale: unit variance before the ReLU (gn, default), after it (unit-rectified), or a number")
     g.add_argument("--directions", choices=DIRECTION_SCHEMES, help="how the directions are drawn (default gaussian, the seed's; svd and svd-bottom-half are the official code's)")
-    g.add_argument("--target-draw", choices=TARGET_MODES, help="one target batch for both views (shared, default) or a fresh one per view (per-view, the official code's)")
+    g.add_argument("--target-draw", choices=TARGET_DRAWS, help="one target batch for both views (shared, default) or a fresh one per view (per-view, the official code's)")
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, help=f"(default {d['dataset']})")
     g.add_argument("--data-dir", help="CIFAR: the folder holding cifar-100-python/ (or cifar-10-batches-py/); "

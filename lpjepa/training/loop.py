@@ -72,7 +72,7 @@ def ssl_loss(z1, z2, cfg, process_group=None):
     return rectified_lpjepa_loss(
         z1, z2, lamb_inv=cfg["lamb_inv"], lamb_reg=cfg["lamb_reg"], p=cfg["p"], mu=cfg["mu"],
         num_projections=cfg["num_projections"], sigma=cfg["sigma"], rectify=cfg["target_law"] == "rectified",
-        directions=cfg["directions"], targets=cfg["target_draw"], process_group=process_group,
+        directions=cfg["directions"], target_draw=cfg["target_draw"], process_group=process_group,
         even_batches=True,  # the training loader drops the last, short batch: every rank steps with local_batch rows
     )
 
