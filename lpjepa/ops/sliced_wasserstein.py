@@ -330,10 +330,13 @@ def _forward(ctx, body, gather, need_target_residual, target, directions, views)
             if gather is not None and not gather.features:
                 proj = gather.all_gather(proj, 2)
             proj_t = body.project([targets], directions, operand)
-    # The residuals come back as the loss's gradient in the projections: times 2 / numel
-    # (and this rank's gradient factor), so the backward only multiplies by grad_loss.
+    # d loss / d proj = scale * residual. The kernels store the residual times the scale, so
+    # the backward only multiplies by grad_loss; the torch body keeps it unscaled (on the CPU
+    # an extra pass over the residual costs more than the backward's scalar product).
     scale = 2.0 * (1 if gather is None else gather.scale) / proj.numel()
-    loss, residual, residual_t = body.sort_residual(proj, proj_t, need_target_residual, scale)
+    ctx.residual_scale = 1.0 if body.triton else scale
+    loss, residual, residual_t = body.sort_residual(proj, proj_t, need_target_residual,
+                                                    scale if body.triton else 1.0)
     if gather is not None:
         residual = residual[:, :, gather.rows]
     ctx.backward_operand = operand
@@ -353,6 +356,8 @@ def _backward(ctx, grad_loss):
     needs = ctx.needs_input_grad
     need_views, need_target, need_directions = any(needs[5:]), needs[3] and ctx.need_target_residual, needs[4]
     grad_loss = _as(grad_loss, residual.dtype)
+    if ctx.residual_scale != 1.0:
+        grad_loss = grad_loss * ctx.residual_scale
     operand = ctx.backward_operand
     grad_residual = residual * grad_loss
     x = torch.stack([_as(view, operand) for view in views]) if need_directions else None
