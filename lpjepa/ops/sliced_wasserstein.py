@@ -83,9 +83,12 @@ def argsort_rows(x):
     return torch.sort(x, dim=1).indices
 
 
-def _sorted_with_order(proj_t, need_order):
-    """(each row of proj_t (K, B) sorted, the order that sorts it or None)."""
+def _sorted_with_order(proj_t, need_order, in_place=False):
+    """(each row of proj_t (K, B) sorted, the order that sorts it or None); ``in_place`` sorts proj_t itself."""
     if not need_order:
+        if in_place and proj_t.device.type == "cpu" and proj_t.is_contiguous():
+            proj_t.detach().numpy().sort(axis=1)
+            return proj_t, None
         return sort_rows(proj_t), None
     order = argsort_rows(proj_t)
     return torch.gather(proj_t, 1, order), order
@@ -101,16 +104,15 @@ def torch_project(sources, directions, dtype):
     rows = sum(source.shape[0] for source in sources)
     batch = sources[0].shape[1]
     out = torch.empty((rows, directions.shape[-2], batch), dtype=dtype, device=directions.device)
-    start = 0
+    row = 0
     for source in sources:
-        stop = start + source.shape[0]
-        P = directions if directions.dim() == 2 else directions[start:stop]
-        torch.matmul(P, source.to(dtype).transpose(1, 2), out=out[start:stop])
-        start = stop
+        for rows in source:  # mm writes into out's own rows; a batched matmul with out= goes through a copy
+            torch.mm(directions if directions.dim() == 2 else directions[row], _as(rows, dtype).T, out=out[row])
+            row += 1
     return out
 
 
-def torch_sort_residual(proj, proj_t, need_target_residual, residual_scale=1.0):
+def torch_sort_residual(proj, proj_t, need_target_residual, residual_scale=1.0, in_place=False):
     """(loss, residual (V, K, B), residual_target (T, K, B) or None) of view projections against target projections.
 
     proj (V, K, B) and proj_t (T, K, B) in one dtype (T = 1: one target shared by the
@@ -119,24 +121,30 @@ def torch_sort_residual(proj, proj_t, need_target_residual, residual_scale=1.0):
     (summed over the views for a shared target). The loss is the mean of the squared
     residual, a 0-dim tensor in proj's dtype; both residuals are returned times
     ``residual_scale`` (the Function passes 2 / numel: the loss's gradient in proj).
+    ``in_place``: the residual is written over proj, and the target's projections are sorted
+    where they lie (a caller that owns both saves their buffers: at the official shape 8 MB
+    a view and 8 MB for the target).
     """
-    proj_t = proj_t.to(proj.dtype)
+    proj_t = _as(proj_t, proj.dtype)
     shared = proj_t.shape[0] == 1
-    residual = torch.empty_like(proj)
+    residual = proj if in_place else torch.empty_like(proj)
+    quantiles = torch.empty_like(proj[0]) if in_place else None
     residual_t = torch.zeros_like(proj_t) if need_target_residual else None
     if shared:
-        t_sorted, t_order = _sorted_with_order(proj_t[0], need_target_residual)
+        t_sorted, t_order = _sorted_with_order(proj_t[0], need_target_residual, in_place)
     for v in range(proj.shape[0]):
         if not shared:
-            t_sorted, t_order = _sorted_with_order(proj_t[v], need_target_residual)
+            t_sorted, t_order = _sorted_with_order(proj_t[v], need_target_residual, in_place)
         # Each quantile goes to the row holding its rank: the residual comes out in the
         # batch's order without sorting proj's values, in residual[v]'s own buffer.
         order = argsort_rows(proj[v])
-        residual[v].scatter_(1, order, t_sorted)
-        torch.sub(proj[v], residual[v], out=residual[v])
+        placed = quantiles if in_place else residual[v]
+        placed.scatter_(1, order, t_sorted)
+        torch.sub(proj[v], placed, out=residual[v])
         if need_target_residual:
             # Each row's order is a permutation, so the sum over views is deterministic.
             residual_t[0 if shared else v].scatter_add_(1, t_order, -torch.gather(residual[v], 1, order))
+        del order  # before the next view's: two (K, B) int64 orders at once would be the peak
     flat = residual.reshape(-1)
     loss = torch.dot(flat, flat) / flat.numel()
     if residual_scale != 1.0:
@@ -224,8 +232,9 @@ class Body(NamedTuple):
         return triton_project(x, _as(directions, operand_dtype), torch.backends.cuda.matmul.allow_tf32)
 
     def sort_residual(self, proj, proj_t, need_target_residual, residual_scale):
+        """The loss and residuals; the torch body writes the residual over ``proj``, which the Function owns."""
         if not self.triton:
-            return torch_sort_residual(proj, proj_t, need_target_residual, residual_scale)
+            return torch_sort_residual(proj, proj_t, need_target_residual, residual_scale, in_place=True)
         return triton_sort_residual(proj, proj_t.contiguous(), need_target_residual, residual_scale=residual_scale)
 
 
@@ -236,19 +245,31 @@ TRITON = Body("triton", True)
 # --- The one autograd formula -------------------------------------------------------------------
 
 
-def project_backward(grad, x, directions, operand_dtype, need_x, need_directions):
-    """(grad_x (S, B, D), grad_directions) of projections (S, K, B) = directions @ x^T from their gradient ``grad``.
+def project_backward(grad, x, directions, operand_dtype, need_x, need_directions, grad_scale=None):
+    """(grad_x (S, B, D), grad_directions) of projections (S, K, B) = directions @ x^T from their gradient.
 
-    The matmuls take ``operand_dtype`` operands (the fp32 gradient rounded to the features'
-    dtype on the Triton body, as autocast does for the seed's matmuls, so fp16 / bf16 take
-    the tensor cores here too); None where not needed. grad_directions is summed over the
-    sources for shared (K, D) directions.
+    The gradient of the projections is ``grad`` times ``grad_scale`` (a 0-dim tensor, or
+    None for 1): the scale multiplies the matmuls' (S, B, D) and (K, D) results rather than
+    the (S, K, B) gradient, which at K > D is the smaller pass and never a copy of the
+    residual. The matmuls take ``operand_dtype`` operands (the fp32 gradient rounded to the
+    features' dtype on the Triton body, as autocast does for the seed's matmuls, so fp16 /
+    bf16 take the tensor cores here too); None where not needed. grad_directions is summed
+    over the sources for shared (K, D) directions.
     """
     grad = _as(grad, operand_dtype)
     P = _as(directions, operand_dtype)
     grad_x = None
-    if need_x:  # bmm on stride-0 shared directions: matmul would copy the transposed gradient to fold it
-        grad_x = torch.bmm(grad.transpose(1, 2), P if P.dim() == 3 else P.expand(grad.shape[0], -1, -1))
+    if need_x:
+        if P.dim() == 3:
+            grad_x = torch.bmm(grad.transpose(1, 2), P)
+        elif grad.device.type == "cpu":  # one mm a source: the CPU's bmm would copy the stride-0 directions
+            grad_x = grad.new_empty((grad.shape[0], grad.shape[2], P.shape[1]))
+            for source in range(grad.shape[0]):
+                torch.mm(grad[source].T, P, out=grad_x[source])
+        else:  # bmm on stride-0 shared directions: matmul would copy the transposed gradient to fold it
+            grad_x = torch.bmm(grad.transpose(1, 2), P.expand(grad.shape[0], -1, -1))
+        if grad_scale is not None:
+            grad_x.mul_(grad_scale)
     grad_directions = None
     if need_directions:
         x = _as(x, operand_dtype)
@@ -256,6 +277,8 @@ def project_backward(grad, x, directions, operand_dtype, need_x, need_directions
             grad_directions = torch.bmm(grad, x)
         else:  # (K, S * B) @ (S * B, D)
             grad_directions = grad.transpose(0, 1).reshape(grad.shape[1], -1) @ x.reshape(-1, x.shape[2])
+        if grad_scale is not None:
+            grad_directions.mul_(grad_scale)
     return grad_x, grad_directions
 
 
@@ -306,8 +329,9 @@ def _forward(ctx, body, gather, need_target_residual, target, directions, views)
         operand = triton_operand_dtype(first)
     else:
         operand = compute_dtype(*views, target, directions)
-    # One process, shared directions, a target of the views' rows: one projection for all.
-    together = gather is None and directions.dim() == 2 and target.shape[-2] == first.shape[0]
+    # One process, shared directions, a target of the views' rows: one projection launch for all
+    # (the torch body projects the target apart: its projections are freed once sorted).
+    together = body.triton and gather is None and directions.dim() == 2 and target.shape[-2] == first.shape[0]
     if together and body.triton and target.dim() == 2:  # the common step, in the fewest calls
         x = torch.stack([_as(source, operand) for source in (*views, target)])
         proj, proj_t = triton_project(x, _as(directions, operand),
@@ -359,18 +383,16 @@ def _backward(ctx, grad_loss):
     if ctx.residual_scale != 1.0:
         grad_loss = grad_loss * ctx.residual_scale
     operand = ctx.backward_operand
-    grad_residual = residual * grad_loss
     x = torch.stack([_as(view, operand) for view in views]) if need_directions else None
-    grad_x, grad_directions = project_backward(grad_residual, x, directions, operand, need_views,
-                                               need_directions)
+    grad_x, grad_directions = project_backward(residual, x, directions, operand, need_views, need_directions,
+                                               grad_loss)
     grad_target = None
     if need_target or (need_directions and ctx.need_target_residual):
-        grad_t = residual_t * grad_loss
         targets = target if target.dim() == 3 else target[None]
         if directions.dim() == 3 and targets.shape[0] == 1:
             targets = targets.expand(directions.shape[0], -1, -1)
-        grad_t_rows, grad_directions_t = project_backward(grad_t, targets, directions, operand, need_target,
-                                                          need_directions)
+        grad_t_rows, grad_directions_t = project_backward(residual_t, targets, directions, operand, need_target,
+                                                          need_directions, grad_loss)
         if need_target:
             grad_target = grad_t_rows.sum(0) if len(ctx.target_shape) == 2 else grad_t_rows
             grad_target = grad_target.to(ctx.target_dtype)
