@@ -12,6 +12,7 @@ torch refuses), and the changes after it stay for the rest of the session.
 it, puts back whatever changed and fails the test, naming each change.
 """
 import contextlib
+import functools
 import inspect
 import os
 import sys
@@ -88,11 +89,17 @@ def item(mapping, key, value):
 @contextlib.contextmanager
 def torch_switches():
     """Every switch in ``TORCH_SWITCHES`` as it was before the block, afterwards."""
-    old = [(label, read(), write) for label, read, write in torch_switch_list()]
+    old = [(_read(read), write) for _, read, write in torch_switch_list()]
     try:
         yield
     finally:
-        for _, value, write in old:
+        _write_all(old)
+
+
+def _write_all(values):
+    """Writes [(value, write)] in order, skipping values that could not be read."""
+    for value, write in values:
+        if not (isinstance(value, str) and value.startswith("<raises")):
             write(value)
 
 
@@ -135,7 +142,7 @@ class Patcher:
 # ----------------------------------------------------------------------------- what is watched
 
 def _attribute_path(path):
-    """(parent, name) for a dotted path into torch.backends, torch or an imported module."""
+    """(parent, name) for a dotted path into torch."""
     parent_path, name = path.rsplit(".", 1)
     parent = torch
     for part in parent_path.split(".")[1:]:
@@ -143,10 +150,12 @@ def _attribute_path(path):
     return parent, name
 
 
-# torch's process-wide switches, as dotted attributes or as getter/setter pairs. The precision
-# settings are read through the fp32_precision API where torch has it: the legacy readers
-# (allow_tf32, get_float32_matmul_precision) raise once both APIs were used.
+# torch's process-wide switches, as dotted attributes or as getter/setter pairs. torch keeps a legacy
+# allow_tf32 flag beside each fp32_precision and its legacy readers raise when the two disagree ('used
+# mix of the legacy and new APIs'): the legacy flags come first, so that they are put back first.
 _TORCH_ATTRIBUTES = (
+    "torch.backends.cuda.matmul.allow_tf32",
+    "torch.backends.cudnn.allow_tf32",
     "torch.backends.fp32_precision",
     "torch.backends.cuda.matmul.fp32_precision",
     "torch.backends.cudnn.fp32_precision",
@@ -163,7 +172,6 @@ _TORCH_ATTRIBUTES = (
     "torch.backends.cudnn.enabled",
     "torch.backends.mkldnn.enabled",
 )
-_LEGACY_PRECISION = ("torch.backends.cuda.matmul.allow_tf32", "torch.backends.cudnn.allow_tf32")
 _TORCH_GETTERS = (
     ("torch.get_default_dtype()", torch.get_default_dtype, torch.set_default_dtype),
     ("torch.get_num_threads()", torch.get_num_threads, torch.set_num_threads),
@@ -182,13 +190,14 @@ def torch_switch_list():
     """[(label, read(), write(value))] of torch's switches that this torch has."""
     switches = []
     has_precision_api = hasattr(torch.backends, "fp32_precision")
-    attributes = _TORCH_ATTRIBUTES if has_precision_api else _TORCH_ATTRIBUTES + _LEGACY_PRECISION
-    for path in attributes:
+    for path in _TORCH_ATTRIBUTES:
+        parent, name = _attribute_path(path)
         try:
-            parent, name = _attribute_path(path)
             getattr(parent, name)
         except AttributeError:
             continue  # an older torch
+        except RuntimeError:
+            pass  # a legacy reader in a mixed state: still a switch to put back
         switches.append((path, lambda p=parent, n=name: getattr(p, n), lambda v, p=parent, n=name: setattr(p, n, v)))
     if not has_precision_api:
         switches.append(("torch.get_float32_matmul_precision()", torch.get_float32_matmul_precision,
@@ -304,13 +313,16 @@ class Snapshot:
     def changes(self):
         """[(what changed, how to put it back)] between this snapshot and now."""
         found = []
+        # Any switch changed: all are written back, in order (see _TORCH_ATTRIBUTES).
+        put_back_switches = functools.partial(_write_all, [(old, write) for _, _, write, old in self.switches])
         for label, read, write, old in self.switches:
             new = _read(read)
-            if new != old:
-                found.append((f"{label}: {old!r} -> {new!r}", lambda w=write, v=old: w(v)))
-                if label in SET_BY_THE_PROGRAMS:
-                    write(old)
-                    found.pop()
+            if new == old:
+                continue
+            if label in SET_BY_THE_PROGRAMS:
+                write(old)
+            else:
+                found.append((f"{label}: {old!r} -> {new!r}", put_back_switches))
         now = watched_environment()
         for name in sorted(set(now) | set(self.environment)):
             old, new = self.environment.get(name), now.get(name)
