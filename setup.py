@@ -6,7 +6,9 @@ The kernels live in the top-level folder ``kernels/`` but are installed under
 
 from setuptools import setup
 
-# Triton ships wheels for Linux only; elsewhere the package runs on its torch backend.
+# Triton is not a requirement of the package: torch's CUDA builds bring the Triton they were built with,
+# and without it the package runs on its torch backend (a CPU-only machine, torch's CPU build). The tests
+# need it for Triton's CPU interpreter, on Linux, where Triton ships wheels.
 triton_requirement = "triton; platform_system == 'Linux'"
 
 setup(
@@ -20,7 +22,6 @@ setup(
     package_dir={"lpjepa": "lpjepa", "lpjepa.kernels": "kernels"},
     install_requires=[
         "torch",
-        triton_requirement,
         "timm",
         "torchvision",
         "tqdm",
@@ -37,7 +38,7 @@ setup(
         ],
     },
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scipy", "mpmath"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "mpmath", triton_requirement],
         "tensorboard": ["tensorboard"],  # TensorBoard events in the run folder; without it, metrics.csv alone
     },
 )
