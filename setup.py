@@ -20,14 +20,17 @@ setup(
     python_requires=">=3.9",
     packages=["lpjepa", "lpjepa.ops", "lpjepa.training", "lpjepa.kernels"],
     package_dir={"lpjepa": "lpjepa", "lpjepa.kernels": "kernels"},
+    # Lower bounds: the oldest releases the tests were run with on Python 3.11 (older ones lack what the code
+    # uses: timm's pretrained_cfg_overlay in the export's loading snippet, scipy.stats.binomtest, or a wheel
+    # for Python 3.11). torch stays unbounded: the kernels follow its releases.
     install_requires=[
         "torch",
-        "timm",
+        "timm>=0.9.2",
         "torchvision",
-        "tqdm",
-        "numpy",
-        "matplotlib",  # the benchmark report's plot and lpjepa.plot
-        "safetensors",  # lpjepa.export's files (timm installs it too)
+        "tqdm>=4.60",
+        "numpy>=1.23.5",
+        "matplotlib>=3.6.2",  # the benchmark report's plot and lpjepa.plot
+        "safetensors>=0.3.1",  # lpjepa.export's files (timm installs it too)
     ],
     entry_points={
         "console_scripts": [
@@ -38,7 +41,7 @@ setup(
         ],
     },
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scipy", "mpmath", triton_requirement],
+        "test": ["pytest>=7.0", "pytest-benchmark>=4.0", "scipy>=1.9.3", "mpmath>=1.1", triton_requirement],
         "tensorboard": ["tensorboard"],  # TensorBoard events in the run folder; without it, metrics.csv alone
     },
 )
