@@ -244,7 +244,7 @@ _INSTANCE_MEMO = {"decisions", "measured", "cache_file"}
 # global is watched), and whose classes' methods are watched.
 FOREIGN_MODULES = ("torch", "torch.cuda", "torch.distributed", "torch._subclasses.fake_tensor",
                    "torchvision.datasets", "timm")
-FOREIGN_CLASSES = ("torch.Tensor", "torch.nn.Module")
+FOREIGN_CLASSES = ("torch.Tensor",)  # not torch.nn.Module: torch._dynamo wraps its __init__ at the first compile
 
 
 def _own_module(name):
@@ -359,6 +359,8 @@ def _namespace_changes(label, obj, data, old):
     for name in set(old) | set(new):
         if instance and name in _INSTANCE_MEMO:
             continue
+        if is_module and name.startswith("__"):
+            continue  # torch._dynamo's compiled code (__compiled_fn_*, __builtins_dict_*), dropped by its reset()
         before, after = old.get(name, _ABSENT), new.get(name, _ABSENT)
         if before is after:
             continue
