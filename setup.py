@@ -6,7 +6,9 @@ The kernels live in the top-level folder ``kernels/`` but are installed under
 
 from setuptools import setup
 
-# Triton ships wheels for Linux only; elsewhere the package runs on its torch backend.
+# Triton is not a requirement of the package: torch's CUDA builds bring the Triton they were built with,
+# and without it the package runs on its torch backend (a CPU-only machine, torch's CPU build). The tests
+# need it for Triton's CPU interpreter, on Linux, where Triton ships wheels.
 triton_requirement = "triton; platform_system == 'Linux'"
 
 setup(
@@ -18,15 +20,17 @@ setup(
     python_requires=">=3.9",
     packages=["lpjepa", "lpjepa.ops", "lpjepa.training", "lpjepa.kernels"],
     package_dir={"lpjepa": "lpjepa", "lpjepa.kernels": "kernels"},
+    # Lower bounds: the oldest releases the tests were run with on Python 3.11 (older ones lack what the code
+    # uses: timm's pretrained_cfg_overlay in the export's loading snippet, scipy.stats.binomtest, or a wheel
+    # for Python 3.11). torch stays unbounded: the kernels follow its releases.
     install_requires=[
         "torch",
-        triton_requirement,
-        "timm",
+        "timm>=0.9.2",
         "torchvision",
-        "tqdm",
-        "numpy",
-        "matplotlib",  # the benchmark report's plot and lpjepa.plot
-        "safetensors",  # lpjepa.export's files (timm installs it too)
+        "tqdm>=4.60",
+        "numpy>=1.23.5",
+        "matplotlib>=3.6.2",  # the benchmark report's plot and lpjepa.plot
+        "safetensors>=0.3.1",  # lpjepa.export's files (timm installs it too)
     ],
     entry_points={
         "console_scripts": [
@@ -37,7 +41,7 @@ setup(
         ],
     },
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scipy", "mpmath", "POT"],
+        "test": ["pytest>=7.0", "pytest-benchmark>=4.0", "scipy>=1.9.3", "mpmath>=1.1", "POT>=0.9.0", triton_requirement],
         "tensorboard": ["tensorboard"],  # TensorBoard events in the run folder; without it, metrics.csv alone
     },
 )

@@ -4,6 +4,7 @@ Without a GPU, Triton kernels run on the CPU interpreter. The interpreter is cho
 when Triton is first imported, so the variable must be set here, before any test
 module imports ``lpjepa`` (which imports the kernels).
 """
+import contextlib
 import datetime
 import json
 import os
@@ -25,6 +26,8 @@ if not torch.cuda.is_available():
 os.environ["LPJEPA_CACHE_DIR"] = tempfile.mkdtemp(prefix="lpjepa-test-cache-")
 
 HAS_CUDA = torch.cuda.is_available()
+
+from _state import Patcher, Snapshot  # noqa: E402  (after TRITON_INTERPRET: it imports nothing of lpjepa itself)
 
 
 def free_port():
@@ -112,6 +115,40 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda"):
             item.add_marker(skip)
+
+
+# Tests leave no trace: shared state is changed through the helpers of tests/_state.py (or `patch`), which
+# restore it in a `finally`, and every test is checked for what it left changed.
+
+
+@pytest.fixture
+def patch():
+    """monkeypatch's setattr / setenv / delenv / setitem, plus torch_flag, each undone after the test even when
+    another undo raises (tests/_state.py says why not monkeypatch)."""
+    with contextlib.ExitStack() as stack:
+        yield Patcher(stack)
+
+
+@pytest.fixture(autouse=True)
+def leaves_no_trace(request):
+    """Fails the test that leaves torch's switches, the watched environment variables, the package's (or the
+    patched libraries') functions and classes, or the package's caches changed, naming each change; and puts
+    them back, so that the next test starts from the same state whatever this one did."""
+    before = Snapshot()
+    yield
+    changes = before.changes()
+    if not changes:
+        return
+    failed_restores = []
+    for what, put_back in changes:
+        try:
+            put_back()
+        except Exception as error:  # the others are still put back
+            failed_restores.append(f"{what} (could not be put back: {error!r})")
+    lines = [what for what, _ in changes] + failed_restores
+    pytest.fail(f"{request.node.nodeid} left shared state changed (put back now; change it through the helpers "
+                "of tests/_state.py or the `patch` fixture, which restore it in a finally):\n  " + "\n  ".join(lines),
+                pytrace=False)
 
 
 # The training programs' tests share one tiny image folder and one finished run on it

@@ -98,8 +98,8 @@ def test_train_refuses_a_gpu_this_machine_lacks(tiny_images, capsys, tmp_path):
                          capsys, tmp_path)
 
 
-def test_train_refuses_a_batch_that_does_not_divide_over_the_processes(tiny_images, capsys, tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun --nproc_per_node 4 sets it, before any process group exists
+def test_train_refuses_a_batch_that_does_not_divide_over_the_processes(tiny_images, capsys, tmp_path, patch):
+    patch.setenv("WORLD_SIZE", "4")  # as torchrun --nproc_per_node 4 sets it, before any process group exists
     line = assert_train_refuses([*run_args(tiny_images, tmp_path), "--batch-size", "6"], ["argument --batch-size: invalid value 6"], capsys, tmp_path)
     assert "multiple of the 4 processes" in line and "8, 12" in line
 

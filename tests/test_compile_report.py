@@ -242,38 +242,38 @@ def test_gpu_table_is_consistent_and_keeps_the_datasheet_figures():
     assert GPUS["H100"].int32_lanes * 2 == GPUS["H100"].fp32_lanes and GPUS["A100"].int32_lanes == GPUS["A100"].fp32_lanes
 
 
-def _fake_device(monkeypatch, name, sms, major=9, minor=0):
+def _fake_device(patch, name, sms, major=9, minor=0):
     import torch
 
     props = SimpleNamespace(name=name, multi_processor_count=sms, major=major, minor=minor, regs_per_multiprocessor=65536,
                             shared_memory_per_multiprocessor=233472, max_threads_per_multi_processor=2048)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    patch.setattr(torch.cuda, "is_available", lambda: True)
+    patch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    patch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
 
 
-def test_device_gpu_takes_the_figures_of_the_device_it_runs_on(monkeypatch):
+def test_device_gpu_takes_the_figures_of_the_device_it_runs_on(patch):
     import torch
 
     from benchmarks.perf_model import GPUS, device_gpu
 
-    _fake_device(monkeypatch, "NVIDIA H200", 132)
+    _fake_device(patch, "NVIDIA H200", 132)
     assert device_gpu() is GPUS["H200"]
-    _fake_device(monkeypatch, "NVIDIA H100 PCIe", 114)
+    _fake_device(patch, "NVIDIA H100 PCIe", 114)
     assert device_gpu() is GPUS["H100 PCIe"] and device_gpu().hbm_tbps == 2.0
-    _fake_device(monkeypatch, "NVIDIA A100-SXM4-80GB", 108, 8, 0)
+    _fake_device(patch, "NVIDIA A100-SXM4-80GB", 108, 8, 0)
     assert device_gpu() is GPUS["A100"]
     # A MIG slice of an H100 SXM: its peaks scaled to the SMs it has.
-    _fake_device(monkeypatch, "NVIDIA H100 80GB HBM3", 66)
+    _fake_device(patch, "NVIDIA H100 80GB HBM3", 66)
     sliced = device_gpu()
     assert sliced.sms == 66 and sliced.fp16_tflops == pytest.approx(989.4 / 2) and "66 of 132" in sliced.name
     # An unknown sm_90 GPU with 100 SMs: the nearest known sm_90 by SM count (H100 PCIe, 114), scaled, and labelled.
-    _fake_device(monkeypatch, "NVIDIA Future GPU", 100)
+    _fake_device(patch, "NVIDIA Future GPU", 100)
     unknown = device_gpu()
     assert unknown.name.startswith("unknown GPU NVIDIA Future GPU") and "H100 PCIe" in unknown.name
     assert unknown.sms == 100 and unknown.fp32_tflops == pytest.approx(51.2 * 100 / 114)
     assert unknown.smem_per_sm == 233472 and unknown.source.startswith("estimate")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    patch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="GPUS"):
         device_gpu()
 

@@ -146,7 +146,7 @@ def test_device_data_resumes_exactly_mid_epoch(straight_device_run, cifar_folder
 HOST_READS = ("item", "tolist", "cpu", "__float__", "__int__", "__bool__", "__format__")
 
 
-def test_step_loop_reads_the_device_only_when_due(cifar_folder, tmp_path, monkeypatch):
+def test_step_loop_reads_the_device_only_when_due(cifar_folder, tmp_path, patch):
     """Counts host reads made by the package's own code during train_epoch, per step: only steps where sync_due holds read."""
     # No workers: the batches are made in this process, as on CUDA, and their reads count too.
     cfg, _ = config(device_args(cifar_folder, tmp_path / "run", "--epochs", "2", "--log-every", "3", "--num-workers", "0"))
@@ -161,7 +161,7 @@ def test_step_loop_reads_the_device_only_when_due(cifar_folder, tmp_path, monkey
         return wrapper
 
     for name in HOST_READS:
-        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+        patch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
     train_epoch, sync_due = loop.Trainer.train_epoch, loop.Trainer.sync_due
 
     def watched_epoch(self, *args, **kwargs):
@@ -177,8 +177,8 @@ def test_step_loop_reads_the_device_only_when_due(cifar_folder, tmp_path, monkey
             due_steps.add(self.state.global_step)
         return due
 
-    monkeypatch.setattr(loop.Trainer, "train_epoch", watched_epoch)
-    monkeypatch.setattr(loop.Trainer, "sync_due", watched_due)
+    patch.setattr(loop.Trainer, "train_epoch", watched_epoch)
+    patch.setattr(loop.Trainer, "sync_due", watched_due)
     loop.train(cfg)
     # 2 epochs of 4 steps, --log-every 3: reads after steps 3, 4 (the epoch's end), 6 and 8.
     assert due_steps == {3, 4, 6, 8}
@@ -225,7 +225,7 @@ def test_prepare_model_compiles_in_place_and_keeps_parameter_names():
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
 
 
-def watch_syncs(owner, name, monkeypatch, syncs):
+def watch_syncs(owner, name, patch, syncs):
     """Run ``owner.name`` under CUDA's sync debug mode from its second call on, collecting what it reports."""
     original, calls = getattr(owner, name), []
 
@@ -243,19 +243,19 @@ def watch_syncs(owner, name, monkeypatch, syncs):
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    monkeypatch.setattr(owner, name, watched)
+    patch.setattr(owner, name, watched)
 
 
 @requires_cuda
 @pytest.mark.parametrize("amp_dtype", ["fp16", "bf16"])
-def test_cuda_run_with_every_switch_and_no_sync_in_steps_or_augmentation(cifar_folder, tmp_path, amp_dtype, monkeypatch):
+def test_cuda_run_with_every_switch_and_no_sync_in_steps_or_augmentation(cifar_folder, tmp_path, amp_dtype, patch):
     """On a GPU: device data, channels_last, fused AdamW, cuDNN autotuning and the amp dtype; CUDA's sync debug
     mode reports no synchronising call in a step or in a batch's augmentation (after the first of each)."""
     cfg, _ = config(device_args(cifar_folder, tmp_path / "run", "--epochs", "2", "--device", "cuda", "--amp-dtype",
                                 amp_dtype, "--log-every", "4"))
     syncs = []
-    watch_syncs(loop.TrainState, "step", monkeypatch, syncs)
-    watch_syncs(BatchAugment, "views", monkeypatch, syncs)
+    watch_syncs(loop.TrainState, "step", patch, syncs)
+    watch_syncs(BatchAugment, "views", patch, syncs)
     row = loop.train(cfg)
     assert np.isfinite(row["loss"]) and not syncs, syncs
     resolved = json.load(open(tmp_path / "run" / "config.json"))

@@ -33,12 +33,12 @@ HINTS = {"no C compiler": "install one (gcc or clang) or point CC at it", "no pt
 
 
 @pytest.fixture
-def triton_on_cpu(monkeypatch):
+def triton_on_cpu(patch):
     """'auto' sends CPU tensors to the Triton ops (the interpreter), with no failure remembered yet."""
-    monkeypatch.setattr(backend, "TRITON_DEVICE_TYPES", {"cuda", "cpu"})
-    monkeypatch.setattr(backend, "_UNAVAILABLE", {})
-    monkeypatch.setattr(backend, "_DECISIONS", {})
-    monkeypatch.delenv(backend.ENV_FALLBACK, raising=False)
+    patch.setattr(backend, "TRITON_DEVICE_TYPES", {"cuda", "cpu"})
+    patch.setattr(backend, "_UNAVAILABLE", {})
+    patch.setattr(backend, "_DECISIONS", {})
+    patch.delenv(backend.ENV_FALLBACK, raising=False)
 
 
 def _inputs(seed=0, batch=7, dim=5, num_projections=8):
@@ -49,7 +49,7 @@ def _inputs(seed=0, batch=7, dim=5, num_projections=8):
     return z, target, projections
 
 
-def _failing_launch(monkeypatch, error):
+def _failing_launch(patch, error):
     """Every kernel launch of the loss raises ``error()``; returns the list of attempts."""
     attempts = []
 
@@ -57,15 +57,15 @@ def _failing_launch(monkeypatch, error):
         attempts.append(_launch.kernel)
         raise error()
 
-    monkeypatch.setattr(swd_op, "_launch", launch)
+    patch.setattr(swd_op, "_launch", launch)
     return attempts
 
 
-def test_the_interpreter_seam_really_runs_the_kernels(triton_on_cpu, monkeypatch):
+def test_the_interpreter_seam_really_runs_the_kernels(triton_on_cpu, patch):
     # Without a failure, 'auto' on CPU tensors now launches the Triton kernels: the seam the others use.
     launched = []
     real = swd_op._launch
-    monkeypatch.setattr(swd_op, "_launch", lambda launch: (launched.append(launch.kernel), real(launch)))
+    patch.setattr(swd_op, "_launch", lambda launch: (launched.append(launch.kernel), real(launch)))
     z, target, projections = _inputs()
     with warnings.catch_warnings():
         warnings.simplefilter("error", backend.TritonFallbackWarning)
@@ -74,8 +74,8 @@ def test_the_interpreter_seam_really_runs_the_kernels(triton_on_cpu, monkeypatch
 
 
 @pytest.mark.parametrize("failure", sorted(FAILURES))
-def test_auto_falls_back_to_torch_with_one_warning(triton_on_cpu, monkeypatch, failure):
-    attempts = _failing_launch(monkeypatch, FAILURES[failure])
+def test_auto_falls_back_to_torch_with_one_warning(triton_on_cpu, patch, failure):
+    attempts = _failing_launch(patch, FAILURES[failure])
     z, target, projections = _inputs()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -98,8 +98,8 @@ def test_auto_falls_back_to_torch_with_one_warning(triton_on_cpu, monkeypatch, f
     torch.testing.assert_close(grad, want_grad, atol=0, rtol=0)
 
 
-def test_the_fallback_matches_the_reference(triton_on_cpu, monkeypatch):
-    _failing_launch(monkeypatch, FAILURES["compile error"])
+def test_the_fallback_matches_the_reference(triton_on_cpu, patch):
+    _failing_launch(patch, FAILURES["compile error"])
     z, target, projections = _inputs(seed=3, batch=255, dim=6)
     with pytest.warns(backend.TritonFallbackWarning):
         loss = lpjepa.rdmreg_loss(z, target, projections=projections)
@@ -108,9 +108,9 @@ def test_the_fallback_matches_the_reference(triton_on_cpu, monkeypatch):
     torch.testing.assert_close(loss.double(), want, atol=atol, rtol=rtol)
 
 
-def test_the_warning_is_silenced_by_the_environment(triton_on_cpu, monkeypatch):
-    _failing_launch(monkeypatch, FAILURES["out of resources"])
-    monkeypatch.setenv(backend.ENV_FALLBACK, "quiet")
+def test_the_warning_is_silenced_by_the_environment(triton_on_cpu, patch):
+    _failing_launch(patch, FAILURES["out of resources"])
+    patch.setenv(backend.ENV_FALLBACK, "quiet")
     z, target, projections = _inputs()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -119,8 +119,8 @@ def test_the_warning_is_silenced_by_the_environment(triton_on_cpu, monkeypatch):
 
 
 @pytest.mark.parametrize("failure", sorted(FAILURES))
-def test_backend_triton_raises_with_the_cause(triton_on_cpu, monkeypatch, failure):
-    _failing_launch(monkeypatch, FAILURES[failure])
+def test_backend_triton_raises_with_the_cause(triton_on_cpu, patch, failure):
+    _failing_launch(patch, FAILURES[failure])
     z, target, projections = _inputs()
     with pytest.raises(backend.KernelUnavailable, match="cannot run on cpu") as raised:
         lpjepa.rdmreg_loss(z, target, projections=projections, backend="triton")
@@ -130,17 +130,17 @@ def test_backend_triton_raises_with_the_cause(triton_on_cpu, monkeypatch, failur
     assert not backend._UNAVAILABLE  # 'triton' never makes 'auto' give up
 
 
-def test_argument_errors_are_not_swallowed(triton_on_cpu, monkeypatch):
+def test_argument_errors_are_not_swallowed(triton_on_cpu, patch):
     # An error the torch backend would raise as well is the caller's, not the kernels'.
-    _failing_launch(monkeypatch, lambda: ValueError("bad projections"))
+    _failing_launch(patch, lambda: ValueError("bad projections"))
     z, target, projections = _inputs()
     with pytest.raises(ValueError, match="bad projections"):
         lpjepa.rdmreg_loss(z, target, projections=projections)
     assert not backend._UNAVAILABLE
 
 
-def test_the_module_and_the_objective_fall_back_too(triton_on_cpu, monkeypatch):
-    _failing_launch(monkeypatch, FAILURES["compile error"])
+def test_the_module_and_the_objective_fall_back_too(triton_on_cpu, patch):
+    _failing_launch(patch, FAILURES["compile error"])
     z1, target, projections = _inputs(seed=4)
     z2 = (z1.detach() + 0.1).requires_grad_()
     with pytest.warns(backend.TritonFallbackWarning):
@@ -151,11 +151,11 @@ def test_the_module_and_the_objective_fall_back_too(triton_on_cpu, monkeypatch):
     assert torch.isfinite(z1.grad).all() and torch.isfinite(z2.grad).all()
 
 
-def test_the_sampler_falls_back(triton_on_cpu, monkeypatch):
+def test_the_sampler_falls_back(triton_on_cpu, patch):
     def fail(*args, **kwargs):
         raise FAILURES["no C compiler"]()
 
-    monkeypatch.setattr(rgg_kernels, "rgg_sample", fail)
+    patch.setattr(rgg_kernels, "rgg_sample", fail)
     torch.manual_seed(7)
     with pytest.warns(backend.TritonFallbackWarning, match="rgg_sample"):
         drawn = lpjepa.sample_rgg((64, 8), p=1.0, mu=-0.5)
@@ -165,9 +165,9 @@ def test_the_sampler_falls_back(triton_on_cpu, monkeypatch):
         lpjepa.sample_rgg((64, 8), backend="triton")
 
 
-def test_no_triton_falls_back_and_names_the_install(triton_on_cpu, monkeypatch):
-    monkeypatch.setitem(backend._LOADED, "ops", (None, ImportError("No module named 'triton'")))
-    monkeypatch.setattr(backend, "_DECISIONS", {})
+def test_no_triton_falls_back_and_names_the_install(triton_on_cpu, patch):
+    patch.setitem(backend._LOADED, "ops", (None, ImportError("No module named 'triton'")))
+    patch.setattr(backend, "_DECISIONS", {})
     z, target, projections = _inputs()
     with pytest.warns(backend.TritonFallbackWarning, match="pip install triton"):
         loss = lpjepa.rdmreg_loss(z, target, projections=projections)
@@ -176,13 +176,13 @@ def test_no_triton_falls_back_and_names_the_install(triton_on_cpu, monkeypatch):
         lpjepa.rdmreg_loss(z, target, projections=projections, backend="triton")
 
 
-def test_gpus_below_sm_75_are_refused_before_any_launch(monkeypatch):
-    monkeypatch.setattr(backend, "_UNAVAILABLE", {})
-    monkeypatch.setattr(backend, "_REASONS", {})
-    monkeypatch.setattr(backend, "_DECISIONS", {})
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+def test_gpus_below_sm_75_are_refused_before_any_launch(patch):
+    patch.setattr(backend, "_UNAVAILABLE", {})
+    patch.setattr(backend, "_REASONS", {})
+    patch.setattr(backend, "_DECISIONS", {})
+    patch.setattr(torch.cuda, "is_available", lambda: True)
+    patch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    patch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
     with pytest.raises(backend.KernelUnavailable, match=r"cuda:0 \(Tesla V100-SXM2-16GB, sm_70\).*below 7.5"):
         backend.use_triton("sliced_wasserstein", "triton", "cuda:0", torch.float32)
     with pytest.warns(backend.TritonFallbackWarning, match="compute capability 7.0"):
@@ -190,7 +190,7 @@ def test_gpus_below_sm_75_are_refused_before_any_launch(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per op and device
         assert not backend.use_triton("sliced_wasserstein", "auto", "cuda:0", torch.float32)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4 runs them
+    patch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4 runs them
     assert backend.use_triton("rgg_sample", "auto", "cuda:1", torch.float32)
     assert backend.kernels("rgg_sample") is rgg_kernels
 

@@ -65,13 +65,13 @@ def _reference_loss(z, target, projections):
     return sum(losses) / len(losses)
 
 
-def check_against_reference(monkeypatch, device, precision, projection_path, sort_path, *, batch=96, dim=40,
+def check_against_reference(patch, device, precision, projection_path, sort_path, *, batch=96, dim=40,
                             num_projections=48, views=2, per_view=False, target_grad=True, seed=0):
     """The loss and the gradients of z, the target and the directions on the forced paths, against fp64 autograd."""
     dtype, allow_tf32, tolerance_dtype = PRECISIONS[precision]
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
-    monkeypatch.setenv("LPJEPA_PROJECTION_PATH", projection_path)
-    monkeypatch.setenv("LPJEPA_SORT_PATH", sort_path)
+    patch.torch_flag(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    patch.setenv("LPJEPA_PROJECTION_PATH", projection_path)
+    patch.setenv("LPJEPA_SORT_PATH", sort_path)
     z, target, projections = _inputs(views, batch, dim, num_projections, dtype, per_view=per_view, seed=seed,
                                      device=device)
     leaves = [z.clone().requires_grad_(), target.clone().requires_grad_(target_grad),
@@ -99,69 +99,69 @@ on_the_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1
 
 @on_the_interpreter
 @pytest.mark.parametrize("precision,per_view", [("fp32 IEEE", False), ("fp16", True)])
-def test_the_check_runs_on_the_interpreter(monkeypatch, precision, per_view):
+def test_the_check_runs_on_the_interpreter(patch, precision, per_view):
     # The CPU proof of the check itself: tiny shapes, both paths of each step (no bf16: the interpreter mishandles it).
     for projection_path, sort_path in (("triton", "registers"), ("cublas", "torch_sort")):
-        check_against_reference(monkeypatch, "cpu", precision, projection_path, sort_path, batch=13, dim=6,
+        check_against_reference(patch, "cpu", precision, projection_path, sort_path, batch=13, dim=6,
                                 num_projections=8, per_view=per_view)
 
 
 @on_the_interpreter
-def test_the_check_fails_on_a_wrong_loss(monkeypatch):
+def test_the_check_fails_on_a_wrong_loss(patch):
     # The check can fail: a loss 3% off is caught.
     real = lpjepa.RDMReg.forward
-    monkeypatch.setattr(lpjepa.RDMReg, "forward", lambda self, *a, **k: 1.03 * real(self, *a, **k))
+    patch.setattr(lpjepa.RDMReg, "forward", lambda self, *a, **k: 1.03 * real(self, *a, **k))
     with pytest.raises(AssertionError):
-        check_against_reference(monkeypatch, "cpu", "fp32 IEEE", "cublas", "torch_sort", batch=13, dim=6,
+        check_against_reference(patch, "cpu", "fp32 IEEE", "cublas", "torch_sort", batch=13, dim=6,
                                 num_projections=8)
 
 
 @requires_cuda
 @pytest.mark.parametrize("projection_path", kernels.PROJECTION_PATHS)
 @pytest.mark.parametrize("precision", sorted(PRECISIONS))
-def test_every_projection_precision(monkeypatch, precision, projection_path):
-    check_against_reference(monkeypatch, "cuda", precision, projection_path, "registers", target_grad=False)
+def test_every_projection_precision(patch, precision, projection_path):
+    check_against_reference(patch, "cuda", precision, projection_path, "registers", target_grad=False)
 
 
 @requires_cuda
 @pytest.mark.parametrize("batch", [3, 255, 256, 257])
 @pytest.mark.parametrize("target_grad", [False, True])
-def test_register_sort_one_direction_per_program(monkeypatch, batch, target_grad):
+def test_register_sort_one_direction_per_program(patch, batch, target_grad):
     assert kernels.sort_config(batch, 48, target_grad)["ROWS"] == 1
-    check_against_reference(monkeypatch, "cuda", "fp32 IEEE", "triton", "registers", batch=batch,
+    check_against_reference(patch, "cuda", "fp32 IEEE", "triton", "registers", batch=batch,
                             target_grad=target_grad)
 
 
 @requires_cuda
 @pytest.mark.parametrize("precision", ["fp32 IEEE", "bf16"])
 @pytest.mark.parametrize("target_grad", [False, True])
-def test_register_sort_several_directions_per_program(monkeypatch, precision, target_grad):
+def test_register_sort_several_directions_per_program(patch, precision, target_grad):
     batch, num_projections = 100, 2048
     assert kernels.sort_config(batch, num_projections, target_grad)["ROWS"] > 1
-    check_against_reference(monkeypatch, "cuda", precision, "triton", "registers", batch=batch, dim=32,
+    check_against_reference(patch, "cuda", precision, "triton", "registers", batch=batch, dim=32,
                             num_projections=num_projections, target_grad=target_grad)
 
 
 @requires_cuda
 @pytest.mark.parametrize("batch", [255, kernels.register_sort_max_batch() + 3])
 @pytest.mark.parametrize("target_grad", [False, True])
-def test_torch_sort_path(monkeypatch, batch, target_grad):
+def test_torch_sort_path(patch, batch, target_grad):
     if batch > kernels.register_sort_max_batch():
         assert kernels.sort_paths_for(batch, target_grad) == ("torch_sort",)
-    check_against_reference(monkeypatch, "cuda", "fp32 IEEE", "triton", "torch_sort", batch=batch, dim=16,
+    check_against_reference(patch, "cuda", "fp32 IEEE", "triton", "torch_sort", batch=batch, dim=16,
                             num_projections=16, target_grad=target_grad)
 
 
 @requires_cuda
 @pytest.mark.parametrize("paths", [("triton", "registers"), ("cublas", "torch_sort")])
 @pytest.mark.parametrize("precision", ["fp32 IEEE", "bf16"])
-def test_per_view_targets_and_directions(monkeypatch, paths, precision):
-    check_against_reference(monkeypatch, "cuda", precision, *paths, batch=257, per_view=True)
+def test_per_view_targets_and_directions(patch, paths, precision):
+    check_against_reference(patch, "cuda", precision, *paths, batch=257, per_view=True)
 
 
 @requires_cuda
-def test_three_views_against_one_target(monkeypatch):
-    check_against_reference(monkeypatch, "cuda", "fp16", "triton", "registers", views=3, batch=255)
+def test_three_views_against_one_target(patch):
+    check_against_reference(patch, "cuda", "fp16", "triton", "registers", views=3, batch=255)
 
 
 @requires_cuda

@@ -4,6 +4,7 @@ The guard alone is checked too: a failing step is named with its parts, a step u
 grad scaler that skips now and then is not a failure but a long run of skips is, and
 ``observe`` never reads a tensor on the host.
 """
+import contextlib
 import math
 
 import pytest
@@ -14,6 +15,7 @@ from lpjepa.loss import LossParts
 from lpjepa.training import loop
 from lpjepa.training.guard import NON_FINITE_EXIT_CODE, NonFiniteGuard, NonFiniteLoss, describe
 from lpjepa.training.model import LpJEPA
+from _state import patched
 from test_train import assert_same_state, load, run_args
 
 NAN = float("nan")
@@ -50,17 +52,17 @@ def test_finite_steps_pass_and_non_finite_weights_are_caught_before_a_save():
     assert failed.value.weights_only
 
 
-def test_observe_reads_nothing_on_the_host(monkeypatch):
+def test_observe_reads_nothing_on_the_host():
     guard = NonFiniteGuard(torch.device("cpu"))
 
     def no_sync(*args, **kwargs):
         raise AssertionError("observe read a tensor on the host")
 
-    for name in ("item", "tolist", "__bool__", "cpu", "numpy"):
-        monkeypatch.setattr(torch.Tensor, name, no_sync)
-    for step in range(1, 4):
-        guard.observe(step, parts(NAN if step == 2 else 1.0))
-    monkeypatch.undo()
+    with contextlib.ExitStack() as reads_refused:
+        for name in ("item", "tolist", "__bool__", "cpu", "numpy"):
+            reads_refused.enter_context(patched(torch.Tensor, name, no_sync))
+        for step in range(1, 4):
+            guard.observe(step, parts(NAN if step == 2 else 1.0))
     with pytest.raises(NonFiniteLoss):
         guard.check()
 
@@ -132,9 +134,9 @@ def nan_at_step(step):
 
 @pytest.mark.parametrize("log_every", [1, 50], ids=["checked-every-step", "checked-at-the-epochs-end"])
 def test_a_nan_mid_run_stops_it_and_last_pt_keeps_the_last_good_state(
-    log_every, tiny_images, one_good_epoch, tmp_path, capsys, monkeypatch
+    log_every, tiny_images, one_good_epoch, tmp_path, capsys, patch
 ):
-    monkeypatch.setattr(loop, "LpJEPA", nan_at_step(6))  # 4 steps per epoch: epoch 2, batch 2
+    patch.setattr(loop, "LpJEPA", nan_at_step(6))  # 4 steps per epoch: epoch 2, batch 2
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stopped:
         train.main(run_args(tiny_images, out, "--epochs", "3", "--log-every", str(log_every)))

@@ -60,15 +60,15 @@ def test_one_candidate_is_not_timed(tmp_path):
     assert ran == []
 
 
-def test_environment_forces_or_disables(tmp_path, monkeypatch):
+def test_environment_forces_or_disables(tmp_path, patch):
     chooser, timer, run, ran = chooser_and_runner(tmp_path, {"registers": 5.0, "torch_sort": 1.0})
-    monkeypatch.setenv("LPJEPA_SORT_PATH", "registers")
+    patch.setenv("LPJEPA_SORT_PATH", "registers")
     assert chooser.choose("sort", "k", ["registers", "torch_sort"], "torch_sort", run, may_time=True) == "registers"
     assert ran == []
     with pytest.raises(ValueError, match="LPJEPA_SORT_PATH='registers' cannot run this call"):
         chooser.choose("sort", "k", ["torch_sort"], "torch_sort", run, may_time=True)
-    monkeypatch.delenv("LPJEPA_SORT_PATH")
-    monkeypatch.setenv("LPJEPA_AUTOTUNE", "0")
+    patch.delenv("LPJEPA_SORT_PATH")
+    patch.setenv("LPJEPA_AUTOTUNE", "0")
     assert chooser.choose("sort", "k", ["registers", "torch_sort"], "registers", run, may_time=True) == "registers"
     assert ran == []
 
@@ -88,7 +88,7 @@ def test_an_unreadable_cache_file_is_ignored_and_replaced(tmp_path, content):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["paths.json", "paths.json.lock"]  # no temporary file left
 
 
-def test_the_key_holds_the_torch_and_triton_versions(tmp_path, monkeypatch):
+def test_the_key_holds_the_torch_and_triton_versions(tmp_path, patch):
     import importlib.metadata
 
     key = path_choice.versions_key()
@@ -137,11 +137,11 @@ def test_concurrent_processes_never_corrupt_the_cache(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["paths.json", "paths.json.lock"]
 
 
-def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("LPJEPA_CACHE_DIR", str(tmp_path / "here"))
+def test_cache_location_follows_the_environment(patch, tmp_path):
+    patch.setenv("LPJEPA_CACHE_DIR", str(tmp_path / "here"))
     assert path_choice.cache_path() == str(tmp_path / "here" / "paths.json")
-    monkeypatch.delenv("LPJEPA_CACHE_DIR")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    patch.delenv("LPJEPA_CACHE_DIR")
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert path_choice.cache_path() == str(tmp_path / "xdg" / "lpjepa" / "paths.json")
 
 
@@ -152,16 +152,16 @@ def test_buckets_and_when_timing_is_allowed():
     assert not torch.cuda.is_initialized()
 
 
-def test_nothing_is_timed_during_a_cuda_graph_capture(tmp_path, monkeypatch):
+def test_nothing_is_timed_during_a_cuda_graph_capture(tmp_path, patch):
     # CUDA tensors stand in as meta ones whose device reads cuda; the capture check is the one asked.
     class OnCuda:
         device = torch.device("cuda")
 
-    monkeypatch.setattr(torch._subclasses.fake_tensor, "is_fake", lambda t: False)
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    patch.setattr(torch._subclasses.fake_tensor, "is_fake", lambda t: False)
+    patch.setattr(torch.cuda, "is_initialized", lambda: True)
+    patch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     assert path_choice.may_time(OnCuda())  # eager, one process, not capturing: timed
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    patch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert not path_choice.may_time(OnCuda())
     chooser, timer, run, ran = chooser_and_runner(tmp_path, {"registers": 5.0, "torch_sort": 1.0})
     choice = chooser.choose("sort", "k", ["registers", "torch_sort"], "registers", run,
@@ -169,7 +169,7 @@ def test_nothing_is_timed_during_a_cuda_graph_capture(tmp_path, monkeypatch):
     assert choice == "registers" and ran == [] and timer.timed == []
 
 
-def test_the_triton_ops_ask_the_chooser_with_the_candidates_that_fit(monkeypatch):
+def test_the_triton_ops_ask_the_chooser_with_the_candidates_that_fit(patch):
     from lpjepa.kernels import sliced_wasserstein as kernels
 
     asked = []
@@ -178,8 +178,8 @@ def test_the_triton_ops_ask_the_chooser_with_the_candidates_that_fit(monkeypatch
         asked.append((step, candidates, default))
         return default
 
-    monkeypatch.setattr(path_choice.CHOOSER, "choose", record)
-    monkeypatch.setattr(path_choice, "_ANSWERS", {})
+    patch.setattr(path_choice.CHOOSER, "choose", record)
+    patch.setattr(path_choice, "_ANSWERS", {})
     limit = kernels.register_sort_max_batch()
     small, large = torch.empty((1, 4, 16)), torch.empty((1, 4, limit + 1))
     assert path_choice.sort_path(small, small, False) == "registers"

@@ -236,10 +236,10 @@ def test_sample_rgg_under_every_precision_on_the_cpu(dtype, autocast):
     check_sampler_cell(DTYPES[dtype], AUTOCASTS[autocast], "cpu", "torch")
 
 
-def test_the_check_fails_on_a_wrong_loss(monkeypatch):
+def test_the_check_fails_on_a_wrong_loss(patch):
     """A loss 1% off (the reference moved instead, the one place a test can move it) must fail the check."""
     real = reference.rdmreg_loss
-    monkeypatch.setattr(reference, "rdmreg_loss", lambda *args, **kwargs: 1.01 * real(*args, **kwargs))
+    patch.setattr(reference, "rdmreg_loss", lambda *args, **kwargs: 1.01 * real(*args, **kwargs))
     with pytest.raises(AssertionError):
         check_cell("RDMReg", torch.float32, None, "cpu", "torch")
 

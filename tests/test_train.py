@@ -321,13 +321,13 @@ def test_cifar_format_folder_trains_with_skip_data_check(tmp_path, capsys):
     assert len(runlog.MetricsCSV(tmp_path / "run" / "metrics.csv", runlog.COLUMNS).read()) == 1
 
 
-def test_failed_download_says_why_removes_what_it_made_and_offers_no_download(tmp_path, monkeypatch):
+def test_failed_download_says_why_removes_what_it_made_and_offers_no_download(tmp_path, patch):
     from torchvision import datasets
 
     def no_network(self):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(datasets.CIFAR100, "download", no_network)
+    patch.setattr(datasets.CIFAR100, "download", no_network)
     with pytest.raises(DataNotFound, match="(?s)downloading it failed \\(URLError.*download=True") as failed:
         load_splits("cifar100", str(tmp_path / "data"))
     assert "drop --no-download" not in str(failed.value)  # the download is what just failed

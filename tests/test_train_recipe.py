@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -121,10 +122,14 @@ def test_paper_preset_is_the_official_run(path, official, source, paper_config):
     assert value == (pytest.approx(official) if isinstance(official, (float, list)) else official), source
 
 
-def test_print_config_reads_no_data_and_writes_nothing(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_print_config_reads_no_data_and_writes_nothing(tmp_path, capsys):
     missing = tmp_path / "no-such-folder"
-    printed = printed_config(["--dataset", "imagefolder", "--data-dir", str(missing), "--no-download"], capsys)
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        printed = printed_config(["--dataset", "imagefolder", "--data-dir", str(missing), "--no-download"], capsys)
+    finally:
+        os.chdir(here)
     assert printed["config"]["data_dir"] == str(missing) and printed["config"]["preset"] == "seed"
     assert list(tmp_path.iterdir()) == []  # no data, no run folder
 
@@ -139,9 +144,9 @@ def test_default_run_stays_the_seed_recipe(capsys):
     assert resolved["probes"]["optimizer"] == "adamw" and resolved["sync_batchnorm"]["on"] is False
 
 
-def test_paper_under_torchrun_scales_batch_and_learning_rates(capsys, monkeypatch):
+def test_paper_under_torchrun_scales_batch_and_learning_rates(capsys, patch):
     """solo/args/pretrain.py: 256 per device, lr and classifier lr x (256 x devices) / 256; BatchNorm synchronised."""
-    monkeypatch.setenv("WORLD_SIZE", "4")
+    patch.setenv("WORLD_SIZE", "4")
     resolved = printed_config(["--preset", "paper"], capsys)["resolved"]
     assert (resolved["world_size"], resolved["batch_size"], resolved["batch_per_device"]) == (4, 1024, 256)
     assert resolved["optimizer"]["lr"] == pytest.approx(0.12) and resolved["probes"]["lr"] == pytest.approx(0.04)

@@ -109,7 +109,7 @@ def test_triton_sampler_through_the_api(p, mu):
 
 
 @pytest.fixture
-def launched(monkeypatch):
+def launched(patch):
     """The Triton kernels the loss's ops launch, as (kernel name, meta, args), in order."""
     from lpjepa.ops import sliced_wasserstein as triton_ops
 
@@ -120,13 +120,13 @@ def launched(monkeypatch):
         calls.append((launch.kernel.__name__, launch.meta, launch.args))
         real(launch)
 
-    monkeypatch.setattr(triton_ops, "_launch", counting)
+    patch.setattr(triton_ops, "_launch", counting)
     return calls
 
 
 @pytest.mark.parametrize("sort_path", ["registers", "torch_sort"])
-def test_views_share_one_projected_and_sorted_target(launched, monkeypatch, sort_path):
-    monkeypatch.setenv("LPJEPA_SORT_PATH", sort_path)
+def test_views_share_one_projected_and_sorted_target(launched, patch, sort_path):
+    patch.setenv("LPJEPA_SORT_PATH", sort_path)
     gen = torch.Generator().manual_seed(8)
     views = [torch.randn(24, 10, generator=gen, requires_grad=True) for _ in range(2)]
     target = torch.rand(24, 10, generator=gen)
@@ -151,9 +151,9 @@ def test_views_share_one_projected_and_sorted_target(launched, monkeypatch, sort
     "mode,dtype,allow_tf32",
     [("fp32 IEEE", torch.float32, False), ("fp32 TF32", torch.float32, True), ("fp16", torch.float16, False)],
 )
-def test_every_precision_mode_matches_the_fp64_reference(mode, dtype, allow_tf32, monkeypatch):
+def test_every_precision_mode_matches_the_fp64_reference(mode, dtype, allow_tf32, patch):
     # bf16 runs on a GPU only (the interpreter mishandles it): test_triton_loss_under_bf16_autocast_on_gpu.
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    patch.torch_flag(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
     gen = torch.Generator().manual_seed(4)
     z = torch.randn(40, 24, generator=gen).to(dtype).requires_grad_()
     target = torch.rand(40, 24, generator=gen).to(dtype)
@@ -202,7 +202,7 @@ def test_per_view_directions_and_targets_on_both_backends():
 
 
 @pytest.mark.parametrize("shared_directions", [True, False])
-def test_projection_backward_multiplies_bf16_as_fp32_below_sm_80(monkeypatch, shared_directions):
+def test_projection_backward_multiplies_bf16_as_fp32_below_sm_80(patch, shared_directions):
     # Turing has no bf16 arithmetic: the backward's matmuls take fp32 copies (the fp32
     # gradient unrounded), as the forward's cuBLAS path does, and round the result to bf16.
     from lpjepa.kernels import launch
@@ -219,7 +219,7 @@ def test_projection_backward_multiplies_bf16_as_fp32_below_sm_80(monkeypatch, sh
         grad_x, grad_p = op.project_backward(grad, x, projections, operand, True, True)
         return grad_x.to(x.dtype), grad_p.to(x.dtype)
 
-    monkeypatch.setattr(launch, "device_arch", lambda device: 75)
+    patch.setattr(launch, "device_arch", lambda device: 75)
     grad_x, grad_p = backward()
     directions = projections.float().expand(2, 5, 12)
     want_x = torch.matmul(grad.transpose(1, 2), directions)
@@ -228,7 +228,7 @@ def test_projection_backward_multiplies_bf16_as_fp32_below_sm_80(monkeypatch, sh
     assert grad_x.dtype == grad_p.dtype == torch.bfloat16
     torch.testing.assert_close(grad_x, want_x.bfloat16(), atol=0, rtol=0)
     torch.testing.assert_close(grad_p.float(), want_p, **dict(zip(("atol", "rtol"), tolerance(torch.bfloat16))))
-    monkeypatch.setattr(launch, "device_arch", lambda device: 80)  # the bf16 operand path: the gradient rounded first
+    patch.setattr(launch, "device_arch", lambda device: 80)  # the bf16 operand path: the gradient rounded first
     rounded_x, _ = backward()
     torch.testing.assert_close(rounded_x.float(), torch.matmul(grad.bfloat16().float().transpose(1, 2), directions),
                                **dict(zip(("atol", "rtol"), tolerance(torch.bfloat16))))
