@@ -158,19 +158,26 @@ def time_alternately(steps, seconds):
 
 
 def measure(batch=8, dim=8, num_projections=8, views=2, seconds=4.0):
-    """The host times, their ratio and the launch counts: a dict (what ``main`` prints)."""
+    """The host times, their ratio and the launch counts: a dict (what ``main`` prints).
+
+    Runs on one torch thread with denormals flushed, and puts both settings back.
+    """
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     # The stubbed kernels leave their outputs as allocated: flush denormals, so that arithmetic on
     # that memory (the backward's) never takes the CPU's slow path and is timed as on real values.
     flush = torch.set_flush_denormal(True)
-    steps = {"triton (launches stubbed)": triton_step(batch, dim, num_projections, views),
-             "plain torch": torch_step(batch, dim, num_projections, views)}
-    with StubbedLaunches():
-        medians = time_alternately(steps, seconds)
-    triton_launches, triton_torch_ops = count_launches(steps["triton (launches stubbed)"])
-    _, plain_ops = count_launches(steps["plain torch"])
-    if flush:
-        torch.set_flush_denormal(False)
+    try:
+        steps = {"triton (launches stubbed)": triton_step(batch, dim, num_projections, views),
+                 "plain torch": torch_step(batch, dim, num_projections, views)}
+        with StubbedLaunches():
+            medians = time_alternately(steps, seconds)
+        triton_launches, triton_torch_ops = count_launches(steps["triton (launches stubbed)"])
+        _, plain_ops = count_launches(steps["plain torch"])
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
     ratio = medians["triton (launches stubbed)"] / medians["plain torch"]
     launches = sum(triton_launches.values()) + sum(triton_torch_ops.values())
     return dict(
@@ -184,7 +191,7 @@ def measure(batch=8, dim=8, num_projections=8, views=2, seconds=4.0):
         plain_torch_launches=sum(plain_ops.values()),
         targets=dict(ratio=TARGET_RATIO, launches=TARGET_LAUNCHES),
         met=dict(ratio=ratio <= TARGET_RATIO, launches=launches <= TARGET_LAUNCHES),
-        threads=torch.get_num_threads(),
+        threads=1,
         load=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     )
 
