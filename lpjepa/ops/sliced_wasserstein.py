@@ -220,10 +220,6 @@ class Body(NamedTuple):
     name: str
     triton: bool
 
-    def operand_dtype(self, features, compute):
-        """The projection operands' dtype for ``features`` when the loss computes in ``compute``."""
-        return triton_operand_dtype(features) if self.triton else compute
-
     def project(self, sources, directions, operand_dtype):
         """(S, K, B) projections of the (n, B, D) ``sources`` (already in ``operand_dtype`` on Triton)."""
         if not self.triton:
