@@ -41,9 +41,14 @@ def _sort_residual_setup(ctx, inputs, output):
 
 
 def _sort_residual_backward(ctx, grad_loss, _grad_residual, _grad_residual_t):
-    """The op's formula: d loss / d proj = 2 / numel * residual (the bodies return it so scaled), times grad_loss."""
+    """The op's formula: d loss / d proj = 2 / numel * residual, times grad_loss.
+
+    The residual here is unscaled (the ops return the bodies' residual as is): with the
+    kernels' scaled store, Inductor's graph gave wrong gradients once the loss had a second
+    term (tests/test_compile.py), so the traced route keeps the scale in its backward.
+    """
     residual, residual_t = ctx.saved_tensors
-    grad_loss = grad_loss.to(residual.dtype)
+    grad_loss = grad_loss.to(residual.dtype) * (2.0 / residual.numel())
     grad_t = residual_t * grad_loss if ctx.needs_input_grad[1] and residual_t.numel() else None
     return residual * grad_loss, grad_t, None
 
@@ -58,7 +63,7 @@ def torch_sort_residual_op(
     proj: torch.Tensor, proj_t: torch.Tensor, need_target_residual: bool
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The torch body's sort and residual: (loss, residual, residual_target or empty)."""
-    return _with_empty(torch_sort_residual(proj, proj_t, need_target_residual, 2.0 / proj.numel()), proj)
+    return _with_empty(torch_sort_residual(proj, proj_t, need_target_residual), proj)
 
 
 @torch_sort_residual_op.register_fake
@@ -94,14 +99,13 @@ def _project_op_backward(ctx, grad):
 def _sort_body(
     proj: torch.Tensor, proj_t: torch.Tensor, need_target_residual: bool
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _with_empty(triton_sort_residual(proj, proj_t, need_target_residual, _LAUNCH, 2.0 / proj.numel()), proj)
+    return _with_empty(triton_sort_residual(proj, proj_t, need_target_residual, _LAUNCH), proj)
 
 
 def _sort_fake(proj, proj_t, need_target_residual):
     kernels = backends.kernels("sliced_wasserstein")
     path = kernels.default_paths(proj.shape[2], need_target_residual)[1]
-    outputs, _ = kernels.sort_residual_plan(proj, proj_t, need_target_residual=need_target_residual, path=path,
-                                            residual_scale=2.0 / proj.numel())
+    outputs, _ = kernels.sort_residual_plan(proj, proj_t, need_target_residual=need_target_residual, path=path)
     return _with_empty(outputs, proj)
 
 
