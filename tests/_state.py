@@ -372,6 +372,8 @@ def _namespace_changes(label, obj, data, old):
             continue
         if not data and getattr(after, "__wrapped__", None) is before:
             continue  # the library wrapping its own function (torch._dynamo wraps torch.manual_seed on import)
+        if getattr(after, "hooked", False) and getattr(after, "__wrapped__", None) is before:
+            continue  # torch.optim wraps an Optimizer subclass's step (its profiling hook) at the first instance
         if before is _ABSENT:
             if is_module:
                 continue  # modules gain globals on their own: submodules imported, Triton's interpreter's names

@@ -49,12 +49,12 @@ FIGURES = {
 }
 Y_LABELS = {"loss": "loss (log scale)", "accuracy": "validation accuracy", "sparsity": "fraction"}
 # One colour per source of an accuracy, for its online curves and its offline result alike.
-SOURCE_COLOURS = {"backbone": "tab:blue", "projector": "tab:green", "knn": "tab:red"}
+SOURCE_COLOURS = {"backbone": "tab:blue", "projector": "tab:green", "knn": "tab:red", "online": "black"}
 # Line style per k of top-k; the marker per curve, so that no two accuracy curves look alike.
 TOP_K_STYLES = {1: "-", 5: "--"}
 CURVE_MARKERS = {
     "probe_backbone_top1": "o", "probe_backbone_top5": "s", "probe_projector_top1": "D", "probe_projector_top5": "v",
-    "knn_top1": "^", "knn_top5": "x",
+    "knn_top1": "^", "knn_top5": "x", "online_linear_top1": "h",
 }
 # eval.json's results drawn on the accuracy plot: (key, label, marker, its size, source). Hollow and of
 # decreasing sizes, so that equal results, drawn at one point, nest inside each other and all stay visible.
