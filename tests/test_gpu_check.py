@@ -4,7 +4,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("install", "collect", "gpu", "gpu tests", "path sweep", "report", "throughput")
+STEPS = ("install", "collect", "gpu", "gpu tests", "path sweep", "report", "throughput", "host cost")
 
 
 def _run(*args, timeout=240):
@@ -18,13 +18,13 @@ def test_dry_run_installs_collects_and_stops_before_cuda(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     for number, step in enumerate(STEPS, start=1):  # every step listed with its estimate and limit
-        assert f"step {number}/7 {step}" in out and "~" in out, (step, out)
+        assert f"step {number}/{len(STEPS)} {step}" in out and "~" in out, (step, out)
     estimates = [int(line.split("~")[1].split("s")[0]) for line in out.splitlines() if line.strip().startswith("step ")]
-    assert len(estimates) == 7 and sum(estimates) < 6 * 60  # sized for under 6 minutes on one H100
+    assert len(estimates) == len(STEPS) and sum(estimates) < 6 * 60  # sized for under 6 minutes on one H100
     assert "install: ok" in out and "collect: ok" in out
     assert " tests collected" in out  # every test module imports
     assert "stopping before step 3 (gpu)" in out
-    assert "== step 3/7" not in out and not (tmp_path / "tests.log").exists()  # nothing that needs CUDA ran
+    assert f"== step 3/{len(STEPS)}" not in out and not (tmp_path / "tests.log").exists()  # nothing that needs CUDA ran
     steps = (tmp_path / "steps.txt").read_text()
     assert steps.startswith("install") and "total:" in steps
 
