@@ -98,6 +98,10 @@ def _report_cases(quick, arch):
                     directions = torch.empty((k, dim), dtype=dtype, **meta)
                     _, launches = project_plan(views, directions, allow_tf32=allow_tf32, arch=arch)
                     cases.append(("_project_kernel", f"B={batch} D={dim} K={k} {dname}", launches[0]))
+                    # The loss's step: two views and the target read where they lie (3 source pointers).
+                    separate = tuple(torch.empty((batch, dim), dtype=dtype, **meta) for _ in range(3))
+                    _, launches = project_plan(separate, directions, allow_tf32=allow_tf32, arch=arch)
+                    cases.append(("_project_kernel", f"B={batch} D={dim} K={k},3src {dname}", launches[0]))
         for batch in batches:
             for k in projection_counts:
                 if allow_tf32 or dtype != torch.float32:

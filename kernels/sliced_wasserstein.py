@@ -72,7 +72,9 @@ _PAD_HIGH = tl.constexpr(0x7FFFFFFF)
 
 @triton.jit
 def _project_kernel(
-    x_ptr,  # (S, B, D) fp32 / fp16 / bf16, any strides
+    x_ptr,  # (S, B, D) fp32 / fp16 / bf16, any strides; or the first (B, D) source when SOURCE_POINTERS > 1
+    x1_ptr,  # the second (B, D) source when SOURCE_POINTERS > 1, else None
+    x2_ptr,  # the third (B, D) source when SOURCE_POINTERS == 3, else None
     p_ptr,  # (S, K, D) in x's dtype, any strides (stride 0 along S: one set of directions for every source)
     out_ptr,  # (S, K, B) fp32 contiguous, written
     B, D, K,
@@ -81,6 +83,7 @@ def _project_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    SOURCE_POINTERS: tl.constexpr,  # 1: one stacked x; 2 or 3: that many (B, D) tensors of one dtype and strides
 ):
     """out[s, k, b] = P[s, k] . x[s, b] for one (BLOCK_K, BLOCK_B) tile of one source s."""
     pid = tl.program_id(0)
@@ -91,7 +94,17 @@ def _project_kernel(
     rows = (pid % tiles_b) * BLOCK_B + tl.arange(0, BLOCK_B)
     dir_ok = dirs < K
     row_ok = rows < B
-    x_rows = x_ptr + source * stride_xs + rows[:, None].to(tl.int64) * stride_xb
+    # Separate sources spare the caller a stacked copy of the views and the target (a launch per step).
+    if SOURCE_POINTERS == 1:
+        x_source = x_ptr + source * stride_xs
+    else:
+        x_source = x_ptr
+        if source == 1:
+            x_source = x1_ptr
+        if SOURCE_POINTERS == 3:
+            if source == 2:
+                x_source = x2_ptr
+    x_rows = x_source + rows[:, None].to(tl.int64) * stride_xb
     p_rows = p_ptr + source * stride_ps + dirs[:, None].to(tl.int64) * stride_pk
     acc = tl.zeros((BLOCK_K, BLOCK_B), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -147,7 +160,29 @@ def project_config(sources, batch, dim, num_projections, dtype, allow_tf32, arch
                 num_warps=num_warps, num_stages=3)
 
 
+# The most (B, D) sources the projection kernel reads through pointers of their own: two views and a target.
+MAX_SOURCE_POINTERS = 3
+
+
+def source_shape(x):
+    """(S, B, D) of the projection's input: a stacked (S, B, D) tensor, or a tuple of S (B, D) tensors."""
+    if isinstance(x, tuple):
+        return (len(x), *x[0].shape)
+    return tuple(x.shape)
+
+
 def _check_projection_inputs(x, projections):
+    if isinstance(x, tuple):
+        first = x[0]
+        if not 2 <= len(x) <= MAX_SOURCE_POINTERS or any(
+            t.dim() != 2 or t.shape != first.shape or t.stride() != first.stride() or t.dtype != first.dtype
+            or t.device != first.device for t in x
+        ):
+            raise ValueError(
+                f"separate sources must be 2 to {MAX_SOURCE_POINTERS} (B, D) tensors of one shape, strides, dtype "
+                f"and device; got {[(tuple(t.shape), t.stride(), t.dtype) for t in x]}: stack them instead"
+            )
+        x = first[None]
     shared = projections.dim() == 2
     if x.dim() != 3 or projections.dim() not in (2, 3) or projections.shape[-1] != x.shape[2] or (
         not shared and projections.shape[0] != x.shape[0]
@@ -194,32 +229,52 @@ def _cublas_projection(x, projections, arch=None):
     return torch.bmm(P.float(), x.float().transpose(1, 2))
 
 
-def project_plan(x, projections, *, path="triton", allow_tf32=False, arch=None, check=True):
-    """The (S, K, B) fp32 projections of ``x`` (S, B, D) onto ``projections``, and the launches that fill them.
+@functools.lru_cache(maxsize=None)
+def _project_meta(sources, batch, dim, num_projections, dtype, allow_tf32, arch, source_pointers):
+    """(grid, meta) of one projection launch: ``project_config`` and the kernel's source layout."""
+    cfg = project_config(sources, batch, dim, num_projections, dtype, allow_tf32, arch)
+    grid = (cdiv(num_projections, cfg["BLOCK_K"]) * cdiv(batch, cfg["BLOCK_B"]), sources)
+    return grid, dict(cfg, SOURCE_POINTERS=source_pointers)
 
-    projections: (K, D), shared by the S sources, or (S, K, D), a set per source. Both in one dtype (fp32, fp16 or bf16; the caller rounds the directions to the
-    features' dtype, as autocast does). path: 'triton' (the kernel) or 'cublas' (torch's
-    matmul, computed here; no launch). arch: the compute capability whose tiles to take
-    (``project_config``); None: x's device's (``device_arch``). Works on ``meta`` tensors,
-    for the compile report. ``check=False`` skips the checks of the inputs, for a caller that
-    made them (the loss's op, at every step). Returns ``(out, [KernelLaunch, ...])``.
+
+def project_plan(x, projections, *, path="triton", allow_tf32=False, arch=None, check=True):
+    """The (S, K, B) fp32 projections of ``x`` onto ``projections``, and the launches that fill them.
+
+    x: a (S, B, D) tensor, or a tuple of S = 2 or 3 (B, D) tensors of one shape, strides and
+    dtype (``MAX_SOURCE_POINTERS``), which the kernel reads where they lie: the loss's two
+    views and its target need no stacked copy. projections: (K, D), shared by the S
+    sources, or (S, K, D), a set per source. Both in one dtype (fp32, fp16 or bf16; the
+    caller rounds the directions to the features' dtype, as autocast does). path: 'triton'
+    (the kernel) or 'cublas' (torch's matmul, computed here; no launch). arch: the compute
+    capability whose tiles to take (``project_config``); None: x's device's
+    (``device_arch``). Works on ``meta`` tensors, for the compile report. ``check=False``
+    skips the checks of the inputs, for a caller that made them (the loss's op, at every
+    step). Returns ``(out, [KernelLaunch, ...])``.
     """
     if check:
         _check_projection_inputs(x, projections)
         if path not in PROJECTION_PATHS:
             raise ValueError(f"path must be one of {PROJECTION_PATHS}; got {path!r}")
-    sources, batch, dim = x.shape
+    separate = isinstance(x, tuple)
+    first = x[0] if separate else x
+    sources, batch, dim = source_shape(x)
     num_projections = projections.shape[-2]
-    arch = device_arch(x.device) if arch is None else arch
+    arch = device_arch(first.device) if arch is None else arch
     if path == "cublas":
-        return _cublas_projection(x, projections, arch), []
-    out = torch.empty((sources, num_projections, batch), dtype=torch.float32, device=x.device)
-    cfg = project_config(sources, batch, dim, num_projections, x.dtype, allow_tf32, arch)
-    grid = (cdiv(num_projections, cfg["BLOCK_K"]) * cdiv(batch, cfg["BLOCK_B"]), sources)
+        return _cublas_projection(torch.stack(x) if separate else x, projections, arch), []
+    out = torch.empty((sources, num_projections, batch), dtype=torch.float32, device=first.device)
+    grid, meta = _project_meta(sources, batch, dim, num_projections, first.dtype, allow_tf32, arch,
+                               sources if separate else 1)
     # Shared (K, D) directions are read with a zero stride along the sources: no expanded view to make.
     p_strides = projections.stride() if projections.dim() == 3 else (0, *projections.stride())
-    args = (x, projections, out, batch, dim, num_projections, *x.stride(), *p_strides)
-    return out, [KernelLaunch(_project_kernel, grid, args, cfg)]
+    if separate:
+        pointers = (x[0], x[1], x[2] if sources == 3 else None)
+        x_strides = (0, *first.stride())
+    else:  # no tensor passed twice: a traced launch (torch.compile) takes every tensor argument as its own buffer
+        pointers = (x, None, None)
+        x_strides = x.stride()
+    args = (*pointers, projections, out, batch, dim, num_projections, *x_strides, *p_strides)
+    return out, [KernelLaunch(_project_kernel, grid, args, meta)]
 
 
 # --- Sort and residual ------------------------------------------------------------------

@@ -56,6 +56,16 @@ def _global_loss(views, target, projections, backend, group, sizes, gather, scal
     return sliced_wasserstein_op.sliced_wasserstein(views, target, projections, backend, gather=spec)
 
 
+def _sliced_wasserstein(views, target, projections, backend):
+    """The one-process loss: the op's Function eagerly, its ``torch.library`` ops while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        # An import statement, which Dynamo runs rather than traces: the module registers its ops on import.
+        from .ops import compiled
+
+        return compiled.traced(views, target, projections, backend)
+    return sliced_wasserstein_op.sliced_wasserstein(views, target, projections, backend)
+
+
 def draw_directions(directions, num_projections, views, generator=None, group=None, sizes=None):
     """The directions of one call: (K, D) for 'gaussian' and 'orthogonal', (V, K, D) for the SVD schemes.
 
@@ -119,7 +129,7 @@ def rdmreg_loss(
         _checks.check_svd_rows(directions, z.shape[0])
         projections = draw_directions(directions, num_projections, (z,), generator)
         projections = projections[0] if projections.dim() == 3 else projections
-    return sliced_wasserstein_op.sliced_wasserstein((z,), target_samples, projections, backend)
+    return _sliced_wasserstein((z,), target_samples, projections, backend)
 
 
 class RDMReg(nn.Module):
@@ -245,7 +255,7 @@ class RDMReg(nn.Module):
             _checks.check_svd_rows(self.directions, rows)
             projections = draw_directions(self.directions, self.num_projections, views, generator, group, sizes)
         if group is None:
-            return sliced_wasserstein_op.sliced_wasserstein(views, target, projections, self.backend)
+            return _sliced_wasserstein(views, target, projections, self.backend)
         scale = distributed.grad_scale(group, self.scale_grad_by_world_size)
         return _global_loss(views, target, projections, self.backend, group, sizes, self.gather, scale)
 

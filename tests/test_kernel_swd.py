@@ -246,3 +246,35 @@ def test_a_set_of_directions_per_source(path):
         launch()
     want = torch.einsum("skd,sbd->skb", projections.double(), views.double())
     torch.testing.assert_close(out.double(), want, **dict(zip(("atol", "rtol"), tolerance(torch.float32))))
+
+
+@pytest.mark.parametrize("path", swd.PROJECTION_PATHS)
+@pytest.mark.parametrize("sources, batch, dim, num_projections, dtype", [
+    (2, 3, 5, 3, torch.float32),  # one view and its target: odd, tiny
+    (3, 17, 40, 20, torch.float32),  # two views and a target: D not a multiple of the D step
+    (3, 16, 32, 16, torch.float16),
+])
+def test_separate_sources_read_where_they_lie(path, sources, batch, dim, num_projections, dtype):
+    """A tuple of (B, D) sources projects as their stack would, without the stacked copy."""
+    stacked, _, projections = make_inputs(sources, 1, batch, dim, num_projections, dtype=dtype, seed=21)
+    separate = tuple(t.clone() for t in stacked.unbind(0))  # tensors of their own, as the loss's views and target are
+    out, launches = swd.project_plan(separate, projections, path=path)
+    for launch in launches:
+        launch()
+    want = torch.einsum("kd,sbd->skb", projections.double(), stacked.double())
+    assert out.shape == (sources, num_projections, batch)
+    torch.testing.assert_close(out.double(), want, **dict(zip(("atol", "rtol"), tolerance(dtype))))
+    if path == "triton":
+        assert launches[0].meta["SOURCE_POINTERS"] == sources
+        assert all(arg is not stacked for arg in launches[0].args)
+
+
+@pytest.mark.parametrize("separate", [
+    lambda: (torch.randn(4, 3),),  # one source: stack it
+    lambda: tuple(torch.randn(4, 3) for _ in range(4)),  # more than the kernel's three pointers
+    lambda: (torch.randn(4, 3), torch.randn(3, 4).T),  # one shape, different strides
+    lambda: (torch.randn(4, 3), torch.randn(4, 3).half()),  # two dtypes
+])
+def test_separate_sources_of_another_layout_are_refused(separate):
+    with pytest.raises(ValueError, match="stack them"):
+        swd.project_plan(separate(), torch.randn(2, 3))

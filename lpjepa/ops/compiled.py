@@ -9,8 +9,9 @@ ones are ``triton_op``s launching through ``wrap_triton``, so Inductor sees and 
 kernels themselves; under Triton's interpreter, whose functions cannot run on fake tensors,
 they are opaque ``custom_op``s whose fake is the launch plan with nothing launched.
 
-Imported by an import statement inside the traced call, which Dynamo runs rather than
-traces, so these ops register (and Triton loads) only when something is compiled.
+Imported by an import statement inside the traced call (``lpjepa.loss``), which Dynamo
+runs rather than traces, so these ops register (and Triton loads) only when something is
+compiled.
 """
 from typing import Tuple
 
@@ -23,7 +24,7 @@ try:  # loaded here, natively: Dynamo cannot import a submodule while it traces 
 except ImportError:  # no Triton: the torch body's op still registers
     pass
 from .sliced_wasserstein import (
-    TRACES_INTO_KERNELS, compute_dtype, project_backward, torch_sort_residual,
+    TORCH, TRACES_INTO_KERNELS, TRITON, compute_dtype, needs_target_residual, project_backward, torch_sort_residual,
     triton_operand_dtype, triton_project, triton_sort_residual, _triton_backward_operand_dtype,
 )
 
@@ -123,8 +124,20 @@ triton_sort_residual_op = _register("triton_sort_residual", _sort_body, _sort_fa
 triton_sort_residual_op.register_autograd(_sort_residual_backward, setup_context=_sort_residual_setup)
 
 
+def traced(views, target, directions, backend):
+    """``lpjepa.ops.sliced_wasserstein.sliced_wasserstein`` of one process while torch.compile traces.
+
+    The backend is chosen as for an eager call (``lpjepa.ops.backend.run_op``); each body
+    runs as ops (``sliced_wasserstein``).
+    """
+    need_t = needs_target_residual(target, directions)
+    return backends.run_op("sliced_wasserstein", backend, views[0].device, compute_dtype(*views, target, directions),
+                           lambda: sliced_wasserstein(TRITON, views, target, directions, need_t),
+                           lambda: sliced_wasserstein(TORCH, views, target, directions, need_t))
+
+
 def sliced_wasserstein(body, views, target, directions, need_target_residual):
-    """``lpjepa.ops.sliced_wasserstein.sliced_wasserstein`` of one process, as ops: project, sort and residual, loss."""
+    """The loss of one process on ``body`` (``TORCH`` or ``TRITON``), as ops: project, sort and residual, loss."""
     first = views[0]
     compute = compute_dtype(*views, target, directions)
     targets = target if target.dim() == 3 else target[None]

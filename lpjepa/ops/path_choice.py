@@ -256,27 +256,30 @@ def _answer(memo_key, device, key, candidates, default, run, timing_allowed):
 def projection_path(x, directions, allow_tf32, timing_allowed=None):
     """The projection path ('triton' or 'cublas') for x (S, B, D) onto directions (K, D) or (S, K, D).
 
+    x: a tensor, or a tuple of S (B, D) tensors (``project_plan``'s separate sources).
     timing_allowed: None asks ``may_time``; True measures even where it would not (the sweep).
     """
+    first = x[0] if isinstance(x, tuple) else x
+    shape = (len(x), *first.shape) if isinstance(x, tuple) else x.shape
+    memo_key = _memo_key("projection", (first.device, first.dtype, allow_tf32, shape, directions.shape))
+    if memo_key in _ANSWERS:
+        return _ANSWERS[memo_key]
     from ..kernels import sliced_wasserstein as kernels
     from ..kernels.launch import device_arch
 
-    sources, batch, dim = x.shape
-    memo_key = _memo_key("projection", (x.device, x.dtype, allow_tf32, x.shape, directions.shape))
-    if memo_key in _ANSWERS:
-        return _ANSWERS[memo_key]
+    sources, batch, dim = shape
 
     def key():
-        return (f"{gpu_name(x.device)}|{x.dtype}|tf32={allow_tf32}|S={sources}|B={bucket(batch)}|D={bucket(dim)}"
+        return (f"{gpu_name(first.device)}|{first.dtype}|tf32={allow_tf32}|S={sources}|B={bucket(batch)}|D={bucket(dim)}"
                 f"|K={bucket(directions.shape[-2])}")
 
     def run(path):
         for launch in kernels.project_plan(x, directions, path=path, allow_tf32=allow_tf32)[1]:
             launch()
 
-    return _answer(memo_key, x.device, key, lambda: list(kernels.PROJECTION_PATHS),
-                   lambda: kernels.default_paths(batch, arch=device_arch(x.device))[0],  # cuBLAS below sm_80
-                   run, lambda: may_time(x, directions) if timing_allowed is None else timing_allowed)
+    return _answer(memo_key, first.device, key, lambda: list(kernels.PROJECTION_PATHS),
+                   lambda: kernels.default_paths(batch, arch=device_arch(first.device))[0],  # cuBLAS below sm_80
+                   run, lambda: may_time(first, directions) if timing_allowed is None else timing_allowed)
 
 
 def sort_path(proj, proj_t, need_target_residual, timing_allowed=None):

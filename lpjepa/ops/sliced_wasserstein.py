@@ -36,10 +36,10 @@ The two bodies:
   kernels load at the first Triton call (``lpjepa.ops.backend``), never at import.
 
 Eager calls run the Function, which calls each body directly and pays for nothing else.
-``torch.compile`` cannot trace numpy's sort or a kernel launch, so while it traces, the same
-bodies run as registered ``torch.library`` ops with the same backward
-(``lpjepa.ops.compiled``; on a GPU the Triton ones are ``triton_op``s, so that Inductor sees
-the kernels themselves).
+``torch.compile`` cannot trace numpy's sort or a kernel launch, so while it traces, the API
+(``lpjepa.loss``) runs the same bodies as registered ``torch.library`` ops with the same
+backward instead (``lpjepa.ops.compiled``, which imports this module, never the other way
+round; on a GPU the Triton ones are ``triton_op``s, so that Inductor sees the kernels themselves).
 """
 import os
 from typing import NamedTuple
@@ -177,7 +177,10 @@ def triton_operand_dtype(features):
 
 
 def triton_project(x, directions, allow_tf32, launch=None):
-    """(S, K, B) fp32 projections of x (S, B, D) onto directions (K, D) or (S, K, D), both in one kernel dtype."""
+    """(S, K, B) fp32 projections of x onto directions (K, D) or (S, K, D), both in one kernel dtype.
+
+    x: (S, B, D), or a tuple of 2 or 3 (B, D) tensors of one layout (``project_plan``).
+    """
     path = path_choice.projection_path(x, directions, allow_tf32)
     out, launches = _kernels().project_plan(x, directions, path=path, allow_tf32=allow_tf32, check=False)
     for one in launches:
@@ -329,7 +332,9 @@ def _forward(ctx, body, gather, need_target_residual, target, directions, views)
     # (the torch body projects the target apart: its projections are freed once sorted).
     together = body.triton and gather is None and directions.dim() == 2 and target.shape[-2] == first.shape[0]
     if together and body.triton and target.dim() == 2:  # the common step, in the fewest calls
-        x = torch.stack([_as(source, operand) for source in (*views, target)])
+        x = tuple([_as(source, operand) for source in (*views, target)])
+        if len(x) > _kernels().MAX_SOURCE_POINTERS or any(source.stride() != x[0].stride() for source in x):
+            x = torch.stack(x)  # the kernel reads at most three (B, D) sources of one layout where they lie
         proj, proj_t = triton_project(x, _as(directions, operand),
                                       torch.backends.cuda.matmul.allow_tf32).split_with_sizes((count, 1))
     else:
@@ -412,26 +417,18 @@ def needs_target_residual(target, directions):
 
 
 def sliced_wasserstein(views, target, directions, backend="auto", gather=None):
-    """The mean over ``views`` of their sliced-Wasserstein losses against ``target`` along ``directions``.
+    """The mean over ``views`` of their sliced-Wasserstein losses against ``target`` along ``directions``, eagerly.
 
     views: a sequence of (b, D) floating tensors on one device; target (B, D) shared or
     (V, B, D) one per view; directions (K, D) shared or (V, K, D) one set per view. gather:
     None for one process, or a ``Gather`` (``lpjepa.loss``'s global-batch loss). backend:
     'auto', 'torch' or 'triton' (``lpjepa.ops.backend``). Returns the 0-dim loss, float32
-    (float64 on the torch body for float64 inputs), differentiable in every input.
+    (float64 on the torch body for float64 inputs), differentiable in every input. While
+    ``torch.compile`` traces, the API calls ``lpjepa.ops.compiled.sliced_wasserstein`` instead.
     """
-    first = views[0]
-    dtype = compute_dtype(*views, target, directions)
     need_t = needs_target_residual(target, directions)
-    if torch.compiler.is_compiling():
-        # An import statement, which Dynamo runs rather than traces: the module registers its ops on import.
-        from . import compiled
-
-        return backends.run_op("sliced_wasserstein", backend, first.device, dtype,
-                               lambda: compiled.sliced_wasserstein(TRITON, views, target, directions, need_t),
-                               lambda: compiled.sliced_wasserstein(TORCH, views, target, directions, need_t))
     return backends.run_op(
-        "sliced_wasserstein", backend, first.device, dtype,
+        "sliced_wasserstein", backend, views[0].device, compute_dtype(*views, target, directions),
         lambda: SlicedWasserstein.apply(TRITON, gather, need_t, target, directions, *views),
         lambda: SlicedWasserstein.apply(TORCH, gather, need_t, target, directions, *views),
     )
