@@ -145,6 +145,40 @@ def test_views_share_one_projected_and_sorted_target(launched, patch, sort_path)
     torch.testing.assert_close(loss.double(), ref, atol=atol, rtol=rtol)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), r, atol=atol, rtol=rtol)
+    # The views and the target reach the projection as three pointers of their own: no stacked copy.
+    _, meta, args = launched[0]
+    assert meta["SOURCE_POINTERS"] == 3 and args[0] is views[0] and args[1] is views[1] and args[2] is target
+
+
+def _transposed(gen, rows, cols):
+    return torch.randn(cols, rows, generator=gen).T
+
+
+@pytest.mark.parametrize("inputs_of, pointers", [
+    # Two views and the target, all transposed: one layout, read where they lie.
+    (lambda gen: ([_transposed(gen, 25, 10) for _ in range(2)], _transposed(gen, 25, 10).abs()), 3),
+    # Views of two layouts: stacked into one (S, B, D) source.
+    (lambda gen: ([torch.randn(25, 10, generator=gen), _transposed(gen, 25, 10)], torch.rand(25, 10, generator=gen)), 1),
+    # Three views and a target: more sources than the kernel's pointers, stacked.
+    (lambda gen: ([torch.randn(25, 10, generator=gen) for _ in range(3)], torch.rand(25, 10, generator=gen)), 1),
+])
+def test_views_of_any_layout_or_number_match_the_reference(launched, inputs_of, pointers):
+    gen = torch.Generator().manual_seed(9)
+    views, target = inputs_of(gen)
+    views = [v.requires_grad_() for v in views]
+    projections = reference.random_projections(16, 10, generator=gen)
+    loss = lpjepa.RDMReg(num_projections=16, backend="triton")(*views, target=target, projections=projections)
+    grads = torch.autograd.grad(loss, views)
+    ref_views = [v.detach().double().requires_grad_() for v in views]
+    ref = sum(reference.rdmreg_loss(v, target.double(), projections=projections.double()) for v in ref_views)
+    ref = ref / len(views)
+    ref_grads = torch.autograd.grad(ref, ref_views)
+    atol, rtol = tolerance(torch.float32)
+    torch.testing.assert_close(loss.double(), ref, atol=atol, rtol=rtol)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=atol, rtol=rtol)
+    name, meta, _ = launched[0]
+    assert name == "_project_kernel" and meta["SOURCE_POINTERS"] == pointers
 
 
 @pytest.mark.parametrize(
