@@ -124,6 +124,17 @@ def launched(patch):
     return calls
 
 
+def assert_matches_reference(loss, grads, views, target, projections):
+    """The fp32 loss and views' gradients against the fp64 reference's mean over the views."""
+    ref_views = [v.detach().double().requires_grad_() for v in views]
+    ref = sum(reference.rdmreg_loss(v, target.double(), projections=projections.double()) for v in ref_views)
+    ref_grads = torch.autograd.grad(ref / len(views), ref_views)
+    atol, rtol = tolerance(torch.float32)
+    torch.testing.assert_close(loss.double(), ref / len(views), atol=atol, rtol=rtol)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=atol, rtol=rtol)
+
+
 @pytest.mark.parametrize("sort_path", ["registers", "torch_sort"])
 def test_views_share_one_projected_and_sorted_target(launched, patch, sort_path):
     patch.setenv("LPJEPA_SORT_PATH", sort_path)
@@ -138,13 +149,7 @@ def test_views_share_one_projected_and_sorted_target(launched, patch, sort_path)
     assert [name for name, _, _ in launched] == ["_project_kernel", sort_kernel, "_mean_of_partials_kernel"]
     _, meta, args = launched[1]
     assert meta["SHARED_TARGET"] and args[-2] == 2  # V = 2 views against one target (the last: the residual scale)
-    ref_views = [v.detach().double().requires_grad_() for v in views]
-    ref = sum(reference.rdmreg_loss(v, target.double(), projections=projections.double()) for v in ref_views) / 2
-    ref_grads = torch.autograd.grad(ref, ref_views)
-    atol, rtol = tolerance(torch.float32)
-    torch.testing.assert_close(loss.double(), ref, atol=atol, rtol=rtol)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g.double(), r, atol=atol, rtol=rtol)
+    assert_matches_reference(loss, grads, views, target, projections)
     # The views and the target reach the projection as three pointers of their own: no stacked copy.
     _, meta, args = launched[0]
     assert meta["SOURCE_POINTERS"] == 3 and args[0] is views[0] and args[1] is views[1] and args[2] is target
@@ -169,14 +174,7 @@ def test_views_of_any_layout_or_number_match_the_reference(launched, inputs_of, 
     projections = reference.random_projections(16, 10, generator=gen)
     loss = lpjepa.RDMReg(num_projections=16, backend="triton")(*views, target=target, projections=projections)
     grads = torch.autograd.grad(loss, views)
-    ref_views = [v.detach().double().requires_grad_() for v in views]
-    ref = sum(reference.rdmreg_loss(v, target.double(), projections=projections.double()) for v in ref_views)
-    ref = ref / len(views)
-    ref_grads = torch.autograd.grad(ref, ref_views)
-    atol, rtol = tolerance(torch.float32)
-    torch.testing.assert_close(loss.double(), ref, atol=atol, rtol=rtol)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g.double(), r, atol=atol, rtol=rtol)
+    assert_matches_reference(loss, grads, views, target, projections)
     name, meta, _ = launched[0]
     assert name == "_project_kernel" and meta["SOURCE_POINTERS"] == pointers
 
