@@ -21,6 +21,25 @@ the two families of counters apart. The exponent ``p`` picks the method:
   exp(log(sigma) + (log(p) + log(G)) / p)``, so tiny ``p`` (huge powers) and large
   ``p`` (``U ** p`` underflow) stay finite where the true value is representable.
 
+The same launch can also draw the loss's Gaussian directions (``rgg_launch(...,
+directions=...)``): a (K, D) tensor of unit rows, each a vector of D standard normals
+divided by its Euclidean norm, so uniform on the sphere (the seed's law; not torch.randn's
+numbers). The programs past the target's own each own ``DIR_ROWS`` rows. Element ``(k, j)``
+owns the counter ``(offset + k * D + j, 0, 0, STREAM_TAG + 2)``: a last word of its own, so
+it never meets the target's two streams (last words ``STREAM_TAG``, ``STREAM_TAG + 1``) or
+torch's (0), and one generator advance of ``max(numel, K * D)`` counters
+(:func:`rgg_philox_increment`) covers both. A row longer than ``DIR_BLOCK`` is read in
+chunks: a first pass sums the squares in fp32, a second regenerates the same normals
+(counter-based: nothing is stored in between) and stores them divided by the norm, in the
+directions' dtype; a row of one chunk is drawn once. The target's stream does not change
+with the directions.
+
+Counter layout of one launch (first two words: the 64-bit counter ``offset + index``)::
+
+    target element i, Gamma round r : (offset + i, r, STREAM_TAG)      (p = 1, 2: r = 0)
+    target element i, sign and boost: (offset + i, 0, STREAM_TAG + 1)  (Gamma path only)
+    direction element (k, j)        : (offset + k * D + j, 0, STREAM_TAG + 2)
+
 Uniforms are ``(k + 0.5) * 2**-32`` for a 32-bit word ``k``: never 0, so every
 ``log(U)`` is finite (the exponential tail is cut at ``33 * ln 2 ~ 22.9``, a mass of
 1e-10, the resolution limit of 32-bit uniforms).
@@ -47,9 +66,15 @@ GAMMA = tl.constexpr(2)
 
 GAMMA_MAX_ROUNDS = 20
 
-# The last Philox counter word of this kernel's two streams ("lpje"): never 0, the value
-# torch's CUDA random ops put there, so their counters and this kernel's never coincide.
+# The last Philox counter word of this kernel's streams ("lpje"; the target's sign stream is
+# STREAM_TAG + 1, the directions' STREAM_TAG + 2): never 0, the value torch's CUDA random
+# ops put there, so their counters and this kernel's never coincide.
 STREAM_TAG = tl.constexpr(0x6C706A65)
+DIRECTIONS_TAG = tl.constexpr(0x6C706A65 + 2)
+
+# Elements of one directions tile (DIR_ROWS x DIR_BLOCK) and the longest chunk of a row.
+DIRECTIONS_TILE = 1024
+DIRECTIONS_MAX_BLOCK = 1024
 
 # A 32-bit word k maps to the uniform (k + 0.5) * 2**-32; the low 31 bits of a word to
 # an angle fraction k * 2**-31 in [0, 1).
@@ -108,12 +133,73 @@ def _rgg_kernel(
     mt_d,  # Marsaglia-Tsang d = shape - 1/3 (shape = 1/p, or 1/p + 1 when boosting)
     mt_c,  # Marsaglia-Tsang c = 1 / sqrt(9 d)
     boost_inv_shape,  # p when boosting (shape 1/p < 1), else 0
+    dir_ptr,  # (n_directions, dim) fp32 / fp16 / bf16, written when DIRECTIONS
+    n_directions,
+    dim,
+    target_programs,  # the programs drawing the target: the rest draw directions
     METHOD: tl.constexpr,
     RECTIFY: tl.constexpr,  # False: the dense target mu + sigma * X, no ReLU
     MAX_ROUNDS: tl.constexpr,
     BLOCK: tl.constexpr,
+    DIRECTIONS: tl.constexpr,  # False: the target alone (dir_ptr and the three ints unused)
+    DIR_ROWS: tl.constexpr,
+    DIR_BLOCK: tl.constexpr,
+    DIR_ONE_CHUNK: tl.constexpr,  # dim <= DIR_BLOCK: each row drawn once, kept in registers
 ):
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0)
+    if DIRECTIONS:
+        if pid >= target_programs:
+            _directions_tile(dir_ptr, n_directions, dim, seed, offset, pid - target_programs,
+                             DIR_ROWS, DIR_BLOCK, DIR_ONE_CHUNK)
+        else:
+            _target_block(out_ptr, n_elements, seed, offset, mu, sigma, log_sigma, log_p, inv_p, mt_d, mt_c,
+                          boost_inv_shape, pid, METHOD, RECTIFY, MAX_ROUNDS, BLOCK)
+    else:
+        _target_block(out_ptr, n_elements, seed, offset, mu, sigma, log_sigma, log_p, inv_p, mt_d, mt_c,
+                      boost_inv_shape, pid, METHOD, RECTIFY, MAX_ROUNDS, BLOCK)
+
+
+@triton.jit
+def _direction_normals(seed, offset, rows, cols, n_directions, dim):
+    """N(0, 1) draws of the (rows, cols) tile of the directions: counter (offset + row * dim + col, 0, 0, DIRECTIONS_TAG)."""
+    mask = (rows < n_directions) & (cols < dim)
+    counter = offset + rows * dim + cols
+    c_lo = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c_hi = (counter >> 32).to(tl.uint32)
+    zero = c_lo * 0
+    w_a, w_b, _, _ = tl.philox(seed, c_lo, c_hi, zero, zero + DIRECTIONS_TAG)
+    return tl.where(mask, _box_muller(w_a, w_b), 0.0), mask
+
+
+@triton.jit
+def _directions_tile(dir_ptr, n_directions, dim, seed, offset, tile, DIR_ROWS: tl.constexpr,
+                     DIR_BLOCK: tl.constexpr, DIR_ONE_CHUNK: tl.constexpr):
+    """Rows tile * DIR_ROWS onward of the directions: D normals each, divided by their fp32 norm."""
+    rows = (tile.to(tl.int64) * DIR_ROWS + tl.arange(0, DIR_ROWS))[:, None]
+    lanes = tl.arange(0, DIR_BLOCK)[None, :]
+    if DIR_ONE_CHUNK:
+        normal, mask = _direction_normals(seed, offset, rows, lanes, n_directions, dim)
+        norm = tl.sqrt_rn(tl.sum(normal * normal, axis=1))[:, None]
+        tl.store(dir_ptr + rows * dim + lanes, (normal / norm).to(dir_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Two passes over the row: the norm, then the same counters again for the stores.
+        squares = tl.zeros([DIR_ROWS, DIR_BLOCK], dtype=tl.float32)
+        for start in range(0, dim, DIR_BLOCK):
+            normal, _ = _direction_normals(seed, offset, rows, start + lanes, n_directions, dim)
+            squares += normal * normal
+        norm = tl.sqrt_rn(tl.sum(squares, axis=1))[:, None]
+        for start in range(0, dim, DIR_BLOCK):
+            cols = start + lanes
+            normal, mask = _direction_normals(seed, offset, rows, cols, n_directions, dim)
+            tl.store(dir_ptr + rows * dim + cols, (normal / norm).to(dir_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _target_block(out_ptr, n_elements, seed, offset, mu, sigma, log_sigma, log_p, inv_p, mt_d, mt_c,
+                  boost_inv_shape, pid, METHOD: tl.constexpr, RECTIFY: tl.constexpr, MAX_ROUNDS: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """Elements pid * BLOCK onward of the target (the kernel's arguments of the same names)."""
+    idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = idx < n_elements
     counter = offset + idx
     c_lo = (counter & 0xFFFFFFFF).to(tl.uint32)
@@ -182,9 +268,26 @@ def rgg_launch_config(n_elements, method):
     return block, num_warps
 
 
-def rgg_philox_increment(n_elements):
-    """Philox counters one :func:`rgg_sample` of n_elements consumes (its generator increment)."""
-    return int(n_elements)
+def directions_launch_config(n_directions, dim):
+    """(DIR_ROWS, DIR_BLOCK, num_warps) of the directions' programs: DIR_ROWS rows of DIR_BLOCK columns each.
+
+    A row of up to ``DIRECTIONS_MAX_BLOCK`` columns is one chunk (drawn once); a longer one
+    is walked in chunks of that size. Short rows are stacked, up to ``DIRECTIONS_TILE``
+    elements a program, so that a small D does not leave each program a handful of lanes.
+    """
+    block = min(DIRECTIONS_MAX_BLOCK, next_power_of_2(max(int(dim), 1)))
+    rows = max(1, min(DIRECTIONS_TILE // block, next_power_of_2(max(int(n_directions), 1))))
+    num_warps = 4 if rows * block >= 512 else 2
+    return rows, block, num_warps
+
+
+def rgg_philox_increment(n_elements, n_direction_elements=0):
+    """Philox counters one launch consumes (its generator increment): n_elements for the target alone.
+
+    The directions' K * D elements (``n_direction_elements``) use the same first counter words
+    under their own last word, so a launch drawing both advances by the larger count.
+    """
+    return max(int(n_elements), int(n_direction_elements))
 
 
 def philox_seed_offset(increment, device, generator=None):
@@ -231,24 +334,44 @@ def philox_seed_offset(increment, device, generator=None):
     raise ValueError(f"no Philox seed source for device type {device.type!r}")
 
 
-def rgg_launch(out, *, p, mu, sigma, seed, offset, rectify=True):
+def rgg_launch(out, *, p, mu, sigma, seed, offset, rectify=True, directions=None, check=True):
     """The sampler launch that fills ``out`` (contiguous fp32/fp16/bf16) from Philox (seed, offset).
 
     ``rectify=False`` skips the ReLU: the dense target ``mu + sigma * X``.
+    ``directions``: an optional contiguous (K, D) fp32/fp16/bf16 tensor on ``out``'s device,
+    filled by the same launch with unit Gaussian directions (see the module doc); the
+    target's values do not depend on it. The generator advance for both is
+    ``rgg_philox_increment(out.numel(), directions.numel())``.
 
     p > 0, mu and sigma >= 0 finite are the caller's to check (``lpjepa.sample_rgg`` does);
-    only what the kernel's stores rely on is checked here.
+    only what the kernel's stores rely on is checked here (``check=False``: by a caller that
+    allocated both tensors itself).
     """
-    check_kernel_dtype("out", out)
-    if not out.is_contiguous():
-        raise ValueError("out must be contiguous")
-    grid, constants, meta = _rgg_plan(out.numel(), float(p), float(mu), float(sigma), bool(rectify))
-    return KernelLaunch(_rgg_kernel, grid, (out, out.numel(), seed, offset, *constants), meta)
+    if check:
+        check_kernel_dtype("out", out)
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+        if directions is not None:
+            check_kernel_dtype("directions", directions)
+            if directions.dim() != 2 or not directions.is_contiguous() or directions.device != out.device:
+                raise ValueError(f"directions must be a contiguous (K, D) tensor on {out.device}")
+    n_elements = out.numel()
+    if directions is None:
+        grid, constants, tail, meta = _rgg_plan(n_elements, float(p), float(mu), float(sigma), bool(rectify), 0, 0)
+        return KernelLaunch(_rgg_kernel, grid, (out, n_elements, seed, offset, *constants, out, *tail), meta)
+    n_directions, dim = directions.shape
+    grid, constants, tail, meta = _rgg_plan(n_elements, float(p), float(mu), float(sigma), bool(rectify),
+                                            n_directions, dim)
+    return KernelLaunch(_rgg_kernel, grid, (out, n_elements, seed, offset, *constants, directions, *tail), meta)
 
 
 @functools.lru_cache(maxsize=256)
-def _rgg_plan(n_elements, p, mu, sigma, rectify):
-    """(grid, the kernel's arguments after the seed and offset, meta) of one draw: the same at every step of a run."""
+def _rgg_plan(n_elements, p, mu, sigma, rectify, n_directions, dim):
+    """(grid, constants, tail, meta) of one draw: the same at every step of a run.
+
+    constants: the kernel's arguments from ``mu`` to ``boost_inv_shape``; tail: those after
+    ``dir_ptr`` (n_directions, dim, target_programs). n_directions = 0: no directions.
+    """
     method = rgg_method(p)
     shape_a = 1.0 / p
     boost = shape_a < 1.0
@@ -264,8 +387,17 @@ def _rgg_plan(n_elements, p, mu, sigma, rectify):
         1.0 / math.sqrt(9.0 * mt_d),
         p if boost else 0.0,
     )
-    meta = dict(METHOD=method, RECTIFY=rectify, MAX_ROUNDS=GAMMA_MAX_ROUNDS, BLOCK=block, num_warps=num_warps)
-    return (cdiv(n_elements, block),), constants, meta
+    target_programs = cdiv(n_elements, block)
+    meta = dict(METHOD=method, RECTIFY=rectify, MAX_ROUNDS=GAMMA_MAX_ROUNDS, BLOCK=block, num_warps=num_warps,
+                DIRECTIONS=False, DIR_ROWS=1, DIR_BLOCK=1, DIR_ONE_CHUNK=True)
+    if n_directions == 0:
+        return (target_programs,), constants, (0, 0, target_programs), meta
+    rows, dir_block, dir_warps = directions_launch_config(n_directions, dim)
+    # One num_warps for the launch: the larger of the two kinds of program.
+    meta.update(DIRECTIONS=True, DIR_ROWS=rows, DIR_BLOCK=dir_block, DIR_ONE_CHUNK=dim <= dir_block,
+                num_warps=max(num_warps, dir_warps))
+    grid = (target_programs + cdiv(n_directions, rows),)
+    return grid, constants, (n_directions, dim, target_programs), meta
 
 
 def rgg_sample(
