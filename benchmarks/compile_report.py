@@ -11,7 +11,10 @@ specialised the way Triton's JIT would specialise it (argument types, ``== 1``
 constants, 16-byte divisibility) before being compiled. Shapes: B in {256, 1024, 4096,
 ``register_sort_max_batch()``}, D in {512, 2048}, K in {256, 8192}, fp32 (IEEE and TF32), fp16
 and bf16 inputs, two views against a shared target, with and without the target residual.
-``--quick``: B in {256, 4096}, D = 512, K = 256, fp32 IEEE and bf16, the Gamma sampler only.
+The sampler also draws the loss's directions in the same launch (p = 1, K directions of D and of
+``DIRECTIONS_CHUNKED_DIM``, the chunked path).
+``--quick``: B in {256, 4096}, D = 512, K = 256, fp32 IEEE and bf16, the Gamma sampler only
+(and the p = 1 draw with directions).
 The launches are built for each architecture (``project_plan(arch=...)``: its tiles), by
 default every one of ``ARCHES`` that this Triton's ptxas compiles for (Turing T4 to
 Blackwell B200 and RTX 50xx).
@@ -54,6 +57,8 @@ REPORT_BATCHES = (256, 1024, 4096)  # plus the register sort's largest batch, re
 REPORT_DIMS = (512, 2048)
 REPORT_PROJECTIONS = (256, 8192)
 REPORT_VIEWS = 2
+# The directions' D of the sampler's chunked path (rows longer than one chunk of DIRECTIONS_MAX_BLOCK).
+DIRECTIONS_CHUNKED_DIM = 8192
 
 _WORKER_FLAG = "--_worker"
 
@@ -93,6 +98,15 @@ def _report_cases(quick, arch):
                         launch = rgg_launch(out, p=p, mu=0.0, sigma=1.0, seed=seed, offset=offset, rectify=rectify)
                         target = "" if rectify else " dense"
                         cases.append((f"rgg p={p:g}{target}", f"B={batch} D={dim} {dname}", launch))
+                    # The loss's draw: target and K directions in one launch; D = 8192 walks its rows in chunks.
+                    k = projection_counts[0]
+                    for dir_dim in (dim, DIRECTIONS_CHUNKED_DIM) if batch == batches[0] else ():
+                        out = torch.empty((batch, dim), dtype=dtype, **meta)
+                        directions = torch.empty((k, dir_dim), dtype=dtype, **meta)
+                        launch = rgg_launch(out, p=1.0, mu=0.0, sigma=1.0, seed=seed, offset=offset,
+                                            directions=directions)
+                        cases.append(("rgg p=1 +directions", f"B={batch} D={dim} K={k} dir D={dir_dim} {dname}",
+                                      launch))
                 for k in projection_counts:
                     views = torch.empty((REPORT_VIEWS, batch, dim), dtype=dtype, **meta)
                     directions = torch.empty((k, dim), dtype=dtype, **meta)
