@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from . import _checks, distributed
 from ._checks import DIRECTION_SCHEMES, SIGMA_CONVENTIONS, TARGET_DRAWS  # noqa: F401 (the family's choices)
 from .ops import directions as direction_ops
+from .ops import rgg_sample as rgg_sample_op
 from .ops import sliced_wasserstein as sliced_wasserstein_op
-from .ops.backend import check_backend
+from .ops.backend import check_backend, run_op, use_triton
 from .rgg import resolve_sigma
 from . import sampling
 
@@ -64,6 +65,11 @@ def _sliced_wasserstein(views, target, projections, backend):
 
         return compiled.traced(views, target, projections, backend)
     return sliced_wasserstein_op.sliced_wasserstein(views, target, projections, backend)
+
+
+def _none():
+    """``run_op``'s torch body where the torch backend draws nothing here (``RDMReg.draw_together``)."""
+    return None
 
 
 def draw_directions(directions, num_projections, views, generator=None, group=None, sizes=None):
@@ -221,6 +227,37 @@ class RDMReg(nn.Module):
 
         return draw() if self.target_draw == "shared" else torch.stack([draw() for _ in range(num_views)])
 
+    def draw_together(self, views, rows, generator=None):
+        """(target, directions) from one launch of the Triton sampler, or None where this call does not take it.
+
+        Taken for Gaussian directions when the loss runs on its Triton body (the choice of
+        ``sliced_wasserstein``'s ``run_op``) and so does the sampler: the target ((rows, D),
+        or (V, rows, D) per view) and the (K, D) directions come in the dtype the Triton
+        projection reads (``triton_operand_dtype``), so the op casts neither. The law is the
+        two draws' (i.i.d. target elements, directions uniform on the sphere), the numbers
+        the sampler's Philox stream's. None (the two drawn apart, as on the torch backend):
+        other schemes, torch.compile tracing, the torch body, or a sampler that fell back.
+        """
+        if self.directions != "gaussian" or torch.compiler.is_compiling():
+            return None
+        first = views[0]
+        device = first.device
+        # The dtype sliced_wasserstein will decide on: its inputs', with the default dtype's target and directions.
+        dtype = sliced_wasserstein_op.compute_dtype(*views)
+        if torch.get_default_dtype() == torch.float64:
+            dtype = torch.float64
+        if not use_triton("sliced_wasserstein", self.backend, device, dtype):
+            return None
+        operand = sliced_wasserstein_op.triton_operand_dtype(first)
+        dim = first.shape[1]
+        shape = (rows, dim) if self.target_draw == "shared" else (len(views), rows, dim)
+        return run_op(
+            "rgg_sample", self.backend, device, None,
+            lambda: rgg_sample_op.triton_draw(shape, self.num_projections, dim, p=self.p, mu=self.mu,
+                                              sigma=self.target_sigma, dtype=operand, directions_dtype=operand,
+                                              device=device, generator=generator, rectify=self.rectify),
+            _none)
+
     def forward(self, *views, target=None, projections=None, generator=None):
         """views: (B, D) tensors, or one list / tuple of them, or one (V, B, D) stack (the same value).
 
@@ -228,7 +265,9 @@ class RDMReg(nn.Module):
         target: (B, D), or (V, B, D) one per view; projections: (K, D), or (V, K, D) one
         set per view. Under torch.distributed the views are the local (b, D) rows and the
         target, if given, is global (the sum of the ranks' b rows), the same on every rank.
-        The target is drawn first, then the directions, from one generator.
+        The target is drawn first, then the directions, from one generator; on the Triton
+        backend, with neither given and Gaussian directions, both come from one launch of
+        the sampler (``draw_together``).
         """
         views = _checks.unpack_views(views, "RDMReg")
         _checks.check_views(views)
@@ -245,13 +284,20 @@ class RDMReg(nn.Module):
             if generator is None and group is not None:
                 generator = self.seed_stream.next_generator(first.device, group)
             _checks.check_generator(generator, first.device)
+        drawn = None
+        if target is None and projections is None:
+            drawn = self.draw_together(views, rows, generator)
+            if drawn is not None:
+                target, drawn = drawn
         if target is None:
             target = self.draw_targets(len(views), rows, first.shape[1], first.device, generator)
         global_rows = None if group is None else rows
         _checks.check_loss_inputs(
             first, target, projections, target_name="target", global_rows=global_rows, num_views=len(views)
         )
-        if projections is None:
+        if drawn is not None:
+            projections = drawn
+        elif projections is None:
             _checks.check_svd_rows(self.directions, rows)
             projections = draw_directions(self.directions, self.num_projections, views, generator, group, sizes)
         if group is None:

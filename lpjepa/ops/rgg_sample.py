@@ -3,7 +3,9 @@
 Y = ReLU(mu + sigma * X), or mu + sigma * X for a dense target, X ~ GN_p(0, 1) in the
 seed's parameterisation (see ``lpjepa.rgg``), drawn on the target device: by torch ops from
 a torch generator (``sample``), or by the Triton kernel of ``lpjepa.kernels.rgg_sample``
-from Philox counters (``triton_sample``). Nothing is differentiated.
+from Philox counters (``triton_sample``). ``triton_draw`` is the loss's whole draw on the
+Triton backend: the target and the Gaussian directions in one launch of that kernel.
+Nothing is differentiated.
 """
 import math
 from typing import List
@@ -157,3 +159,26 @@ def triton_sample(shape, *, p, mu, sigma, dtype, device, generator=None, rectify
         out = kernels.rgg_sample(shape, p=p, mu=mu, sigma=sigma, dtype=kernel_dtype, device=device, seed=seed,
                                  offset=offset, rectify=rectify)
     return out if out.dtype == dtype else out.to(dtype)
+
+
+def triton_draw(target_shape, num_directions, dim, *, p, mu, sigma, dtype, directions_dtype, device, generator=None,
+                rectify=True):
+    """(target, directions) of one loss step, drawn by one launch of the Triton sampler.
+
+    target: ``target_shape`` (e.g. (B, D), or (V, B, D) one per view: i.i.d. elements either
+    way) in ``dtype``, the law of ``triton_sample``'s. directions: (num_directions, dim)
+    unit rows in ``directions_dtype``, D standard normals divided by their fp32 norm, so
+    uniform on the sphere: the seed's law, from the sampler's Philox stream (not the numbers
+    of torch.randn). Both dtypes are the kernel's (fp32, fp16 or bf16; computed in fp32,
+    rounded on store). One generator advance covers both (``generator`` or the device's
+    default one; the same generator state gives the same pair). Eager calls only: a traced
+    call draws the two apart (``triton_sample`` and ``lpjepa.ops.directions``).
+    """
+    kernels = backends.kernels("rgg_sample")
+    target = torch.empty(target_shape, dtype=dtype, device=device)
+    directions = torch.empty((num_directions, dim), dtype=directions_dtype, device=device)
+    seed, offset = kernels.philox_seed_offset(
+        kernels.rgg_philox_increment(target.numel(), directions.numel()), device, generator)
+    kernels.rgg_launch(target, p=p, mu=mu, sigma=sigma, seed=seed, offset=offset, rectify=rectify,
+                       directions=directions, check=False)()
+    return target, directions
