@@ -14,6 +14,7 @@ import lpjepa
 from lpjepa import reference, rgg
 from lpjepa.loss import draw_directions
 from lpjepa.ops.directions import orthogonal_projections, random_projections
+from lpjepa.ops.rgg_sample import triton_draw
 from conftest import tolerance
 
 FP64 = dict(zip(("atol", "rtol"), tolerance(torch.float64)))
@@ -127,17 +128,22 @@ def test_svd_loss_and_gradient_match_the_seeds_loss_on_those_directions(scheme, 
 @pytest.mark.parametrize(
     "directions,backend,dtype",
     [("gaussian", "torch", torch.float64), ("orthogonal", "torch", torch.float64), ("svd", "torch", torch.float64),
-     ("svd", "triton", torch.float32)],
+     ("svd", "triton", torch.float32), ("gaussian", "triton", torch.float32)],
 )
 def test_per_view_targets_against_the_seeds_loss(backend, dtype, directions):
     views = [v.to(dtype).requires_grad_() for v in _views(33, 9, seed=4)]
     module = lpjepa.RDMReg(p=1.5, mu=-0.4, num_projections=16, target_draw="per-view", directions=directions, backend=backend)
     loss = module(*views, generator=torch.Generator().manual_seed(8))
     grads = torch.autograd.grad(loss, views)
-    # The same draws by hand: a target per view, one after the other, then the directions.
     gen = torch.Generator().manual_seed(8)
-    targets = [lpjepa.sample_rgg((33, 9), 1.5, -0.4, generator=gen, backend=backend) for _ in views]
-    projections = draw_directions(directions, 16, [v.detach() for v in views], gen)
+    if backend == "triton" and directions == "gaussian":
+        # One sampler launch: the (V, B, D) targets and the directions (RDMReg.draw_together).
+        targets, projections = triton_draw((2, 33, 9), 16, 9, p=1.5, mu=-0.4, sigma=module.target_sigma,
+                                           dtype=dtype, directions_dtype=dtype, device="cpu", generator=gen)
+    else:
+        # The same draws by hand: a target per view, one after the other, then the directions.
+        targets = [lpjepa.sample_rgg((33, 9), 1.5, -0.4, generator=gen, backend=backend) for _ in views]
+        projections = draw_directions(directions, 16, [v.detach() for v in views], gen)
     projections = projections if projections.dim() == 3 else [projections] * 2
     assert not torch.equal(targets[0], targets[1])
     ref, ref_grads = _seed_loss(views, targets, projections)
@@ -174,9 +180,13 @@ def test_dense_target_against_the_seeds_loss(backend):
     module = lpjepa.RDMReg(p=2.0, mu=0.0, num_projections=16, rectify=False, backend=backend)
     loss = module(*views, generator=torch.Generator().manual_seed(11))
     gen = torch.Generator().manual_seed(11)
-    target = lpjepa.sample_rgg((50, 6), 2.0, 0.0, generator=gen, rectify=False, backend=backend)
+    if backend == "triton":  # one sampler launch draws both there (RDMReg.draw_together): the same draw by hand
+        target, projections = triton_draw((50, 6), 16, 6, p=2.0, mu=0.0, sigma=rgg.sigma_gn(2.0), dtype=torch.float32,
+                                          directions_dtype=torch.float32, device="cpu", generator=gen, rectify=False)
+    else:
+        target = lpjepa.sample_rgg((50, 6), 2.0, 0.0, generator=gen, rectify=False, backend=backend)
+        projections = random_projections(16, 6, generator=gen)
     assert bool((target < 0).any())
-    projections = random_projections(16, 6, generator=gen)
     ref, _ = _seed_loss(views, [target, target], [projections, projections])
     torch.testing.assert_close(loss.double(), ref, **FP32)
 
