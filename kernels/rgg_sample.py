@@ -177,9 +177,11 @@ def _directions_tile(dir_ptr, n_directions, dim, seed, offset, tile, DIR_ROWS: t
     """Rows tile * DIR_ROWS onward of the directions: D normals each, divided by their fp32 norm."""
     rows = (tile.to(tl.int64) * DIR_ROWS + tl.arange(0, DIR_ROWS))[:, None]
     lanes = tl.arange(0, DIR_BLOCK)[None, :]
+    # Rows past the end hold zeros: a norm of 1 there keeps 0 / 0 out of lanes that are never stored.
+    past_end = rows >= n_directions
     if DIR_ONE_CHUNK:
         normal, mask = _direction_normals(seed, offset, rows, lanes, n_directions, dim)
-        norm = tl.sqrt_rn(tl.sum(normal * normal, axis=1))[:, None]
+        norm = tl.where(past_end, 1.0, tl.sqrt_rn(tl.sum(normal * normal, axis=1))[:, None])
         tl.store(dir_ptr + rows * dim + lanes, (normal / norm).to(dir_ptr.dtype.element_ty), mask=mask)
     else:
         # Two passes over the row: the norm, then the same counters again for the stores.
@@ -187,7 +189,7 @@ def _directions_tile(dir_ptr, n_directions, dim, seed, offset, tile, DIR_ROWS: t
         for start in range(0, dim, DIR_BLOCK):
             normal, _ = _direction_normals(seed, offset, rows, start + lanes, n_directions, dim)
             squares += normal * normal
-        norm = tl.sqrt_rn(tl.sum(squares, axis=1))[:, None]
+        norm = tl.where(past_end, 1.0, tl.sqrt_rn(tl.sum(squares, axis=1))[:, None])
         for start in range(0, dim, DIR_BLOCK):
             cols = start + lanes
             normal, mask = _direction_normals(seed, offset, rows, cols, n_directions, dim)
