@@ -235,10 +235,11 @@ class RDMReg(nn.Module):
         or (V, rows, D) per view) and the (K, D) directions come in the dtype the Triton
         projection reads (``triton_operand_dtype``), so the op casts neither. The law is the
         two draws' (i.i.d. target elements, directions uniform on the sphere), the numbers
-        the sampler's Philox stream's. None (the two drawn apart, as on the torch backend):
-        other schemes, torch.compile tracing, the torch body, or a sampler that fell back.
+        the sampler's Philox stream's (under torch.compile too: an opaque op). None (the two
+        drawn apart, as on the torch backend): other schemes, the torch body, or a sampler
+        that fell back.
         """
-        if self.directions != "gaussian" or torch.compiler.is_compiling():
+        if self.directions != "gaussian":
             return None
         first = views[0]
         device = first.device

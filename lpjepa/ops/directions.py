@@ -1,6 +1,8 @@
 """The directions of the sliced-Wasserstein loss, one function per scheme.
 
-* ``random_projections``: Gaussian directions normalised to unit length, the seed's draw.
+* ``random_projections``: Gaussian directions normalised to unit length, the seed's draw
+  (on the Triton backend ``RDMReg`` draws the same law with its target, in one launch of the
+  sampler: ``lpjepa.ops.rgg_sample.triton_draw``).
 * ``orthogonal_projections``: blocks of random orthonormal bases, a variance reduction
   for sliced-Wasserstein estimates (no two directions of a block see the same part of
   the features).

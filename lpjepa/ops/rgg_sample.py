@@ -8,7 +8,7 @@ Triton backend: the target and the Gaussian directions in one launch of that ker
 Nothing is differentiated.
 """
 import math
-from typing import List
+from typing import List, Tuple
 
 import torch
 
@@ -171,9 +171,19 @@ def triton_draw(target_shape, num_directions, dim, *, p, mu, sigma, dtype, direc
     uniform on the sphere: the seed's law, from the sampler's Philox stream (not the numbers
     of torch.randn). Both dtypes are the kernel's (fp32, fp16 or bf16; computed in fp32,
     rounded on store). One generator advance covers both (``generator`` or the device's
-    default one; the same generator state gives the same pair). Eager calls only: a traced
-    call draws the two apart (``triton_sample`` and ``lpjepa.ops.directions``).
+    default one; the same generator state gives the same pair). While ``torch.compile``
+    traces, a call from the default generator is the opaque op below, which draws the same
+    numbers (a call with its own generator breaks the graph there, as ``triton_sample``'s).
     """
+    if generator is None and torch.compiler.is_compiling():
+        return _triton_draw_op(list(target_shape), int(num_directions), int(dim), float(p), float(mu), float(sigma),
+                               dtype, directions_dtype, torch.device(device), bool(rectify))
+    return _triton_draw_body(target_shape, num_directions, dim, p, mu, sigma, dtype, directions_dtype, device,
+                             rectify, generator)
+
+
+def _triton_draw_body(target_shape, num_directions, dim, p, mu, sigma, dtype, directions_dtype, device, rectify,
+                      generator=None):
     kernels = backends.kernels("rgg_sample")
     target = torch.empty(target_shape, dtype=dtype, device=device)
     directions = torch.empty((num_directions, dim), dtype=directions_dtype, device=device)
@@ -182,3 +192,24 @@ def triton_draw(target_shape, num_directions, dim, *, p, mu, sigma, dtype, direc
     kernels.rgg_launch(target, p=p, mu=mu, sigma=sigma, seed=seed, offset=offset, rectify=rectify,
                        directions=directions, check=False)()
     return target, directions
+
+
+def _triton_draw_op_body(
+    target_shape: List[int], num_directions: int, dim: int, p: float, mu: float, sigma: float, dtype: torch.dtype,
+    directions_dtype: torch.dtype, device: torch.device, rectify: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _triton_draw_body(target_shape, num_directions, dim, p, mu, sigma, dtype, directions_dtype, device, rectify)
+
+
+# Traced calls only, as ``_triton_sample_op``: the seed and offset are read from the default
+# generator on the host at each call, so the op is opaque, random and kept out of CUDA graphs.
+_triton_draw_op = torch.library.custom_op(
+    "lpjepa::triton_rgg_draw", _triton_draw_op_body, mutates_args=(),
+    tags=(torch.Tag.nondeterministic_seeded, torch.Tag.cudagraph_unsafe),
+)
+
+
+@_triton_draw_op.register_fake
+def _(target_shape, num_directions, dim, p, mu, sigma, dtype, directions_dtype, device, rectify):
+    return (torch.empty(target_shape, dtype=dtype, device=device),
+            torch.empty((num_directions, dim), dtype=directions_dtype, device=device))
