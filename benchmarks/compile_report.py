@@ -98,15 +98,15 @@ def _report_cases(quick, arch):
                         launch = rgg_launch(out, p=p, mu=0.0, sigma=1.0, seed=seed, offset=offset, rectify=rectify)
                         target = "" if rectify else " dense"
                         cases.append((f"rgg p={p:g}{target}", f"B={batch} D={dim} {dname}", launch))
-                    # The loss's draw: target and K directions in one launch; D = 8192 walks its rows in chunks.
+                    # The loss's draw: a (B, D) target and (K, D) directions in one launch; at D = 8192 the
+                    # directions' rows are walked in chunks.
                     k = projection_counts[0]
-                    for dir_dim in (dim, DIRECTIONS_CHUNKED_DIM) if batch == batches[0] else ():
-                        out = torch.empty((batch, dim), dtype=dtype, **meta)
-                        directions = torch.empty((k, dir_dim), dtype=dtype, **meta)
+                    for draw_dim in (dim, DIRECTIONS_CHUNKED_DIM) if batch == batches[0] else ():
+                        out = torch.empty((batch, draw_dim), dtype=dtype, **meta)
+                        directions = torch.empty((k, draw_dim), dtype=dtype, **meta)
                         launch = rgg_launch(out, p=1.0, mu=0.0, sigma=1.0, seed=seed, offset=offset,
                                             directions=directions)
-                        cases.append(("rgg p=1 +directions", f"B={batch} D={dim} K={k} dir D={dir_dim} {dname}",
-                                      launch))
+                        cases.append(("rgg p=1 +directions", f"B={batch} D={draw_dim} K={k} {dname}", launch))
                 for k in projection_counts:
                     views = torch.empty((REPORT_VIEWS, batch, dim), dtype=dtype, **meta)
                     directions = torch.empty((k, dim), dtype=dtype, **meta)
