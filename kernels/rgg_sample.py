@@ -25,7 +25,7 @@ The same launch can also draw the loss's Gaussian directions (``rgg_launch(...,
 directions=...)``): a (K, D) tensor of unit rows, each a vector of D standard normals
 divided by its Euclidean norm, so uniform on the sphere (the seed's law; not torch.randn's
 numbers). The programs past the target's own each own ``DIR_ROWS`` rows. Element ``(k, j)``
-owns the counter ``(offset + k * D + j, 0, 0, STREAM_TAG + 2)``: a last word of its own, so
+owns the counter ``(offset + k * D + j, 0, STREAM_TAG + 2)``: a last word of its own, so
 it never meets the target's two streams (last words ``STREAM_TAG``, ``STREAM_TAG + 1``) or
 torch's (0), and one generator advance of ``max(numel, K * D)`` counters
 (:func:`rgg_philox_increment`) covers both. A row longer than ``DIR_BLOCK`` is read in
@@ -70,7 +70,7 @@ GAMMA_MAX_ROUNDS = 20
 # STREAM_TAG + 1, the directions' STREAM_TAG + 2): never 0, the value torch's CUDA random
 # ops put there, so their counters and this kernel's never coincide.
 STREAM_TAG = tl.constexpr(0x6C706A65)
-DIRECTIONS_TAG = tl.constexpr(0x6C706A65 + 2)
+DIRECTIONS_TAG = tl.constexpr(STREAM_TAG.value + 2)
 
 # Elements of one directions tile (DIR_ROWS x DIR_BLOCK) and the longest chunk of a row.
 DIRECTIONS_TILE = 1024
@@ -161,7 +161,7 @@ def _rgg_kernel(
 
 @triton.jit
 def _direction_normals(seed, offset, rows, cols, n_directions, dim):
-    """N(0, 1) draws of the (rows, cols) tile of the directions: counter (offset + row * dim + col, 0, 0, DIRECTIONS_TAG)."""
+    """N(0, 1) draws of the directions' (rows, cols) tile (0 outside): counters (offset + row * dim + col, 0, tag)."""
     mask = (rows < n_directions) & (cols < dim)
     counter = offset + rows * dim + cols
     c_lo = (counter & 0xFFFFFFFF).to(tl.uint32)

@@ -1,4 +1,4 @@
-"""The sampler's Gaussian directions (``rgg_launch(..., directions=...)``, ``triton_draw``) and RDMReg's one-launch draw.
+"""The sampler's Gaussian directions (``rgg_launch(..., directions=...)``, ``triton_draw``) and RDMReg's one launch.
 
 The law is checked against scipy: a coordinate u_j of a direction uniform on the sphere of
 R^D has u_j^2 ~ Beta(1/2, (D - 1)/2). Statistical checks run at fixed seeds with the
