@@ -467,12 +467,11 @@ def residual_config(batch, num_projections):
     return dict(BLOCK_K=block_k, BLOCK_B=block_b, num_warps=8 if block_k * block_b >= 2048 else 4)
 
 
-_MEAN_BLOCK = 256
+_MEAN_META = dict(BLOCK=256, num_warps=4)
 
 
 def _mean_launch(partials, count, loss):
-    return KernelLaunch(_mean_of_partials_kernel, (1,), (partials, loss, partials.numel(), float(count)),
-                        dict(BLOCK=_MEAN_BLOCK, num_warps=4))
+    return KernelLaunch(_mean_of_partials_kernel, (1,), (partials, loss, partials.numel(), float(count)), _MEAN_META)
 
 
 @functools.lru_cache(maxsize=None)

@@ -241,12 +241,13 @@ _ANSWERS = {}
 
 
 def _memo_key(step, shape_key):
-    return step, shape_key, os.environ.get(ENV_FORCED[step]), os.environ.get(ENV_AUTOTUNE)
+    # ``LPJEPA_AUTOTUNE`` is not part of it: a forced, decided or off-CUDA answer is the same either way.
+    return step, shape_key, os.environ.get(ENV_FORCED[step])
 
 
 def _answer(memo_key, device, key, candidates, default, run, timing_allowed):
     """``CHOOSER.choose``'s answer, kept in ``_ANSWERS`` when it cannot change: forced, decided, or off CUDA."""
-    step, _, forced, _ = memo_key
+    step, _, forced = memo_key
     path = CHOOSER.choose(step, key(), candidates(), default(), run, timing_allowed())
     if forced or device.type != "cuda" or CHOOSER.knows(step, key()):
         _ANSWERS[memo_key] = path
@@ -284,12 +285,12 @@ def projection_path(x, directions, allow_tf32, timing_allowed=None):
 
 def sort_path(proj, proj_t, need_target_residual, timing_allowed=None):
     """The sort path ('registers' or 'torch_sort') for proj (V, K, B) against proj_t (T, K, B); timing_allowed as above."""
-    from ..kernels import sliced_wasserstein as kernels
-
-    views, num_projections, batch = proj.shape
     memo_key = _memo_key("sort", (proj.device, proj.shape, proj_t.shape[0], need_target_residual))
     if memo_key in _ANSWERS:
         return _ANSWERS[memo_key]
+    from ..kernels import sliced_wasserstein as kernels
+
+    views, num_projections, batch = proj.shape
 
     def key():
         return (f"{gpu_name(proj.device)}|V={views}|T={proj_t.shape[0]}|B={bucket(batch)}|K={bucket(num_projections)}"

@@ -333,7 +333,7 @@ def _forward(ctx, body, gather, need_target_residual, target, directions, views)
     together = body.triton and gather is None and directions.dim() == 2 and target.shape[-2] == first.shape[0]
     if together and body.triton and target.dim() == 2:  # the common step, in the fewest calls
         x = tuple([_as(source, operand) for source in (*views, target)])
-        if len(x) > _kernels().MAX_SOURCE_POINTERS or any(source.stride() != x[0].stride() for source in x):
+        if len(x) > _kernels().MAX_SOURCE_POINTERS or len({source.stride() for source in x}) > 1:
             x = torch.stack(x)  # the kernel reads at most three (B, D) sources of one layout where they lie
         proj, proj_t = triton_project(x, _as(directions, operand),
                                       torch.backends.cuda.matmul.allow_tf32).split_with_sizes((count, 1))
