@@ -638,9 +638,10 @@ def project_backward_config(sources, batch, dim, num_projections, dtype, allow_t
     128 x 128 leaves fewer programs than half an H100's SMs, or the batch or D is small),
     a K step of 32 for every dtype (the residual's fp32 tile is staged in shared memory
     before its rounding, so fp16 / bf16 cannot take the forward's 64: 3 stages of it would
-    pass sm_86's 99 KB), 8 warps, 3 stages. IEEE fp32 on the FMA units: 64 x 64 x 16 on 4
-    warps. Below sm_80 every dtype runs on the FMA units: 64 x 64 x 16 on 8 warps
-    (``compile_report --arch 75``: no spill).
+    pass sm_86's 99 KB), 8 warps, 3 stages (2 for the 128 x 128 fp16 / bf16 tile, whose
+    staged fp32 tile and its rounding spill 4 B at sm_120's 128 registers with 3). IEEE fp32
+    on the FMA units: 64 x 64 x 16 on 4 warps. Below sm_80 every dtype runs on the FMA
+    units: 64 x 64 x 16 on 8 warps. Checked by ``compile_report`` on sm_75 to sm_120: no spill.
     """
     precision = input_precision(dtype, allow_tf32, arch)
     if not has_tensor_core_dot(arch):
@@ -655,11 +656,12 @@ def project_backward_config(sources, batch, dim, num_projections, dtype, allow_t
         if tiles < _SORT_MIN_PROGRAMS // 2 or min(batch, dim) <= 64:
             block_b = block_d = 64
         block_k, num_warps = 32, 8
+    num_stages = 2 if block_b == 128 and dtype != torch.float32 else 3
     block_b = min(block_b, max(_MIN_DOT, next_power_of_2(batch)))
     block_d = min(block_d, max(_MIN_DOT, next_power_of_2(dim)))
     block_k = min(block_k, max(_MIN_DOT, next_power_of_2(num_projections)))
     return dict(BLOCK_B=block_b, BLOCK_D=block_d, BLOCK_K=block_k, INPUT_PRECISION=precision,
-                num_warps=num_warps, num_stages=3)
+                num_warps=num_warps, num_stages=num_stages)
 
 
 def _check_project_backward_inputs(residual, directions, scale, out_dtype):
