@@ -5,7 +5,7 @@ Usage::
     python -m benchmarks.compile_report [--arch 75 80 86 89 90 100 120] [--quick] [--model]
 
 No GPU is needed: Triton compiles for a ``GPUTarget`` without one. The launches are
-the ones the launchers really make: ``rgg_launch``, ``project_plan`` and
+the ones the launchers really make: ``rgg_launch``, ``project_plan``, ``project_backward_plan`` and
 ``sort_residual_plan`` are called on ``meta``-device tensors, and every launch is
 specialised the way Triton's JIT would specialise it (argument types, ``== 1``
 constants, 16-byte divisibility) before being compiled. Shapes: B in {256, 1024, 4096,
@@ -75,7 +75,9 @@ def _report_cases(quick, arch):
     import torch
 
     from lpjepa.kernels.rgg_sample import rgg_launch
-    from lpjepa.kernels.sliced_wasserstein import project_plan, register_sort_max_batch, sort_paths_for, sort_residual_plan
+    from lpjepa.kernels.sliced_wasserstein import (
+        project_backward_plan, project_plan, register_sort_max_batch, sort_paths_for, sort_residual_plan,
+    )
 
     modes = ((torch.float32, False), (torch.bfloat16, False)) if quick else (
         (torch.float32, False), (torch.float32, True), (torch.float16, False), (torch.bfloat16, False)
@@ -116,6 +118,12 @@ def _report_cases(quick, arch):
                     separate = tuple(torch.empty((batch, dim), dtype=dtype, **meta) for _ in range(3))
                     _, launches = project_plan(separate, directions, allow_tf32=allow_tf32, arch=arch)
                     cases.append(("_project_kernel", f"B={batch} D={dim} K={k},3src {dname}", launches[0]))
+                    # The views' gradient: the fp32 residual onto the directions, written in the views' dtype.
+                    residual = torch.empty((REPORT_VIEWS, k, batch), dtype=torch.float32, **meta)
+                    scale = torch.empty((), dtype=torch.float32, **meta)
+                    _, launches = project_backward_plan(residual, directions, scale, out_dtype=dtype,
+                                                        allow_tf32=allow_tf32, arch=arch)
+                    cases.append(("_project_backward_kernel", f"B={batch} D={dim} K={k} {dname}", launches[0]))
         for batch in batches:
             for k in projection_counts:
                 if allow_tf32 or dtype != torch.float32:
@@ -274,7 +282,7 @@ class _Compiler:
 def _tile(launch):
     """The tile of a launch, as the report's rows show it: the projection's K x B x D block, the sort's rows."""
     meta = launch.meta
-    if "BLOCK_D" in meta:
+    if "BLOCK_D" in meta:  # both projections' tiles read K x B x D (the backward's reduction is over K)
         return f"{meta['BLOCK_K']}x{meta['BLOCK_B']}x{meta['BLOCK_D']}"
     if "ROWS" in meta:
         return f"rows={meta['ROWS']}"

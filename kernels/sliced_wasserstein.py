@@ -581,3 +581,135 @@ def sliced_wasserstein_forward(views, targets, projections, *, need_target_resid
     for launch in launches:
         launch()
     return outputs
+
+
+# --- Projection backward ----------------------------------------------------------------
+
+
+@triton.jit
+def _project_backward_kernel(
+    res_ptr,  # (S, K, B) fp32, any strides: the projections' gradient before the loss's gradient
+    p_ptr,  # (S, K, D) fp32 / fp16 / bf16, any strides (stride 0 along S: one set of directions for every source)
+    scale_ptr,  # one element: the loss's gradient, read here so that the host never syncs on it
+    out_ptr,  # (S, B, D) contiguous, written in its own dtype
+    B, D, K,
+    stride_rs, stride_rk, stride_rb, stride_ps, stride_pk, stride_pd,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """out[s, b, d] = scale * sum_k residual[s, k, b] P[s, k, d] for one (BLOCK_B, BLOCK_D) tile of one source s.
+
+    The residual is rounded to P's dtype before the product, as the torch formula rounds
+    the gradient to the operand dtype; the sum is fp32 and rounded once, at the store.
+    """
+    pid = tl.program_id(0)
+    source = tl.program_id(1).to(tl.int64)
+    tiles_d = tl.cdiv(D, BLOCK_D)
+    # Consecutive programs share a block of rows, so its residual tile stays in L2.
+    rows = (pid // tiles_d) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = (pid % tiles_d) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < B
+    col_ok = cols < D
+    r_rows = res_ptr + source * stride_rs + rows[None, :].to(tl.int64) * stride_rb
+    p_cols = p_ptr + source * stride_ps + cols[None, :].to(tl.int64) * stride_pd
+    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        dirs = k0 + tl.arange(0, BLOCK_K)
+        dir_ok = dirs < K
+        # (BLOCK_K, BLOCK_B): B is the residual's contiguous dimension.
+        r = tl.load(r_rows + dirs[:, None].to(tl.int64) * stride_rk, mask=dir_ok[:, None] & row_ok[None, :], other=0.0)
+        p = tl.load(p_cols + dirs[:, None].to(tl.int64) * stride_pk, mask=dir_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(r.to(p.dtype)), p, acc, input_precision=INPUT_PRECISION)
+    acc = acc * tl.load(scale_ptr).to(tl.float32)
+    out = out_ptr + source * B * D + rows[:, None].to(tl.int64) * D + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@functools.lru_cache(maxsize=None)
+def project_backward_config(sources, batch, dim, num_projections, dtype, allow_tf32, arch=None):
+    """Meta-parameters of _project_backward_kernel: dict(BLOCK_B, BLOCK_D, BLOCK_K, INPUT_PRECISION, num_warps,
+    num_stages).
+
+    dtype: the directions' (the operands'). The tiles of ``project_config`` with the
+    reduction over K instead of D: from sm_80 tensor-core tiles of 128 x 128 (64 x 64 when
+    128 x 128 leaves fewer programs than half an H100's SMs, or the batch or D is small),
+    a K step of 32 for every dtype (the residual's fp32 tile is staged in shared memory
+    before its rounding, so fp16 / bf16 cannot take the forward's 64: 3 stages of it would
+    pass sm_86's 99 KB), 8 warps, 3 stages (2 for the 128 x 128 fp16 / bf16 tile, whose
+    staged fp32 tile and its rounding spill 4 B at sm_120's 128 registers with 3). IEEE fp32
+    on the FMA units: 64 x 64 x 16 on 4 warps. Below sm_80 every dtype runs on the FMA
+    units: 64 x 64 x 16 on 8 warps. Checked by ``compile_report`` on sm_75 to sm_120: no spill.
+    """
+    precision = input_precision(dtype, allow_tf32, arch)
+    if not has_tensor_core_dot(arch):
+        block_b = block_d = 64
+        block_k, num_warps = _MIN_DOT, 8
+    elif dtype == torch.float32 and precision == "ieee":
+        block_b = block_d = 64
+        block_k, num_warps = _MIN_DOT, 4
+    else:
+        block_b = block_d = 128
+        tiles = cdiv(batch, 128) * cdiv(dim, 128) * sources
+        if tiles < _SORT_MIN_PROGRAMS // 2 or min(batch, dim) <= 64:
+            block_b = block_d = 64
+        block_k, num_warps = 32, 8
+    num_stages = 2 if block_b == 128 and dtype != torch.float32 else 3
+    block_b = min(block_b, max(_MIN_DOT, next_power_of_2(batch)))
+    block_d = min(block_d, max(_MIN_DOT, next_power_of_2(dim)))
+    block_k = min(block_k, max(_MIN_DOT, next_power_of_2(num_projections)))
+    return dict(BLOCK_B=block_b, BLOCK_D=block_d, BLOCK_K=block_k, INPUT_PRECISION=precision,
+                num_warps=num_warps, num_stages=num_stages)
+
+
+def _check_project_backward_inputs(residual, directions, scale, out_dtype):
+    from .launch import KERNEL_DTYPES
+
+    if residual.dim() != 3 or directions.dim() not in (2, 3) or directions.shape[-2] != residual.shape[1] or (
+        directions.dim() == 3 and directions.shape[0] != residual.shape[0]
+    ):
+        raise ValueError(f"residual must be (S, K, B) and directions (K, D) or (S, K, D); "
+                         f"got {tuple(residual.shape)} and {tuple(directions.shape)}")
+    if min(residual.shape) < 1 or directions.shape[-1] < 1:
+        raise ValueError("S, K, B and D must all be >= 1")
+    if residual.dtype != torch.float32:
+        raise ValueError(f"residual must be fp32; got {residual.dtype}")
+    check_kernel_dtype("directions", directions)
+    if out_dtype not in KERNEL_DTYPES:
+        raise ValueError(f"out_dtype must be one of {KERNEL_DTYPES}; got {out_dtype}")
+    if scale.numel() != 1 or not scale.is_floating_point():
+        raise ValueError(f"scale must be a one-element floating tensor; got {scale.dtype} of shape {tuple(scale.shape)}")
+    for name, t in (("directions", directions), ("scale", scale)):
+        if t.device != residual.device:
+            raise ValueError(f"{name} must be on {residual.device} like residual; got {t.device}")
+
+
+def project_backward_plan(residual, directions, scale, *, out_dtype, allow_tf32=False, arch=None, check=True):
+    """The gradient of ``x`` (S, B, D) of projections (S, K, B) = directions @ x^T, and the launch that fills it.
+
+    residual: (S, K, B) fp32 (any strides), the projections' gradient up to ``scale``, a
+    one-element floating tensor on the device (the loss's gradient; read by the kernel, so
+    no host sync). directions: (K, D), shared by the sources, or (S, K, D), in the
+    operands' dtype (fp32, fp16 or bf16); the residual is rounded to it before the product,
+    which accumulates in fp32 (TF32 for fp32 when ``allow_tf32``, from sm_80). Returns
+    ``(grad_x, [KernelLaunch])``: grad_x (S, B, D) contiguous in ``out_dtype``::
+
+        grad_x[s, b, d] = scale * sum_k residual[s, k, b] * directions[(s,) k, d]
+
+    arch: the compute capability whose tiles to take (``project_backward_config``); None:
+    the residual's device's. Works on ``meta`` tensors. ``check=False`` skips the checks of
+    the inputs (the loss's op made them).
+    """
+    if check:
+        _check_project_backward_inputs(residual, directions, scale, out_dtype)
+    sources, num_projections, batch = residual.shape
+    dim = directions.shape[-1]
+    arch = device_arch(residual.device) if arch is None else arch
+    grad_x = torch.empty((sources, batch, dim), dtype=out_dtype, device=residual.device)
+    cfg = project_backward_config(sources, batch, dim, num_projections, directions.dtype, allow_tf32, arch)
+    grid = (cdiv(batch, cfg["BLOCK_B"]) * cdiv(dim, cfg["BLOCK_D"]), sources)
+    # Shared (K, D) directions are read with a zero stride along the sources, as in project_plan.
+    p_strides = directions.stride() if directions.dim() == 3 else (0, *directions.stride())
+    args = (residual, directions, scale, grad_x, batch, dim, num_projections, *residual.stride(), *p_strides)
+    return grad_x, [KernelLaunch(_project_backward_kernel, grid, args, cfg)]

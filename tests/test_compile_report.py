@@ -29,7 +29,8 @@ def test_quick_report_compiles_every_kernel_cleanly_and_models_the_paths():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if " sm_" in line and not line[0].isdigit()]
-    kernels = ("rgg p=1.5", "_project_kernel", "_sort_residual_kernel", "_residual_kernel", "_mean_of_partials_kernel")
+    kernels = ("rgg p=1.5", "_project_kernel", "_project_backward_kernel", "_sort_residual_kernel", "_residual_kernel",
+               "_mean_of_partials_kernel")
     for kernel in kernels:
         for arch in QUICK_ARCHES:
             assert any(row.startswith(kernel) and f" sm_{arch} " in row for row in rows), (kernel, arch, result.stdout)
@@ -45,6 +46,10 @@ def test_quick_report_compiles_every_kernel_cleanly_and_models_the_paths():
         # From sm_80 the tile is 64 x 64 x 64, or 128 x 128 x 64 where that still fills half an H100's SMs.
         tiles = {"64x64x16"} if arch < 80 else {"64x64x64", "128x128x64"}
         assert all(fields[6] in tiles for fields in bf16), (arch, bf16)
+        # The views' gradient likewise: the residual rounded to bf16 goes to the tensor cores from sm_80.
+        backward = [row.split() for row in rows if row.startswith("_project_backward_kernel") and f" sm_{arch} " in row
+                    and "bfloat16" in row]
+        assert backward and all((int(fields[-2]) > 0) == (arch >= 80) for fields in backward), (arch, backward)
     model = result.stdout.split("Static performance model")[1].splitlines()
     # bf16 projections run on the tensor cores: HMMA / HGMMA in the SASS of both GPUs.
     for gpu in ("H100", "A100"):

@@ -175,9 +175,10 @@ def check_triton_global_loss_runs_the_kernels(rank):
             seed.backward()
             where = f"sizes={sizes}, gather={gather}"
             assert across[0] == across[1], f"{where}: ranks disagree {across}"
-            # The views' rows (or the gathered global rows) in one launch, the target in another.
+            # The views' rows (or the gathered global rows) in one launch, the target in another; the
+            # backward: this rank's rows of the views' gradient in one.
             assert launched == ["_project_kernel", "_project_kernel", "_sort_residual_kernel",
-                                "_mean_of_partials_kernel"], f"{where}: {launched}"
+                                "_mean_of_partials_kernel", "_project_backward_kernel"], f"{where}: {launched}"
             torch.testing.assert_close(loss.double(), seed, **FP32, msg=where)
             for ours, ref in zip(local, whole):
                 torch.testing.assert_close(ours.grad.double(), ref.grad[rows], **FP32, msg=f"{where}: gradient")

@@ -199,3 +199,40 @@ def test_the_warning_class_is_public():
     assert lpjepa.TritonFallbackWarning is backend.TritonFallbackWarning
     assert lpjepa.KernelUnavailable is backend.KernelUnavailable
     assert issubclass(lpjepa.TritonFallbackWarning, UserWarning) and issubclass(lpjepa.KernelUnavailable, RuntimeError)
+
+
+def _failing_backward_kernel(patch, error):
+    """Only the views' gradient kernel fails (it compiles at the first backward); the forward's run."""
+    real = swd_op._launch
+
+    def launch(one):
+        if one.kernel.__name__ == "_project_backward_kernel":
+            raise error()
+        real(one)
+
+    patch.setattr(swd_op, "_launch", launch)
+
+
+def test_a_backward_kernel_failure_falls_back_to_the_formula(triton_on_cpu, patch):
+    _failing_backward_kernel(patch, FAILURES["out of resources"])
+    z, target, projections = _inputs(seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", backend.TritonFallbackWarning)
+        loss = lpjepa.rdmreg_loss(z, target, projections=projections)  # the forward's kernels run
+    with pytest.warns(backend.TritonFallbackWarning, match="OutOfResources"):
+        grad, = torch.autograd.grad(loss, z)
+    assert ("sliced_wasserstein", "cpu") in backend._UNAVAILABLE  # later calls go to torch
+    ref_z = z.detach().double().requires_grad_()
+    want, = torch.autograd.grad(reference.rdmreg_loss(ref_z, target.double(), projections=projections.double()), ref_z)
+    atol, rtol = tolerance(torch.float32)
+    torch.testing.assert_close(grad.double(), want, atol=atol, rtol=rtol)
+
+
+def test_a_backward_kernel_failure_raises_under_triton(triton_on_cpu, patch):
+    _failing_backward_kernel(patch, FAILURES["compile error"])
+    z, target, projections = _inputs(seed=6)
+    loss = lpjepa.rdmreg_loss(z, target, projections=projections, backend="triton")
+    with pytest.raises(backend.KernelUnavailable, match="cannot run on cpu") as raised:
+        loss.backward()
+    assert isinstance(raised.value.__cause__, CompilationError)
+    assert not backend._UNAVAILABLE

@@ -278,3 +278,143 @@ def test_separate_sources_read_where_they_lie(path, sources, batch, dim, num_pro
 def test_separate_sources_of_another_layout_are_refused(separate):
     with pytest.raises(ValueError, match="stack them"):
         swd.project_plan(separate(), torch.randn(2, 3))
+
+
+# --- The projection's backward: the views' gradient in one launch ------------------------
+
+
+def backward_inputs(sources, batch, dim, num_projections, dtype, shared, seed):
+    """(residual (S, K, B) fp32, directions (K, D) or (S, K, D) in dtype, a random 0-dim fp32 scale)."""
+    g = torch.Generator().manual_seed(seed)
+    residual = torch.randn(sources, num_projections, batch, generator=g)
+    shape = (num_projections, dim) if shared else (sources, num_projections, dim)
+    directions = torch.nn.functional.normalize(torch.randn(shape, generator=g), dim=-1).to(dtype)
+    scale = (torch.rand((), generator=g) * 4 - 2).float()  # random, sign included: never the identity
+    return residual, directions, scale
+
+
+def backward_oracle(residual, directions, scale):
+    """fp64 scale * residual^T @ P per source, the residual rounded to P's dtype first (the formula's rounding)."""
+    P = directions.double()
+    P = P.expand(residual.shape[0], -1, -1) if P.dim() == 2 else P
+    return scale.double() * torch.einsum("skb,skd->sbd", residual.to(directions.dtype).double(), P)
+
+
+def coarser_tolerance(*dtypes):
+    """(atol, rtol) of the least precise of ``dtypes``: the operands' rounding or the output's."""
+    tolerances = [tolerance(dtype) for dtype in dtypes]
+    return dict(atol=max(t[0] for t in tolerances), rtol=max(t[1] for t in tolerances))
+
+
+def run_backward_plan(residual, directions, scale, out_dtype, **kwargs):
+    grad_x, launches = swd.project_backward_plan(residual, directions, scale, out_dtype=out_dtype, **kwargs)
+    assert len(launches) == 1 and launches[0].kernel is swd._project_backward_kernel
+    launches[0]()
+    return grad_x
+
+
+BACKWARD_SHAPES = [
+    # (S, B, D, K): tiny and odd (every dimension below tl.dot's 16, partial tiles, K past one step) beside round.
+    (1, 3, 5, 3),
+    (2, 17, 33, 40),
+    (3, 3, 33, 17),
+    (1, 17, 5, 40),
+    (2, 64, 32, 32),
+]
+
+
+# bf16 runs on a GPU only (the interpreter mishandles bf16 arithmetic): test_project_backward_bf16_on_gpu.
+@pytest.mark.parametrize("sources, batch, dim, num_projections", BACKWARD_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shared", [True, False])
+def test_project_backward_matches_fp64(sources, batch, dim, num_projections, dtype, shared):
+    residual, directions, scale = backward_inputs(sources, batch, dim, num_projections, dtype, shared,
+                                                  seed=sources * 1000 + batch * 10 + dim)
+    grad_x = run_backward_plan(residual, directions, scale, dtype)
+    assert grad_x.shape == (sources, batch, dim) and grad_x.dtype == dtype and grad_x.is_contiguous()
+    want = backward_oracle(residual, directions, scale)
+    torch.testing.assert_close(grad_x.double(), want, **coarser_tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype, out_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float32)])
+def test_project_backward_writes_the_asked_dtype(dtype, out_dtype):
+    # Views whose dtypes differ take an fp32 gradient; fp32 operands may write a narrower one.
+    residual, directions, scale = backward_inputs(2, 17, 33, 40, dtype, True, seed=41)
+    grad_x = run_backward_plan(residual, directions, scale, out_dtype)
+    assert grad_x.dtype == out_dtype
+    want = backward_oracle(residual, directions, scale)
+    torch.testing.assert_close(grad_x.double(), want, **coarser_tolerance(dtype, out_dtype))
+
+
+def test_project_backward_reads_a_strided_residual():
+    # Under a process group the op keeps its own rows of the residual: a slice along B.
+    residual, directions, scale = backward_inputs(2, 30, 20, 24, torch.float32, False, seed=42)
+    local = residual[:, :, 7:20]
+    assert not local.is_contiguous()
+    grad_x = run_backward_plan(local, directions, scale, torch.float32)
+    torch.testing.assert_close(grad_x.double(), backward_oracle(local, directions, scale),
+                               **coarser_tolerance(torch.float32))
+
+
+def test_project_backward_on_the_sm_75_tiles_and_tf32():
+    # Below sm_80 an FMA tile and no TF32 (Turing has none); from sm_80 fp32 asks for TF32 when allowed.
+    cfg = swd.project_backward_config(2, 1024, 512, 8192, torch.float16, False, arch=75)
+    assert (cfg["BLOCK_B"], cfg["BLOCK_D"], cfg["BLOCK_K"], cfg["num_warps"]) == (64, 64, 16, 8)
+    assert swd.project_backward_config(2, 1024, 512, 8192, torch.float32, True, arch=75)["INPUT_PRECISION"] == "ieee"
+    assert swd.project_backward_config(2, 1024, 512, 8192, torch.float32, True, arch=90)["INPUT_PRECISION"] == "tf32"
+    residual, directions, scale = backward_inputs(2, 70, 80, 20, torch.float32, True, seed=43)  # partial 64-tiles
+    for kwargs in (dict(arch=75), dict(allow_tf32=True)):  # the interpreter multiplies TF32 in fp32: the plumbing
+        grad_x = run_backward_plan(residual, directions, scale, torch.float32, **kwargs)
+        torch.testing.assert_close(grad_x.double(), backward_oracle(residual, directions, scale),
+                                   **coarser_tolerance(torch.float32), msg=str(kwargs))
+
+
+@pytest.mark.parametrize("batch, dim, sources", [(256, 512, 2), (1024, 2048, 2), (4096, 512, 3)])
+def test_project_backward_tiles_fit_the_shape(batch, dim, sources):
+    for dtype, allow_tf32 in ((torch.float32, False), (torch.float32, True), (torch.float16, False)):
+        cfg = swd.project_backward_config(sources, batch, dim, 256, dtype, allow_tf32)
+        assert min(cfg["BLOCK_B"], cfg["BLOCK_D"], cfg["BLOCK_K"]) >= 16  # tl.dot's smallest
+        assert cfg["BLOCK_B"] <= batch and cfg["BLOCK_D"] <= dim
+
+
+def test_project_backward_plans_on_meta_tensors():
+    # The compile report builds the launch on meta tensors: no data, no device.
+    residual = torch.empty((2, 256, 1024), device="meta")
+    directions = torch.empty((256, 512), dtype=torch.bfloat16, device="meta")
+    scale = torch.empty((), device="meta")
+    grad_x, launches = swd.project_backward_plan(residual, directions, scale, out_dtype=torch.bfloat16, arch=90)
+    assert grad_x.shape == (2, 1024, 512) and grad_x.dtype == torch.bfloat16 and grad_x.device.type == "meta"
+    cfg = launches[0].meta
+    assert launches[0].grid == (-(-1024 // cfg["BLOCK_B"]) * -(-512 // cfg["BLOCK_D"]), 2)
+    assert launches[0].args[7:13] == (256 * 1024, 1024, 1, 0, 512, 1)  # shared directions: stride 0 along S
+
+
+@pytest.mark.parametrize(
+    "residual, directions, scale, out_dtype",
+    [
+        (torch.randn(2, 4, 3), torch.randn(5, 6), torch.ones(()), torch.float32),  # K disagrees
+        (torch.randn(2, 4, 3), torch.randn(3, 4, 6), torch.ones(()), torch.float32),  # S disagrees
+        (torch.randn(2, 4, 3).double(), torch.randn(4, 6), torch.ones(()), torch.float32),  # fp64 residual
+        (torch.randn(2, 4, 3), torch.randn(4, 6).double(), torch.ones(()), torch.float32),  # fp64 directions
+        (torch.randn(2, 4, 3), torch.randn(4, 6), torch.ones(2), torch.float32),  # two scales
+        (torch.randn(2, 4, 3), torch.randn(4, 6), torch.ones(()), torch.float64),  # no fp64 output
+    ],
+)
+def test_project_backward_rejects_bad_inputs(residual, directions, scale, out_dtype):
+    with pytest.raises(ValueError):
+        swd.project_backward_plan(residual, directions, scale, out_dtype=out_dtype)
+
+
+@requires_cuda  # the Triton interpreter mishandles bf16
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("dtype, allow_tf32", [(torch.bfloat16, False), (torch.float16, False),
+                                               (torch.float32, True)])
+def test_project_backward_on_gpu(shared, dtype, allow_tf32):
+    for sources, batch, dim, num_projections in BACKWARD_SHAPES + [(2, 256, 512, 256), (2, 1000, 300, 130)]:
+        residual, directions, scale = backward_inputs(sources, batch, dim, num_projections, dtype, shared, seed=dim)
+        grad_x = run_backward_plan(residual.cuda(), directions.cuda(), scale.cuda(), dtype, allow_tf32=allow_tf32)
+        want = backward_oracle(residual, directions, scale)
+        # TF32 keeps fp16's 10 mantissa bits.
+        torch.testing.assert_close(grad_x.double().cpu(), want,
+                                   **coarser_tolerance(torch.float16 if allow_tf32 else dtype),
+                                   msg=f"{(sources, batch, dim, num_projections)}")

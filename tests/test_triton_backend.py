@@ -145,8 +145,10 @@ def test_views_share_one_projected_and_sorted_target(launched, patch, sort_path)
     loss = lpjepa.RDMReg(num_projections=16, backend="triton")(*views, target=target, projections=projections)
     grads = torch.autograd.grad(loss, views)
     sort_kernel = "_sort_residual_kernel" if sort_path == "registers" else "_residual_kernel"
-    # Both views and the target projected in one launch, one sort-and-residual launch for both views.
-    assert [name for name, _, _ in launched] == ["_project_kernel", sort_kernel, "_mean_of_partials_kernel"]
+    # Both views and the target projected in one launch, one sort-and-residual launch for both views;
+    # the backward: both views' gradients in one launch.
+    assert [name for name, _, _ in launched] == ["_project_kernel", sort_kernel, "_mean_of_partials_kernel",
+                                                 "_project_backward_kernel"]
     _, meta, args = launched[1]
     assert meta["SHARED_TARGET"] and args[-2] == 2  # V = 2 views against one target (the last: the residual scale)
     assert_matches_reference(loss, grads, views, target, projections)

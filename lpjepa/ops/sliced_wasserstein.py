@@ -33,7 +33,10 @@ The two bodies:
   operands in the features' dtype (fp16 / bf16 on the tensor cores, fp32 as TF32 when torch
   allows it), fp32 accumulation, sort and loss; each step's path ('triton' or 'cublas'
   projection, 'registers' or 'torch_sort' sort) from ``lpjepa.ops.path_choice``. The
-  kernels load at the first Triton call (``lpjepa.ops.backend``), never at import.
+  backward writes the views' gradient in one kernel (``project_backward_plan``: the
+  residual's rounding, the matmul, the loss's gradient and the views' dtype); the
+  directions' and the target's take the formula's torch matmuls. The kernels load at the
+  first Triton call (``lpjepa.ops.backend``), never at import.
 
 Eager calls run the Function, which calls each body directly and pays for nothing else.
 ``torch.compile`` cannot trace numpy's sort or a kernel launch, so while it traces, the API
@@ -207,11 +210,29 @@ def triton_sort_residual(proj, proj_t, need_target_residual, launch=None, residu
     return outputs
 
 
+def triton_project_backward(residual, directions, grad_scale, out_dtype, allow_tf32, launch=None):
+    """(S, B, D) ``out_dtype`` gradient of the rows projected onto ``directions``, in one launch.
+
+    residual (S, K, B) fp32: the projections' gradient up to ``grad_scale``, a 0-dim fp32
+    tensor on the device (never read on the host); directions (K, D) or (S, K, D) in the
+    operands' dtype, to which the kernel rounds the residual (``project_backward``'s formula).
+    """
+    out, launches = _kernels().project_backward_plan(residual, directions, grad_scale, out_dtype=out_dtype,
+                                                     allow_tf32=allow_tf32, check=False)
+    for one in launches:
+        (launch or _launch)(one)
+    return out
+
+
 def _triton_backward_operand_dtype(features_dtype, device):
     """The backward's matmul operands: the features' dtype, or fp32 for bf16 below sm_80 (no bf16 arithmetic there)."""
     from ..kernels.launch import device_arch
 
     return torch.float32 if _kernels().bf16_as_fp32(features_dtype, device_arch(device)) else features_dtype
+
+
+# The dtypes the views' gradient kernel writes; views of another dtype (or of mixed ones) get fp32, cast.
+_KERNEL_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # --- The bodies as the Function sees them ------------------------------------------------------
@@ -222,6 +243,8 @@ class Body(NamedTuple):
 
     name: str
     triton: bool
+    # backend='triton' asked for this body: a kernel that fails in the backward raises rather than falls back.
+    strict: bool = False
 
     def project(self, sources, directions, operand_dtype):
         """(S, K, B) projections of the (n, B, D) ``sources`` (already in ``operand_dtype`` on Triton)."""
@@ -239,6 +262,7 @@ class Body(NamedTuple):
 
 TORCH = Body("torch", False)
 TRITON = Body("triton", True)
+TRITON_STRICT = Body("triton", True, strict=True)
 
 
 # --- The one autograd formula -------------------------------------------------------------------
@@ -368,11 +392,35 @@ def _forward(ctx, body, gather, need_target_residual, target, directions, views)
     if body.triton and operand == torch.bfloat16:  # bf16 below sm_80 multiplies fp32 copies
         ctx.backward_operand = _triton_backward_operand_dtype(operand, first.device)
     ctx.view_dtypes = [view.dtype for view in views]
+    ctx.body = body
+    if body.triton:  # one kernel writes the views' gradient: in the views' dtype if they share one it writes
+        same = first.dtype in _KERNEL_OUT_DTYPES and all(view.dtype == first.dtype for view in views)
+        ctx.views_grad_dtype = first.dtype if same else torch.float32
     ctx.target_shape, ctx.target_dtype = target.shape, target.dtype
     ctx.need_target_residual = need_target_residual
     saved_target = target if need_target_residual else None
     ctx.save_for_backward(residual, residual_t, directions, saved_target, *(views if directions.requires_grad else ()))
     return loss
+
+
+def _views_grad_on_kernels(ctx, residual, directions, grad_loss):
+    """The views' (S, B, D) gradient by its kernel; None where the kernel cannot run, for the formula to compute it.
+
+    The kernel compiles at the first backward, after the forward's kernels ran, so a failure
+    there is handled as ``backend.run_op`` handles the forward's: under backend='triton' it
+    raises ``KernelUnavailable``; under 'auto' it warns once and the op goes to torch from then on.
+    """
+    try:
+        return triton_project_backward(residual, directions, grad_loss, ctx.views_grad_dtype,
+                                       torch.backends.cuda.matmul.allow_tf32)
+    except backends._NOT_KERNEL_FAILURES:
+        raise
+    except Exception as error:
+        failure = backends.KernelUnavailable("sliced_wasserstein", residual.device, error)
+        if ctx.body.strict:
+            raise failure from error
+        backends._fall_back(failure)
+        return None
 
 
 def _backward(ctx, grad_loss):
@@ -385,8 +433,16 @@ def _backward(ctx, grad_loss):
         grad_loss = grad_loss * ctx.residual_scale
     operand = ctx.backward_operand
     x = torch.stack([_as(view, operand) for view in views]) if need_directions else None
-    grad_x, grad_directions = project_backward(residual, x, directions, operand, need_views, need_directions,
-                                               grad_loss)
+    # The Triton body's views' gradient: one kernel (the residual's rounding, the product, the
+    # scale and the views' dtype in one launch); the directions' and the target's keep the formula.
+    grad_x = grad_directions = None
+    if need_views and ctx.body.triton:
+        grad_x = _views_grad_on_kernels(ctx, residual, _as(directions, operand), grad_loss)
+    need_torch_x = need_views and grad_x is None
+    if need_torch_x or need_directions:  # not called for nothing: it would round the residual first
+        torch_x, grad_directions = project_backward(residual, x, directions, operand, need_torch_x, need_directions,
+                                                    grad_loss)
+        grad_x = torch_x if need_torch_x else grad_x
     grad_target = None
     if need_target or (need_directions and ctx.need_target_residual):
         targets = target if target.dim() == 3 else target[None]
@@ -429,6 +485,7 @@ def sliced_wasserstein(views, target, directions, backend="auto", gather=None):
     need_t = needs_target_residual(target, directions)
     return backends.run_op(
         "sliced_wasserstein", backend, views[0].device, compute_dtype(*views, target, directions),
-        lambda: SlicedWasserstein.apply(TRITON, gather, need_t, target, directions, *views),
+        lambda: SlicedWasserstein.apply(TRITON_STRICT if backend == "triton" else TRITON, gather, need_t, target,
+                                        directions, *views),
         lambda: SlicedWasserstein.apply(TORCH, gather, need_t, target, directions, *views),
     )
