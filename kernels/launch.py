@@ -26,7 +26,8 @@ def device_arch(device):
     The launchers choose tiles and paths by it; None (CPU, the interpreter, ``meta``
     tensors of the compile report, which passes its arch explicitly) takes the sm_80+ choices.
     """
-    device = torch.device(device)
+    if not isinstance(device, torch.device):  # every launch plan asks: no new device object for a device
+        device = torch.device(device)
     if device.type != "cuda":
         return None
     index = torch.cuda.current_device() if device.index is None else device.index

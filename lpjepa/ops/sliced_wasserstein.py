@@ -459,8 +459,11 @@ def _backward(ctx, grad_loss):
         grad_directions = grad_directions.to(directions.dtype)
     view_grads = [None] * len(ctx.view_dtypes)
     if need_views:
-        view_grads = [_as(grad, dtype) if needs[5 + v] else None
-                      for v, (grad, dtype) in enumerate(zip(grad_x.unbind(0), ctx.view_dtypes))]
+        view_grads = grad_x.unbind(0)
+        # Already in every view's dtype (the step's case): autograd drops the gradient of a view that needs none.
+        if any(grad.dtype != dtype for grad, dtype in zip(view_grads, ctx.view_dtypes)):
+            view_grads = [_as(grad, dtype) if needs[5 + v] else None
+                          for v, (grad, dtype) in enumerate(zip(view_grads, ctx.view_dtypes))]
     return (None, None, None, grad_target, grad_directions, *view_grads)
 
 
