@@ -33,13 +33,15 @@ What each kernel is charged (no cache reuse beyond what is said):
   them with their int64 indices; the residual kernel reads both back and writes the
   residual.
 * the fixed-order reduction: one program, a few hundred bytes: its launch.
-* backward (forward + backward rows): 2 V K B D flops for z's gradient, on the same units
-  as the projection (its operands are rounded to the features' dtype), reading the
-  gradient of the projections and the directions, writing z's gradient.
+* backward (``_project_backward_kernel``): 2 V K B D flops for z's gradient, on the same
+  units as the projection (the residual is rounded to the features' dtype in the kernel),
+  reading the fp32 residual and the directions, writing z's gradient in its dtype.
+* the draw (``_rgg_kernel`` with directions): the target's and the directions' elements
+  written in the features' dtype, charged their memory traffic.
 
 Both sides are charged the same work, the whole regularizer step of a training loop:
-``path_costs`` what ``RDMReg`` launches (the target's and the directions' draws, the
-casts and the stack included), ``seed_costs`` the seed's step as its notebook writes it,
+``path_costs`` what ``RDMReg`` launches (one draw of the target and the directions, the
+stack where the sources need one), ``seed_costs`` the seed's step as its notebook writes it,
 on the GPU with its Gamma draw moved there, forward and backward: per view, fresh
 directions (randn, norm, divide), autocast's casts, two fp16 matmuls, two torch.sort
 along the batch, the squared difference and its mean, then the backward through sort and
@@ -396,9 +398,11 @@ def torch_sort_costs(views, targets, B, K, residual_programs, need_target_residu
     return [sort, residual]
 
 
-def backward_cost(views, B, D, K, dtype_bytes, allow_tf32, unit=None):
-    return KernelCost("backward matmul", 0, 2.0 * views * K * B * D, unit or _matmul_unit(dtype_bytes, allow_tf32),
-                      views * K * B * (4 + dtype_bytes) + K * D * dtype_bytes + views * B * D * dtype_bytes)
+def backward_cost(views, B, D, K, dtype_bytes, allow_tf32, unit=None, programs=0):
+    """The views' gradient, ``_project_backward_kernel``: the fp32 residual read, P read, the gradient written."""
+    return KernelCost("_project_backward_kernel", programs, 2.0 * views * K * B * D,
+                      unit or _matmul_unit(dtype_bytes, allow_tf32),
+                      views * K * B * 4 + K * D * dtype_bytes + views * B * D * dtype_bytes)
 
 
 def mean_cost():
@@ -454,11 +458,14 @@ def path_costs(shape, path, *, dtype=torch.bfloat16, allow_tf32=False, views=2, 
                need_target_residual=False, with_backward=True, with_target_draw=True, sort_compiled=None, arch=90):
     """The kernels of one (projection path, sort path) for ``shape``: what ``RDMReg`` launches.
 
-    Forward: the target's draw (the Triton sampler, ``with_target_draw``), the directions'
-    draw (3 kernels), the stack of the views, the casts of the target and the directions
-    to the features' dtype (fp16 / bf16), the projections, the sort and residual, the
-    reduction; backward (``with_backward``): the residual times its scale, its cast to the
-    features' dtype, z's gradient matmul. Program counts come from the launchers'
+    Forward: the draw (``with_target_draw``: the Triton sampler writes the target and the
+    Gaussian directions in the features' dtype in one launch; without it, given targets,
+    the directions' torch draw, 3 kernels, and their cast to fp16 / bf16), the projections
+    of the views and the targets in one launch (the Triton kernel reads two views and a
+    shared target where they lie; more sources, or the cuBLAS path, first copy them into
+    one stack), the sort and residual, the reduction; backward (``with_backward``): the
+    views' gradient in one ``_project_backward_kernel`` (the residual rounded, times the
+    loss's gradient, in the views' dtype). Program counts come from the launchers'
     configs; cuBLAS, torch.sort and torch's elementwise kernels count as filling every SM.
     sort_compiled: the compiled register sort's measure (``register_sort_cost``), or None.
     arch: the GPU's compute capability, for the projection's tiles and units (``matmul_unit``).
@@ -466,19 +473,21 @@ def path_costs(shape, path, *, dtype=torch.bfloat16, allow_tf32=False, views=2, 
     B, D, K = shape.B, shape.D, shape.K
     projection_path, sort_path = path
     dtype_bytes = dtype.itemsize
-    costs = [KernelCost("rgg sampler", 0, 0.0, "lanes", B * D * 4)] if with_target_draw else []
-    costs += direction_draw_costs(shape)
-    if views > 1:
-        costs.append(_elementwise("stack the views", views * B * D, 2 * dtype_bytes))
-    if dtype_bytes != 4:
-        costs += [_elementwise(f"cast {name}", n, 4 + dtype_bytes) for name, n in (("target", B * D), ("P", K * D))]
+    if with_target_draw:
+        costs = [KernelCost("rgg sampler + directions", 0, 0.0, "lanes", (targets * B * D + K * D) * dtype_bytes)]
+    else:
+        costs = direction_draw_costs(shape)
+        if dtype_bytes != 4:
+            costs.append(_elementwise("cast P", K * D, 4 + dtype_bytes))
+    sources = views + targets
+    if projection_path != "triton" or targets != 1 or sources > kernels.MAX_SOURCE_POINTERS:
+        costs.append(_elementwise("stack the sources", sources * B * D, 2 * dtype_bytes))
     unit = matmul_unit(dtype, allow_tf32, arch, triton_dot=projection_path == "triton")
-    for sources in (views, targets):
-        if projection_path == "triton":
-            programs = project_programs(sources, shape, dtype, allow_tf32, arch)
-            costs.append(projection_cost("_project_kernel", sources, B, D, K, dtype_bytes, allow_tf32, programs, unit))
-        else:
-            costs.append(projection_cost("cuBLAS", sources, B, D, K, dtype_bytes, allow_tf32, 0, unit))
+    if projection_path == "triton":
+        programs = project_programs(sources, shape, dtype, allow_tf32, arch)
+        costs.append(projection_cost("_project_kernel", sources, B, D, K, dtype_bytes, allow_tf32, programs, unit))
+    else:
+        costs.append(projection_cost("cuBLAS", sources, B, D, K, dtype_bytes, allow_tf32, 0, unit))
     if sort_path == "registers":
         programs = triton.cdiv(K, kernels.sort_config(B, K, need_target_residual)["ROWS"])
         costs.append(register_sort_cost(views, targets, B, K, programs, need_target_residual, sort_compiled))
@@ -488,10 +497,10 @@ def path_costs(shape, path, *, dtype=torch.bfloat16, allow_tf32=False, views=2, 
         costs += torch_sort_costs(views, targets, B, K, programs, need_target_residual)
     costs.append(mean_cost())
     if with_backward:
-        costs.append(_elementwise("backward: residual x scale", views * K * B, 8))
-        if dtype_bytes != 4:
-            costs.append(_elementwise("backward: cast to the features' dtype", views * K * B, 4 + dtype_bytes))
-        costs.append(backward_cost(views, B, D, K, dtype_bytes, allow_tf32, matmul_unit(dtype, allow_tf32, arch)))
+        cfg = kernels.project_backward_config(views, B, D, K, dtype, allow_tf32, arch)
+        programs = views * triton.cdiv(B, cfg["BLOCK_B"]) * triton.cdiv(D, cfg["BLOCK_D"])
+        costs.append(backward_cost(views, B, D, K, dtype_bytes, allow_tf32, matmul_unit(dtype, allow_tf32, arch,
+                                                                                      triton_dot=True), programs))
     return costs
 
 
@@ -503,29 +512,31 @@ def total_bound_us(costs, gpu):
 
 def host_plan_us(shape, path=("triton", "registers"), *, dtype=torch.bfloat16, allow_tf32=False, views=2,
                  device="meta", repeats=200):
-    """Median host time, in microseconds, of building one loss call's launch plans, measured here and now.
+    """Median host time, in microseconds, of building one loss step's launch plans, measured here and now.
 
-    The plans the Triton backend builds per call: the target's draw (``rgg_launch``), the
-    projections of the views and of the shared target (``project_plan`` twice) and the sort
-    and residual (``sort_residual_plan``), on ``device`` tensors of ``shape`` (the plans
-    allocate their outputs; on ``meta`` that costs nothing, so this is the Python work
+    The plans the Triton backend builds per step: the draw of the target and the directions
+    (``rgg_launch``), the projections of the views and the shared target (``project_plan``,
+    three sources read where they lie), the sort and residual (``sort_residual_plan``) and
+    the views' gradient (``project_backward_plan``), on ``device`` tensors of ``shape`` (the
+    plans allocate their outputs; on ``meta`` that costs nothing, so this is the Python work
     alone). ``repeats`` rounds of all four, timed with ``time.perf_counter``.
     """
     from lpjepa.kernels.rgg_sample import rgg_launch
 
     projection_path, sort_path = path
-    x = torch.empty((views, shape.B, shape.D), dtype=dtype, device=device)
-    target = torch.empty((1, shape.B, shape.D), dtype=dtype, device=device)
+    sources = tuple(torch.empty((shape.B, shape.D), dtype=dtype, device=device) for _ in range(views + 1))
     directions = torch.empty((shape.K, shape.D), dtype=dtype, device=device)
     proj = torch.empty((views, shape.K, shape.B), dtype=torch.float32, device=device)
     proj_t = torch.empty((1, shape.K, shape.B), dtype=torch.float32, device=device)
+    scale = torch.empty((), dtype=torch.float32, device=device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        rgg_launch(target, p=1.0, mu=0.0, sigma=1.0, seed=12345, offset=0)
-        kernels.project_plan(x, directions, path=projection_path, allow_tf32=allow_tf32)
-        kernels.project_plan(target, directions, path=projection_path, allow_tf32=allow_tf32)
+        rgg_launch(sources[-1], p=1.0, mu=0.0, sigma=1.0, seed=12345, offset=0, directions=directions)
+        kernels.project_plan(sources if len(sources) <= kernels.MAX_SOURCE_POINTERS else torch.stack(sources),
+                             directions, path=projection_path, allow_tf32=allow_tf32)
         kernels.sort_residual_plan(proj, proj_t, path=sort_path)
+        kernels.project_backward_plan(proj, directions, scale, out_dtype=dtype, allow_tf32=allow_tf32)
         times.append(time.perf_counter() - start)
     return 1e6 * statistics.median(times)
 
