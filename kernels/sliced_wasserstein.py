@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import KernelLaunch, cdiv, check_kernel_dtype, device_arch, has_tensor_core_dot, next_power_of_2
+from .launch import KERNEL_DTYPES, KernelLaunch, cdiv, check_kernel_dtype, device_arch, has_tensor_core_dot, next_power_of_2
 
 PROJECTION_PATHS = ("triton", "cublas")
 SORT_PATHS = ("registers", "torch_sort")
@@ -495,7 +495,7 @@ def _check_sort_inputs(proj, proj_t):
 
 
 def sort_residual_plan(proj, proj_t, *, need_target_residual=False, path="registers", rows=None, check=True,
-                       unused=None, residual_scale=1.0):
+                       unused=None, residual_scale=1.0, in_place=False):
     """The loss and residuals of ``proj`` (V, K, B) against ``proj_t`` (T, K, B), and the launches that fill them.
 
     Both fp32 and contiguous (what ``project_plan`` writes). path: 'registers' (B up to
@@ -510,6 +510,10 @@ def sort_residual_plan(proj, proj_t, *, need_target_residual=False, path="regist
     target's residual is not asked for (default: a new one; an eager caller may keep one).
     ``residual_scale``: both residuals are returned times this (the loss's op passes
     2 / numel, so that they are the loss's gradient in the projections); the loss is not.
+    ``in_place``: the residual is written over ``proj`` (a caller that owns it saves a (V,
+    K, B) buffer: each program reads its rows whole before it writes them, and the
+    torch_sort path reads sorted copies). Not for a traced launch, whose outputs may not
+    alias its inputs.
     """
     if check:
         _check_sort_inputs(proj, proj_t)
@@ -524,7 +528,7 @@ def sort_residual_plan(proj, proj_t, *, need_target_residual=False, path="regist
     device = proj.device
     shared = proj_t.shape[0] == 1
     loss = torch.empty((), dtype=torch.float32, device=device)
-    residual = torch.empty_like(proj)
+    residual = proj if in_place else torch.empty_like(proj)
     residual_t = torch.empty_like(proj_t) if need_target_residual else None
     # Never written unless needed. A buffer of its own, not residual: under torch.compile
     # two kernel arguments aliasing one tensor confuse the functionalized launch.
@@ -664,8 +668,6 @@ def project_backward_config(sources, batch, dim, num_projections, dtype, allow_t
 
 
 def _check_project_backward_inputs(residual, directions, scale, out_dtype):
-    from .launch import KERNEL_DTYPES
-
     if residual.dim() != 3 or directions.dim() not in (2, 3) or directions.shape[-2] != residual.shape[1] or (
         directions.dim() == 3 and directions.shape[0] != residual.shape[0]
     ):

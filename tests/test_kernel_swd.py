@@ -418,3 +418,26 @@ def test_project_backward_on_gpu(shared, dtype, allow_tf32):
         torch.testing.assert_close(grad_x.double().cpu(), want,
                                    **coarser_tolerance(torch.float16 if allow_tf32 else dtype),
                                    msg=f"{(sources, batch, dim, num_projections)}")
+
+
+@pytest.mark.parametrize("sort_path", swd.SORT_PATHS)
+@pytest.mark.parametrize("need_target_residual", [False, True])
+def test_the_residual_written_over_the_projections_is_the_same(sort_path, need_target_residual):
+    views, targets, projections = make_inputs(2, 1, 33, 12, 9, seed=31)
+    proj, _ = swd.project_plan(views, projections, path="cublas")
+    proj_t, _ = swd.project_plan(targets, projections, path="cublas")
+    kept = proj.clone()
+    outputs = {}
+    for in_place in (False, True):
+        (loss, residual, residual_t), launches = swd.sort_residual_plan(
+            proj, proj_t, need_target_residual=need_target_residual, path=sort_path, residual_scale=0.25,
+            in_place=in_place)
+        for launch in launches:
+            launch()
+        outputs[in_place] = (loss, residual, residual_t)
+        if not in_place:
+            assert torch.equal(proj, kept)  # read, never written
+    assert outputs[True][1] is proj
+    for apart, over in zip(outputs[False], outputs[True]):
+        if apart is not None:
+            torch.testing.assert_close(over, apart, rtol=0, atol=0)

@@ -194,8 +194,12 @@ def triton_project(x, directions, allow_tf32, launch=None):
 _UNUSED = {}  # {device: a 1-element fp32 tensor}, the eager sort's argument where no target residual is written
 
 
-def triton_sort_residual(proj, proj_t, need_target_residual, launch=None, residual_scale=1.0):
-    """``torch_sort_residual`` on the kernels: fp32 contiguous proj (V, K, B) and proj_t (T, K, B), fp32 outputs."""
+def triton_sort_residual(proj, proj_t, need_target_residual, launch=None, residual_scale=1.0, in_place=False):
+    """``torch_sort_residual`` on the kernels: fp32 contiguous proj (V, K, B) and proj_t (T, K, B), fp32 outputs.
+
+    ``in_place``: the residual is written over proj (the Function's, which owns it; never
+    a registered op's, whose outputs may not alias its inputs).
+    """
     path = path_choice.sort_path(proj, proj_t, need_target_residual)
     unused = None
     if launch is None:  # eager; a traced launch must not alias a buffer across calls
@@ -204,7 +208,7 @@ def triton_sort_residual(proj, proj_t, need_target_residual, launch=None, residu
             unused = _UNUSED[proj.device] = torch.empty(1, dtype=torch.float32, device=proj.device)
     outputs, launches = _kernels().sort_residual_plan(proj, proj_t, need_target_residual=need_target_residual,
                                                       path=path, check=False, unused=unused,
-                                                      residual_scale=residual_scale)
+                                                      residual_scale=residual_scale, in_place=in_place)
     for one in launches:
         (launch or _launch)(one)
     return outputs
@@ -254,10 +258,11 @@ class Body(NamedTuple):
         return triton_project(x, _as(directions, operand_dtype), torch.backends.cuda.matmul.allow_tf32)
 
     def sort_residual(self, proj, proj_t, need_target_residual, residual_scale):
-        """The loss and residuals; the torch body writes the residual over ``proj``, which the Function owns."""
+        """The loss and residuals; both bodies write the residual over ``proj``, which the Function owns."""
         if not self.triton:
             return torch_sort_residual(proj, proj_t, need_target_residual, residual_scale, in_place=True)
-        return triton_sort_residual(proj, proj_t.contiguous(), need_target_residual, residual_scale=residual_scale)
+        return triton_sort_residual(proj, proj_t.contiguous(), need_target_residual, residual_scale=residual_scale,
+                                    in_place=True)
 
 
 TORCH = Body("torch", False)
