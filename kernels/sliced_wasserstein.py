@@ -139,25 +139,37 @@ def project_config(sources, batch, dim, num_projections, dtype, allow_tf32, arch
     on sm_75 with fp16 / bf16 operands (128 registers; the sm_80 tiles spill 364 B to 16 KB
     there; ``compile_report --arch 75``). cuBLAS, the default there, uses the tensor cores.
     """
-    precision = input_precision(dtype, allow_tf32, arch)
-    if not has_tensor_core_dot(arch):
-        block_k = block_b = 64
-        block_d, num_warps = _MIN_DOT, 8
-    elif dtype == torch.float32 and precision == "ieee":
-        block_k = block_b = 64
-        block_d, num_warps = _MIN_DOT, 4
-    else:
-        block_k = block_b = 128
-        tiles = cdiv(num_projections, 128) * cdiv(batch, 128) * sources
-        if tiles < _SORT_MIN_PROGRAMS // 2 or min(batch, num_projections) <= 64:
-            block_k = block_b = 64
-        # 8 warps at either tile size: with 4, sm_80's 64 x 64 tile spills (compile_report).
-        block_d, num_warps = (32 if dtype == torch.float32 else 64), 8
-    block_k = min(block_k, max(_MIN_DOT, next_power_of_2(num_projections)))
-    block_b = min(block_b, max(_MIN_DOT, next_power_of_2(batch)))
-    block_d = min(block_d, max(_MIN_DOT, next_power_of_2(dim)))
+    _, block_k, block_b, block_d, precision, num_warps = _dot_tiles(
+        sources, num_projections, batch, dim, dtype, allow_tf32, arch, 32 if dtype == torch.float32 else 64)
     return dict(BLOCK_K=block_k, BLOCK_B=block_b, BLOCK_D=block_d, INPUT_PRECISION=precision,
                 num_warps=num_warps, num_stages=3)
+
+
+def _dot_tiles(sources, rows, cols, reduction, dtype, allow_tf32, arch, tensor_core_step):
+    """The tiles of a tl.dot kernel writing (sources, rows, cols) blocks summed over ``reduction``.
+
+    Returns (the square tile's side before clipping, block over rows, block over cols,
+    step over the reduction, tl.dot input precision, num_warps): the choices
+    ``project_config`` and ``project_backward_config`` share. From sm_80 with tensor-core
+    operands: 128 x 128, or 64 x 64 when 128 x 128 leaves fewer programs than half an
+    H100's SMs or a side is small; ``tensor_core_step`` along the reduction; 8 warps (with
+    4, sm_80's 64 x 64 tile spills: compile_report). IEEE fp32 on the FMA units: 64 x 64 x
+    16 on 4 warps. Below sm_80 every dtype: 64 x 64 x 16 on 8 warps. Each block is then
+    clipped to the next power of two of its size (tl.dot needs 16 at least).
+    """
+    precision = input_precision(dtype, allow_tf32, arch)
+    if not has_tensor_core_dot(arch):
+        side, step, num_warps = 64, _MIN_DOT, 8
+    elif dtype == torch.float32 and precision == "ieee":
+        side, step, num_warps = 64, _MIN_DOT, 4
+    else:
+        side = 128
+        tiles = cdiv(rows, 128) * cdiv(cols, 128) * sources
+        if tiles < _SORT_MIN_PROGRAMS // 2 or min(rows, cols) <= 64:
+            side = 64
+        step, num_warps = tensor_core_step, 8
+    return (side, min(side, max(_MIN_DOT, next_power_of_2(rows))), min(side, max(_MIN_DOT, next_power_of_2(cols))),
+            min(step, max(_MIN_DOT, next_power_of_2(reduction))), precision, num_warps)
 
 
 # The most (B, D) sources the projection kernel reads through pointers of their own: two views and a target.
@@ -646,23 +658,9 @@ def project_backward_config(sources, batch, dim, num_projections, dtype, allow_t
     on the FMA units: 64 x 64 x 16 on 4 warps. Below sm_80 every dtype runs on the FMA
     units: 64 x 64 x 16 on 8 warps. Checked by ``compile_report`` on sm_75 to sm_120: no spill.
     """
-    precision = input_precision(dtype, allow_tf32, arch)
-    if not has_tensor_core_dot(arch):
-        block_b = block_d = 64
-        block_k, num_warps = _MIN_DOT, 8
-    elif dtype == torch.float32 and precision == "ieee":
-        block_b = block_d = 64
-        block_k, num_warps = _MIN_DOT, 4
-    else:
-        block_b = block_d = 128
-        tiles = cdiv(batch, 128) * cdiv(dim, 128) * sources
-        if tiles < _SORT_MIN_PROGRAMS // 2 or min(batch, dim) <= 64:
-            block_b = block_d = 64
-        block_k, num_warps = 32, 8
-    num_stages = 2 if block_b == 128 and dtype != torch.float32 else 3
-    block_b = min(block_b, max(_MIN_DOT, next_power_of_2(batch)))
-    block_d = min(block_d, max(_MIN_DOT, next_power_of_2(dim)))
-    block_k = min(block_k, max(_MIN_DOT, next_power_of_2(num_projections)))
+    side, block_b, block_d, block_k, precision, num_warps = _dot_tiles(
+        sources, batch, dim, num_projections, dtype, allow_tf32, arch, 32)
+    num_stages = 2 if side == 128 and dtype != torch.float32 else 3
     return dict(BLOCK_B=block_b, BLOCK_D=block_d, BLOCK_K=block_k, INPUT_PRECISION=precision,
                 num_warps=num_warps, num_stages=num_stages)
 
