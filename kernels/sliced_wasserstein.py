@@ -71,6 +71,19 @@ _PAD_HIGH = tl.constexpr(0x7FFFFFFF)
 
 
 @triton.jit
+def _output_tile(pid, n_outer, n_inner, BLOCK_OUTER: tl.constexpr, BLOCK_INNER: tl.constexpr):
+    """(outer indices, inner indices, their masks) of program ``pid``'s block of a (n_outer, n_inner) output.
+
+    Programs walk the inner blocks of one outer block before the next, so consecutive
+    programs share the outer block's operand tile.
+    """
+    tiles_inner = tl.cdiv(n_inner, BLOCK_INNER)
+    outer = (pid // tiles_inner) * BLOCK_OUTER + tl.arange(0, BLOCK_OUTER)
+    inner = (pid % tiles_inner) * BLOCK_INNER + tl.arange(0, BLOCK_INNER)
+    return outer, inner, outer < n_outer, inner < n_inner
+
+
+@triton.jit
 def _project_kernel(
     x_ptr,  # (S, B, D) fp32 / fp16 / bf16, any strides; or the first (B, D) source when SOURCE_POINTERS > 1
     x1_ptr,  # the second (B, D) source when SOURCE_POINTERS > 1, else None
@@ -86,14 +99,9 @@ def _project_kernel(
     SOURCE_POINTERS: tl.constexpr,  # 1: one stacked x; 2 or 3: that many (B, D) tensors of one dtype and strides
 ):
     """out[s, k, b] = P[s, k] . x[s, b] for one (BLOCK_K, BLOCK_B) tile of one source s."""
-    pid = tl.program_id(0)
     source = tl.program_id(1).to(tl.int64)
-    tiles_b = tl.cdiv(B, BLOCK_B)
     # Consecutive programs share a block of directions, so its P tile stays in L2.
-    dirs = (pid // tiles_b) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rows = (pid % tiles_b) * BLOCK_B + tl.arange(0, BLOCK_B)
-    dir_ok = dirs < K
-    row_ok = rows < B
+    dirs, rows, dir_ok, row_ok = _output_tile(tl.program_id(0), K, B, BLOCK_K, BLOCK_B)
     # Separate sources spare the caller a stacked copy of the views and the target (a launch per step).
     if SOURCE_POINTERS == 1:
         x_source = x_ptr + source * stride_xs
@@ -620,14 +628,9 @@ def _project_backward_kernel(
     The residual is rounded to P's dtype before the product, as the torch formula rounds
     the gradient to the operand dtype; the sum is fp32 and rounded once, at the store.
     """
-    pid = tl.program_id(0)
     source = tl.program_id(1).to(tl.int64)
-    tiles_d = tl.cdiv(D, BLOCK_D)
     # Consecutive programs share a block of rows, so its residual tile stays in L2.
-    rows = (pid // tiles_d) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = (pid % tiles_d) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < B
-    col_ok = cols < D
+    rows, cols, row_ok, col_ok = _output_tile(tl.program_id(0), B, D, BLOCK_B, BLOCK_D)
     r_rows = res_ptr + source * stride_rs + rows[None, :].to(tl.int64) * stride_rb
     p_cols = p_ptr + source * stride_ps + cols[None, :].to(tl.int64) * stride_pd
     acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)

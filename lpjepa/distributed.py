@@ -241,8 +241,6 @@ def gather_batch(x, sizes, group, dim):
     gathered = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
     _all_gather_single(gathered, x, group)
     gathered = gathered.view((world,) + tuple(x.shape))
-    if all(n == largest for n in sizes):
-        return torch.cat(list(gathered), dim=dim)
     return torch.cat([gathered[r].narrow(dim, 0, n) for r, n in enumerate(sizes)], dim=dim)
 
 

@@ -84,6 +84,12 @@ def spawn_ranks(checks, world, out_dir, timeout_s):
     return results
 
 
+def assert_no_rank_failed(spawned, name):
+    """Fails with every rank's traceback when check ``name`` raised on any rank of ``spawn_ranks``' results."""
+    errors = [f"rank {rank}:\n{result[name]['error']}" for rank, result in enumerate(spawned) if result[name]["error"]]
+    assert not errors, "\n".join(errors)
+
+
 # One statement of the tolerances each dtype earns when a fast path is compared with
 # the reference (atol, rtol). Inputs are cast to fp32 inside the loss, so fp16/bf16
 # rows mostly measure the rounding of the inputs themselves.

@@ -16,7 +16,7 @@ import lpjepa
 from lpjepa import distributed, reference
 from lpjepa.loss import draw_directions
 from lpjepa.ops import sliced_wasserstein
-from conftest import spawn_ranks, tolerance
+from conftest import assert_no_rank_failed, spawn_ranks, tolerance
 
 WORLD = 2
 FP64 = dict(zip(("atol", "rtol"), tolerance(torch.float64)))
@@ -368,8 +368,7 @@ def spawned(tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_two_gloo_ranks(spawned, name):
-    errors = [f"rank {rank}:\n{spawned[rank][name]['error']}" for rank in range(WORLD) if spawned[rank][name]["error"]]
-    assert not errors, "\n".join(errors)
+    assert_no_rank_failed(spawned, name)
 
 
 # --- Single process, torch.distributed not initialized ---------------------------------

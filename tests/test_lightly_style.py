@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import lpjepa
 from lpjepa import distributed, reference
-from conftest import spawn_ranks, tolerance
+from conftest import assert_no_rank_failed, spawn_ranks, tolerance
 from test_distributed import WORLD, _all_equal_across_ranks, _rows
 
 FP64 = dict(zip(("atol", "rtol"), tolerance(torch.float64)))
@@ -251,8 +251,7 @@ def spawned(tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_two_gloo_ranks(spawned, name):
-    errors = [f"rank {rank}:\n{result[name]['error']}" for rank, result in enumerate(spawned) if result[name]["error"]]
-    assert not errors, "\n".join(errors)
+    assert_no_rank_failed(spawned, name)
     if "max_gradient_difference" in spawned[0][name]:
         print(f"max |DDP gradient - single-process gradient| over ranks: "
               f"{max(r[name]['max_gradient_difference'] for r in spawned):.3g}")

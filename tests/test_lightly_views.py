@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 import lpjepa
 from lpjepa import distributed, reference
-from conftest import spawn_ranks, tolerance
+from conftest import assert_no_rank_failed, spawn_ranks, tolerance
 from test_distributed import WORLD, _rows
 FP64 = dict(zip(("atol", "rtol"), tolerance(torch.float64)))
 
@@ -211,5 +211,4 @@ def spawned(tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_two_gloo_ranks(spawned, name):
-    errors = [f"rank {rank}:\n{result[name]['error']}" for rank, result in enumerate(spawned) if result[name]["error"]]
-    assert not errors, "\n".join(errors)
+    assert_no_rank_failed(spawned, name)

@@ -204,13 +204,20 @@ def run_op(op, backend, device, dtype, on_triton, on_torch):
         return on_torch()
     if torch.compiler.is_compiling():
         return on_triton()
+    return run_guarded(op, device, backend == "triton", on_triton, on_torch)
+
+
+def run_guarded(op, device, strict, on_triton, on_torch):
+    """``on_triton()``; if its kernels fail to compile or launch, ``KernelUnavailable`` when ``strict``
+    (backend='triton'), else a ``TritonFallbackWarning`` (``op`` goes to torch on ``device`` from then on)
+    and ``on_torch()``. ``run_op``'s guard, and the backward's, whose kernel compiles at the first backward."""
     try:
         return on_triton()
     except _NOT_KERNEL_FAILURES:
         raise
     except Exception as error:
         failure = KernelUnavailable(op, device, error)
-        if backend == "triton":
+        if strict:
             raise failure from error
         _fall_back(failure)
     return on_torch()

@@ -12,6 +12,7 @@ from typing import List, Tuple
 
 import torch
 
+from ..kernels.launch import KERNEL_DTYPES  # torch only: no Triton import
 from . import backend as backends
 
 
@@ -145,7 +146,7 @@ def triton_sample(shape, *, p, mu, sigma, dtype, device, generator=None, rectify
     its own generator breaks the graph there).
     """
     kernels = backends.kernels("rgg_sample")
-    kernel_dtype = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+    kernel_dtype = dtype if dtype in KERNEL_DTYPES else torch.float32
     if generator is None:
         if torch.compiler.is_compiling():
             out = _triton_sample_op(list(shape), float(p), float(mu), float(sigma), kernel_dtype,

@@ -50,6 +50,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..kernels import launch as kernel_launch  # torch only: no Triton import
+from ..kernels.launch import KERNEL_DTYPES
 from . import backend as backends
 from . import path_choice
 
@@ -165,6 +167,13 @@ def _launch(launch):
     launch()
 
 
+def _run(launches, launch, outputs):
+    """Runs a plan's ``launches`` through ``launch`` (a traced launcher) or ``_launch``; returns the plan's outputs."""
+    for one in launches:
+        (launch or _launch)(one)
+    return outputs
+
+
 # Where the kernels are traced into (a GPU, torch >= 2.6), the compiled route's ops are
 # triton_ops (``lpjepa.ops.compiled``).
 TRACES_INTO_KERNELS = hasattr(torch.library, "triton_op") and os.environ.get("TRITON_INTERPRET") != "1"
@@ -176,7 +185,7 @@ def _kernels():
 
 def triton_operand_dtype(features):
     """The dtype the Triton projection's operands are rounded to: the features' own, fp32 for fp64."""
-    return features.dtype if features.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+    return features.dtype if features.dtype in KERNEL_DTYPES else torch.float32
 
 
 def triton_project(x, directions, allow_tf32, launch=None):
@@ -186,9 +195,7 @@ def triton_project(x, directions, allow_tf32, launch=None):
     """
     path = path_choice.projection_path(x, directions, allow_tf32)
     out, launches = _kernels().project_plan(x, directions, path=path, allow_tf32=allow_tf32, check=False)
-    for one in launches:
-        (launch or _launch)(one)
-    return out
+    return _run(launches, launch, out)
 
 
 _UNUSED = {}  # {device: a 1-element fp32 tensor}, the eager sort's argument where no target residual is written
@@ -209,9 +216,7 @@ def triton_sort_residual(proj, proj_t, need_target_residual, launch=None, residu
     outputs, launches = _kernels().sort_residual_plan(proj, proj_t, need_target_residual=need_target_residual,
                                                       path=path, check=False, unused=unused,
                                                       residual_scale=residual_scale, in_place=in_place)
-    for one in launches:
-        (launch or _launch)(one)
-    return outputs
+    return _run(launches, launch, outputs)
 
 
 def triton_project_backward(residual, directions, grad_scale, out_dtype, allow_tf32, launch=None):
@@ -223,20 +228,12 @@ def triton_project_backward(residual, directions, grad_scale, out_dtype, allow_t
     """
     out, launches = _kernels().project_backward_plan(residual, directions, grad_scale, out_dtype=out_dtype,
                                                      allow_tf32=allow_tf32, check=False)
-    for one in launches:
-        (launch or _launch)(one)
-    return out
+    return _run(launches, launch, out)
 
 
 def _triton_backward_operand_dtype(features_dtype, device):
     """The backward's matmul operands: the features' dtype, or fp32 for bf16 below sm_80 (no bf16 arithmetic there)."""
-    from ..kernels.launch import device_arch
-
-    return torch.float32 if _kernels().bf16_as_fp32(features_dtype, device_arch(device)) else features_dtype
-
-
-# The dtypes the views' gradient kernel writes; views of another dtype (or of mixed ones) get fp32, cast.
-_KERNEL_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+    return torch.float32 if _kernels().bf16_as_fp32(features_dtype, kernel_launch.device_arch(device)) else features_dtype
 
 
 # --- The bodies as the Function sees them ------------------------------------------------------
@@ -360,7 +357,7 @@ def _forward(ctx, body, gather, need_target_residual, target, directions, views)
     # One process, shared directions, a target of the views' rows: one projection launch for all
     # (the torch body projects the target apart: its projections are freed once sorted).
     together = body.triton and gather is None and directions.dim() == 2 and target.shape[-2] == first.shape[0]
-    if together and body.triton and target.dim() == 2:  # the common step, in the fewest calls
+    if together and target.dim() == 2:  # the common step, in the fewest calls
         x = tuple([_as(source, operand) for source in (*views, target)])
         if len(x) > _kernels().MAX_SOURCE_POINTERS or len({source.stride() for source in x}) > 1:
             x = torch.stack(x)  # the kernel reads at most three (B, D) sources of one layout where they lie
@@ -399,33 +396,13 @@ def _forward(ctx, body, gather, need_target_residual, target, directions, views)
     ctx.view_dtypes = [view.dtype for view in views]
     ctx.body = body
     if body.triton:  # one kernel writes the views' gradient: in the views' dtype if they share one it writes
-        same = first.dtype in _KERNEL_OUT_DTYPES and all(view.dtype == first.dtype for view in views)
+        same = first.dtype in KERNEL_DTYPES and all(view.dtype == first.dtype for view in views)
         ctx.views_grad_dtype = first.dtype if same else torch.float32
     ctx.target_shape, ctx.target_dtype = target.shape, target.dtype
     ctx.need_target_residual = need_target_residual
     saved_target = target if need_target_residual else None
     ctx.save_for_backward(residual, residual_t, directions, saved_target, *(views if directions.requires_grad else ()))
     return loss
-
-
-def _views_grad_on_kernels(ctx, residual, directions, grad_loss):
-    """The views' (S, B, D) gradient by its kernel; None where the kernel cannot run, for the formula to compute it.
-
-    The kernel compiles at the first backward, after the forward's kernels ran, so a failure
-    there is handled as ``backend.run_op`` handles the forward's: under backend='triton' it
-    raises ``KernelUnavailable``; under 'auto' it warns once and the op goes to torch from then on.
-    """
-    try:
-        return triton_project_backward(residual, directions, grad_loss, ctx.views_grad_dtype,
-                                       torch.backends.cuda.matmul.allow_tf32)
-    except backends._NOT_KERNEL_FAILURES:
-        raise
-    except Exception as error:
-        failure = backends.KernelUnavailable("sliced_wasserstein", residual.device, error)
-        if ctx.body.strict:
-            raise failure from error
-        backends._fall_back(failure)
-        return None
 
 
 def _backward(ctx, grad_loss):
@@ -442,7 +419,13 @@ def _backward(ctx, grad_loss):
     # scale and the views' dtype in one launch); the directions' and the target's keep the formula.
     grad_x = grad_directions = None
     if need_views and ctx.body.triton:
-        grad_x = _views_grad_on_kernels(ctx, residual, _as(directions, operand), grad_loss)
+        # The kernel compiles at the first backward, after the forward's ran: a failure there is
+        # guarded as the forward's (None: the formula below computes the gradient).
+        grad_x = backends.run_guarded(
+            "sliced_wasserstein", residual.device, ctx.body.strict,
+            lambda: triton_project_backward(residual, _as(directions, operand), grad_loss, ctx.views_grad_dtype,
+                                            torch.backends.cuda.matmul.allow_tf32),
+            _no_gradient)
     need_torch_x = need_views and grad_x is None
     if need_torch_x or need_directions:  # not called for nothing: it would round the residual first
         torch_x, grad_directions = project_backward(residual, x, directions, operand, need_torch_x, need_directions,
@@ -470,6 +453,10 @@ def _backward(ctx, grad_loss):
             view_grads = [_as(grad, dtype) if needs[5 + v] else None
                           for v, (grad, dtype) in enumerate(zip(view_grads, ctx.view_dtypes))]
     return (None, None, None, grad_target, grad_directions, *view_grads)
+
+
+def _no_gradient():
+    return None
 
 
 # --- What the API calls -------------------------------------------------------------------------
