@@ -200,13 +200,37 @@ def two_views(first, second, names=("z_a", "z_b")):
 
 
 def check_views(views):
-    """RDMReg's views: at least one, floating tensors of one shape."""
+    """RDMReg's views: at least one, 2-D floating tensors of one shape."""
     if not views:
         raise ValueError("RDMReg needs at least one view: call it as rdmreg(z1) or rdmreg(z1, z2)")
     for i, view in enumerate(views):
         check_float_tensor(f"views[{i}]", view)
+        if view.dim() != 2:
+            raise ValueError(
+                f"views[{i}] must be 2-D (batch, dim); got shape {tuple(view.shape)}. Flatten the features first, "
+                f"e.g. z.flatten(1)."
+            )
         if view.shape != views[0].shape:
             raise ValueError(f"every view must have shape {tuple(views[0].shape)}; views[{i}] has {tuple(view.shape)}")
+
+
+def rdmreg_views(views):
+    """The views of an ``RDMReg`` call, unpacked (``unpack_views``) and checked (``check_views``).
+
+    The usual call, (N, D) floating tensors of one shape passed one by one, is recognised in
+    one pass and returned as given; anything else takes the two functions, and their errors.
+    """
+    if views and isinstance(views[0], torch.Tensor):
+        shape = views[0].shape
+        for view in views:
+            if not (isinstance(view, torch.Tensor) and view.dim() == 2 and view.shape == shape
+                    and view.is_floating_point()):
+                break
+        else:
+            return views
+    views = unpack_views(views, "RDMReg")
+    check_views(views)
+    return views
 
 
 def check_generator(generator, device):

@@ -244,9 +244,8 @@ class RDMReg(nn.Module):
         first = views[0]
         device = first.device
         # The dtype sliced_wasserstein will decide on: its inputs', with the default dtype's target and directions.
-        dtype = sliced_wasserstein_op.compute_dtype(*views)
-        if torch.get_default_dtype() == torch.float64:
-            dtype = torch.float64
+        dtype = torch.get_default_dtype()
+        dtype = dtype if dtype == torch.float64 else sliced_wasserstein_op.compute_dtype(*views)
         if not use_triton("sliced_wasserstein", self.backend, device, dtype):
             return None
         operand = sliced_wasserstein_op.triton_operand_dtype(first)
@@ -270,21 +269,25 @@ class RDMReg(nn.Module):
         backend, with neither given and Gaussian directions, both come from one launch of
         the sampler (``draw_together``).
         """
-        views = _checks.unpack_views(views, "RDMReg")
-        _checks.check_views(views)
+        views = _checks.rdmreg_views(views)
         first = views[0]
+        rows = first.shape[0]  # this process's; the global batch's under a process group
         group = distributed.resolve_process_group(self.process_group)
         if group is None:
             sizes = None
-        elif self.even_batches:  # every rank's batch is this one's: no collective, no host sync
-            sizes = [first.shape[0]] * torch.distributed.get_world_size(group)
+            if rows < 1:  # before anything is drawn for it
+                raise ValueError("the views need at least 1 row; got an empty batch")
         else:
-            sizes = distributed.batch_sizes(first.shape[0], group, first.device)
-        rows = first.shape[0] if sizes is None else sum(sizes)
+            if self.even_batches:  # every rank's batch is this one's: no collective, no host sync
+                sizes = [rows] * torch.distributed.get_world_size(group)
+            else:
+                sizes = distributed.batch_sizes(rows, group, first.device)
+            rows = sum(sizes)
         if target is None or projections is None:
             if generator is None and group is not None:
                 generator = self.seed_stream.next_generator(first.device, group)
-            _checks.check_generator(generator, first.device)
+            if generator is not None:
+                _checks.check_generator(generator, first.device)
         drawn = None
         if target is None and projections is None:
             drawn = self.draw_together(views, rows, generator)
@@ -292,10 +295,11 @@ class RDMReg(nn.Module):
                 target, drawn = drawn
         if target is None:
             target = self.draw_targets(len(views), rows, first.shape[1], first.device, generator)
-        global_rows = None if group is None else rows
-        _checks.check_loss_inputs(
-            first, target, projections, target_name="target", global_rows=global_rows, num_views=len(views)
-        )
+        if drawn is None or group is not None:  # a draw_together pair is the views' shape on their device
+            global_rows = None if group is None else rows
+            _checks.check_loss_inputs(
+                first, target, projections, target_name="target", global_rows=global_rows, num_views=len(views)
+            )
         if drawn is not None:
             projections = drawn
         elif projections is None:

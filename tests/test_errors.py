@@ -115,3 +115,14 @@ def test_rdmreg_module_bad_input():
         lpjepa.RDMReg()()
     with pytest.raises(ValueError, match="every view must have shape"):
         lpjepa.RDMReg()(torch.randn(8, 4), torch.randn(8, 5))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_rdmreg_views_must_be_2d_rows_before_anything_is_drawn(backend):
+    # Both checked before the draw, which needs a (B, D) shape: a 1-D view once reached it as an IndexError.
+    with pytest.raises(ValueError, match=r"views\[0\] must be 2-D \(batch, dim\); got shape \(8,\)"):
+        lpjepa.RDMReg(backend=backend)(torch.randn(8), torch.randn(8))
+    with pytest.raises(ValueError, match=r"views\[1\] must be 2-D"):
+        lpjepa.RDMReg(backend=backend)([torch.randn(8, 4), torch.randn(8, 4, 1)])
+    with pytest.raises(ValueError, match="the views need at least 1 row; got an empty batch"):
+        lpjepa.RDMReg(backend=backend)(torch.randn(0, 4), torch.randn(0, 4))
