@@ -299,35 +299,29 @@ def philox_seed_offset(increment, device, generator=None):
     ``torch.manual_seed`` (or seeding the passed generator) makes runs reproducible and
     two calls never share counters.
 
-    * CUDA: the generator state is ``[seed: int64, offset: int64]`` (16 bytes, as in
-      FlagGems). The seed is returned as is, the offset is advanced by ``increment``
-      rounded up to a multiple of 4, as torch's own Philox ops do. This kernel's counters
-      carry ``STREAM_TAG`` in their last word, where torch's ops have 0, so the two
-      never draw from the same counter: independent streams, not one shared sequence.
-      Not usable while a CUDA graph
-      is being captured (the state is read on the host).
+    * CUDA: the generator's seed (``initial_seed``) is returned as is, and its Philox
+      offset (``get_offset``) is advanced by ``increment`` rounded up to a multiple of 4, as
+      torch's own Philox ops do: three calls into the generator, no state tensor. This
+      kernel's counters carry ``STREAM_TAG`` in their last word, where torch's ops have 0,
+      so the two never draw from the same counter: independent streams, not one shared
+      sequence. Not usable while a CUDA graph is being captured (the offset is read on the
+      host).
     * CPU (the Triton interpreter): the generator is an mt19937, which has no counter
       to advance; a fresh 63-bit seed is drawn from it (which advances it) and the
       offset is 0. Two calls therefore use different keys, colliding with probability
       2**-63.
     """
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator is on {generator.device}, the output on {device}")
     if device.type == "cuda":
         if generator is None:
             index = device.index if device.index is not None else torch.cuda.current_device()
             generator = torch.cuda.default_generators[index]
-        state = generator.get_state()
-        if state.numel() != 16:
-            raise RuntimeError(
-                f"unexpected CUDA generator state of {state.numel()} bytes (expected 16: seed, offset)"
-            )
-        seed, offset = (int(v) for v in state.view(torch.int64))
-        state.view(torch.int64)[1] += (int(increment) + 3) // 4 * 4
-        generator.set_state(state)
-        # The int64 view reads a uint64 seed >= 2**63 as negative; Philox wants the bits.
-        return seed % (1 << 64), offset
+        offset = generator.get_offset()
+        generator.set_offset(offset + (int(increment) + 3) // 4 * 4)
+        return generator.initial_seed(), offset
     if device.type == "cpu":
         if generator is None:
             generator = torch.default_generator

@@ -163,6 +163,18 @@ def test_philox_seed_offset_on_cuda_advances_offset_by_rounded_increment():
     seed2, offset2 = philox_seed_offset(1, "cuda", g)
     assert seed0 == seed1 == seed2 == 17
     assert (offset1 - offset0, offset2 - offset1) == (12, 4)
+    # What it reads and advances is the generator's state, [seed, offset] as get_state holds it.
+    state_seed, state_offset = (int(v) for v in g.get_state().view(torch.int64))
+    assert (state_seed, state_offset) == (17, offset2 + 4)
+    # The default generator of the device, when none is passed: torch.cuda.manual_seed reproduces it.
+    state = torch.cuda.get_rng_state()
+    try:
+        torch.cuda.manual_seed(23)
+        first = philox_seed_offset(8, "cuda")
+        torch.cuda.manual_seed(23)
+        assert philox_seed_offset(8, "cuda") == first and first[0] == 23
+    finally:
+        torch.cuda.set_rng_state(state)
 
 
 def test_unaccepted_lanes_are_nan_never_a_value():
