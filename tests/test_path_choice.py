@@ -187,3 +187,27 @@ def test_the_triton_ops_ask_the_chooser_with_the_candidates_that_fit(patch):
     assert asked == [("sort", ["registers", "torch_sort"], "registers"), ("sort", ["torch_sort"], "torch_sort")]
     # Asked once per shape: a step at a shape already answered off CUDA pays one dict look-up.
     assert path_choice.sort_path(small, small, False) == "registers" and len(asked) == 2
+
+
+def test_a_forcing_variable_set_mid_run_reaches_a_shape_already_answered(patch):
+    patch.setattr(path_choice, "_ANSWERS", {})
+    proj = torch.empty((1, 4, 16))
+    assert path_choice.sort_path(proj, proj, False) == "registers"
+    patch.setenv("LPJEPA_SORT_PATH", "torch_sort")
+    assert path_choice.sort_path(proj, proj, False) == "torch_sort"
+    patch.delenv("LPJEPA_SORT_PATH")
+    assert path_choice.sort_path(proj, proj, False) == "registers"
+
+
+@pytest.mark.parametrize("layout", ["cpython", "without _data"])
+def test_the_environment_reader_reads_what_os_environ_holds(patch, layout):
+    name = "LPJEPA_TEST_READER"
+    if layout == "without _data":  # another Python's os.environ: the reader falls back to os.environ.get
+        patch.setattr(path_choice.os, "environ", dict(path_choice.os.environ))
+    read = path_choice.environment_reader(name)
+    assert read() is None
+    for value in ("registers", "", "torch_sort"):
+        patch.setenv(name, value)
+        assert read() == value == path_choice.os.environ.get(name)
+    patch.delenv(name)
+    assert read() is None

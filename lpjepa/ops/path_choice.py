@@ -240,14 +240,34 @@ def gpu_name(device):
 _ANSWERS = {}
 
 
-def _memo_key(step, shape_key):
-    # ``LPJEPA_AUTOTUNE`` is not part of it: a forced, decided or off-CUDA answer is the same either way.
-    return step, shape_key, os.environ.get(ENV_FORCED[step])
+def environment_reader(name):
+    """A function of no argument that returns ``os.environ.get(name)``, at about a dict look-up's cost.
+
+    Every path look-up asks for its forcing variable (a user or a test may set it mid-run),
+    and ``os.environ.get`` runs four Python functions (``Mapping.get``, ``__getitem__``, the
+    key's encoding, the value's decoding): about a third of a memoised look-up's host time.
+    CPython's ``os.environ`` keeps the environment in a dict, ``_data``, under encoded keys,
+    which it updates on every change; the reader encodes ``name`` once and looks it up
+    there. A Python whose ``os.environ`` lacks that layout gets ``os.environ.get``.
+    """
+    data, encode, decode = (getattr(os.environ, attribute, None) for attribute in ("_data", "encodekey", "decodevalue"))
+    if not isinstance(data, dict) or encode is None or decode is None:
+        return functools.partial(os.environ.get, name)
+    key = encode(name)
+
+    def read():
+        value = data.get(key)
+        return None if value is None else decode(value)
+
+    return read
+
+
+_FORCED = {step: environment_reader(name) for step, name in ENV_FORCED.items()}
 
 
 def _answer(memo_key, device, key, candidates, default, run, timing_allowed):
     """``CHOOSER.choose``'s answer, kept in ``_ANSWERS`` when it cannot change: forced, decided, or off CUDA."""
-    step, _, forced = memo_key
+    step, forced = memo_key[0], memo_key[-1]
     path = CHOOSER.choose(step, key(), candidates(), default(), run, timing_allowed())
     if forced or device.type != "cuda" or CHOOSER.knows(step, key()):
         _ANSWERS[memo_key] = path
@@ -260,11 +280,14 @@ def projection_path(x, directions, allow_tf32, timing_allowed=None):
     x: a tensor, or a tuple of S (B, D) tensors (``project_plan``'s separate sources).
     timing_allowed: None asks ``may_time``; True measures even where it would not (the sweep).
     """
-    first = x[0] if isinstance(x, tuple) else x
-    shape = (len(x), *first.shape) if isinstance(x, tuple) else x.shape
-    memo_key = _memo_key("projection", (first.device, first.dtype, allow_tf32, shape, directions.shape))
-    if memo_key in _ANSWERS:
-        return _ANSWERS[memo_key]
+    separate = isinstance(x, tuple)
+    first = x[0] if separate else x
+    shape = (len(x), *first.shape) if separate else x.shape
+    # ``LPJEPA_AUTOTUNE`` is not part of the key: a forced, decided or off-CUDA answer is the same either way.
+    memo_key = ("projection", first.device, first.dtype, allow_tf32, shape, directions.shape, _FORCED["projection"]())
+    path = _ANSWERS.get(memo_key)
+    if path is not None:
+        return path
     from ..kernels import sliced_wasserstein as kernels
     from ..kernels.launch import device_arch
 
@@ -285,9 +308,10 @@ def projection_path(x, directions, allow_tf32, timing_allowed=None):
 
 def sort_path(proj, proj_t, need_target_residual, timing_allowed=None):
     """The sort path ('registers' or 'torch_sort') for proj (V, K, B) against proj_t (T, K, B); timing_allowed as above."""
-    memo_key = _memo_key("sort", (proj.device, proj.shape, proj_t.shape[0], need_target_residual))
-    if memo_key in _ANSWERS:
-        return _ANSWERS[memo_key]
+    memo_key = ("sort", proj.device, proj.shape, proj_t.shape[0], need_target_residual, _FORCED["sort"]())
+    path = _ANSWERS.get(memo_key)
+    if path is not None:
+        return path
     from ..kernels import sliced_wasserstein as kernels
 
     views, num_projections, batch = proj.shape
