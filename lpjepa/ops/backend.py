@@ -108,7 +108,8 @@ def _load_kernels():
 
 def kernels(op):
     """The kernels module of ``op`` ('sliced_wasserstein' or 'rgg_sample'); for Triton bodies, after ``use_triton``."""
-    return _load_kernels()[0][op]
+    loaded = _LOADED.get("ops")  # every launch plan asks: one look-up once loaded
+    return (loaded or _load_kernels())[0][op]
 
 
 def _capability(device):
@@ -200,7 +201,10 @@ def run_op(op, backend, device, dtype, on_triton, on_torch):
     and device; later calls there skip Triton). While ``torch.compile`` traces, nothing is
     caught: a traced graph holds the kernels or fails to build, never a silent fallback.
     """
-    if not use_triton(op, backend, device, dtype):
+    decided = _DECISIONS.get((op, backend, device, dtype))  # use_triton's memo, asked here first: every step asks
+    if decided is None:
+        decided = use_triton(op, backend, device, dtype)
+    if not decided:
         return on_torch()
     if torch.compiler.is_compiling():
         return on_triton()

@@ -58,7 +58,10 @@ from . import path_choice
 
 def compute_dtype(*tensors):
     """float64 if any input is float64, else float32: the precision the torch body computes in."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    for tensor in tensors:
+        if tensor is not None and tensor.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
 
 
 def _as(tensor, dtype):
@@ -169,8 +172,9 @@ def _launch(launch):
 
 def _run(launches, launch, outputs):
     """Runs a plan's ``launches`` through ``launch`` (a traced launcher) or ``_launch``; returns the plan's outputs."""
+    launch = launch or _launch
     for one in launches:
-        (launch or _launch)(one)
+        launch(one)
     return outputs
 
 
@@ -258,8 +262,9 @@ class Body(NamedTuple):
         """The loss and residuals; both bodies write the residual over ``proj``, which the Function owns."""
         if not self.triton:
             return torch_sort_residual(proj, proj_t, need_target_residual, residual_scale, in_place=True)
-        return triton_sort_residual(proj, proj_t.contiguous(), need_target_residual, residual_scale=residual_scale,
-                                    in_place=True)
+        if not proj_t.is_contiguous():
+            proj_t = proj_t.contiguous()
+        return triton_sort_residual(proj, proj_t, need_target_residual, residual_scale=residual_scale, in_place=True)
 
 
 TORCH = Body("torch", False)
@@ -350,19 +355,32 @@ def _forward(ctx, body, gather, need_target_residual, target, directions, views)
     """``SlicedWasserstein.forward`` with autocast off."""
     first = views[0]
     count = len(views)
+    view_dtype = first.dtype  # the views' one dtype, or None where they differ
+    for view in views:
+        if view.dtype != view_dtype:
+            view_dtype = None
+            break
     if body.triton:
         operand = triton_operand_dtype(first)
+        # Read once a step: the backward's product takes the forward's precision.
+        ctx.allow_tf32 = allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     else:
         operand = compute_dtype(*views, target, directions)
     # One process, shared directions, a target of the views' rows: one projection launch for all
     # (the torch body projects the target apart: its projections are freed once sorted).
     together = body.triton and gather is None and directions.dim() == 2 and target.shape[-2] == first.shape[0]
     if together and target.dim() == 2:  # the common step, in the fewest calls
-        x = tuple([_as(source, operand) for source in (*views, target)])
-        if len(x) > _kernels().MAX_SOURCE_POINTERS or len({source.stride() for source in x}) > 1:
+        x = (*views, target)
+        if view_dtype != operand or target.dtype != operand:
+            x = tuple([_as(source, operand) for source in x])
+        layout = x[0].stride()
+        for source in x:
+            if source.stride() != layout:
+                layout = None
+                break
+        if layout is None or len(x) > _kernels().MAX_SOURCE_POINTERS:
             x = torch.stack(x)  # the kernel reads at most three (B, D) sources of one layout where they lie
-        proj, proj_t = triton_project(x, _as(directions, operand),
-                                      torch.backends.cuda.matmul.allow_tf32).split_with_sizes((count, 1))
+        proj, proj_t = triton_project(x, _as(directions, operand), allow_tf32).split_with_sizes((count, 1))
     else:
         view_rows = [_as(view, operand)[None] for view in views] if body.triton else [view[None] for view in views]
         targets = target if target.dim() == 3 else target[None]
@@ -393,14 +411,16 @@ def _forward(ctx, body, gather, need_target_residual, target, directions, views)
     ctx.backward_operand = operand
     if body.triton and operand == torch.bfloat16:  # bf16 below sm_80 multiplies fp32 copies
         ctx.backward_operand = _triton_backward_operand_dtype(operand, first.device)
-    ctx.view_dtypes = [view.dtype for view in views]
+    ctx.view_dtype = view_dtype
+    ctx.view_dtypes = None if view_dtype is not None else [view.dtype for view in views]
     ctx.body = body
     if body.triton:  # one kernel writes the views' gradient: in the views' dtype if they share one it writes
-        same = first.dtype in KERNEL_DTYPES and all(view.dtype == first.dtype for view in views)
-        ctx.views_grad_dtype = first.dtype if same else torch.float32
-    ctx.target_shape, ctx.target_dtype = target.shape, target.dtype
+        ctx.views_grad_dtype = view_dtype if view_dtype in KERNEL_DTYPES else torch.float32
     ctx.need_target_residual = need_target_residual
-    saved_target = target if need_target_residual else None
+    saved_target = None
+    if need_target_residual:  # the target's gradient, or the directions': the backward reads the target
+        ctx.target_shape, ctx.target_dtype = target.shape, target.dtype
+        saved_target = target
     ctx.save_for_backward(residual, residual_t, directions, saved_target, *(views if directions.requires_grad else ()))
     return loss
 
@@ -409,7 +429,7 @@ def _backward(ctx, grad_loss):
     """``SlicedWasserstein.backward`` with autocast off."""
     residual, residual_t, directions, target, *views = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    need_views, need_target, need_directions = any(needs[5:]), needs[3] and ctx.need_target_residual, needs[4]
+    need_views, need_target, need_directions = True in needs[5:], needs[3] and ctx.need_target_residual, needs[4]
     grad_loss = _as(grad_loss, residual.dtype)
     if ctx.residual_scale != 1.0:
         grad_loss = grad_loss * ctx.residual_scale
@@ -424,7 +444,7 @@ def _backward(ctx, grad_loss):
         grad_x = backends.run_guarded(
             "sliced_wasserstein", residual.device, ctx.body.strict,
             lambda: triton_project_backward(residual, _as(directions, operand), grad_loss, ctx.views_grad_dtype,
-                                            torch.backends.cuda.matmul.allow_tf32),
+                                            ctx.allow_tf32),
             _no_gradient)
     need_torch_x = need_views and grad_x is None
     if need_torch_x or need_directions:  # not called for nothing: it would round the residual first
@@ -445,13 +465,14 @@ def _backward(ctx, grad_loss):
             grad_directions = grad_directions + grad_directions_t
     if grad_directions is not None:
         grad_directions = grad_directions.to(directions.dtype)
-    view_grads = [None] * len(ctx.view_dtypes)
-    if need_views:
-        view_grads = grad_x.unbind(0)
-        # Already in every view's dtype (the step's case): autograd drops the gradient of a view that needs none.
-        if any(grad.dtype != dtype for grad, dtype in zip(view_grads, ctx.view_dtypes)):
-            view_grads = [_as(grad, dtype) if needs[5 + v] else None
-                          for v, (grad, dtype) in enumerate(zip(view_grads, ctx.view_dtypes))]
+    if not need_views:
+        return (None, None, None, grad_target, grad_directions, *[None] * (len(needs) - 5))
+    view_grads = grad_x.unbind(0)
+    # Already in the views' one dtype (the step's case): autograd drops the gradient of a view that needs none.
+    if grad_x.dtype != ctx.view_dtype:
+        dtypes = ctx.view_dtypes or [ctx.view_dtype] * len(view_grads)
+        view_grads = [_as(grad, dtype) if needs[5 + v] else None
+                      for v, (grad, dtype) in enumerate(zip(view_grads, dtypes))]
     return (None, None, None, grad_target, grad_directions, *view_grads)
 
 
@@ -464,7 +485,7 @@ def _no_gradient():
 
 def needs_target_residual(target, directions):
     """Whether the backward needs the target's residual: for the target's gradient or the directions'."""
-    return torch.is_grad_enabled() and (target.requires_grad or directions.requires_grad)
+    return (target.requires_grad or directions.requires_grad) and torch.is_grad_enabled()
 
 
 def sliced_wasserstein(views, target, directions, backend="auto", gather=None):
