@@ -352,13 +352,12 @@ def rgg_launch(out, *, p, mu, sigma, seed, offset, rectify=True, directions=None
             if directions.dim() != 2 or not directions.is_contiguous() or directions.device != out.device:
                 raise ValueError(f"directions must be a contiguous (K, D) tensor on {out.device}")
     n_elements = out.numel()
-    if directions is None:
-        grid, constants, tail, meta = _rgg_plan(n_elements, float(p), float(mu), float(sigma), bool(rectify), 0, 0)
-        return KernelLaunch(_rgg_kernel, grid, (out, n_elements, seed, offset, *constants, out, *tail), meta)
-    n_directions, dim = directions.shape
+    n_directions, dim = (0, 0) if directions is None else directions.shape
     grid, constants, tail, meta = _rgg_plan(n_elements, float(p), float(mu), float(sigma), bool(rectify),
                                             n_directions, dim)
-    return KernelLaunch(_rgg_kernel, grid, (out, n_elements, seed, offset, *constants, directions, *tail), meta)
+    # Without directions dir_ptr is never read: out stands in for it.
+    dir_arg = out if directions is None else directions
+    return KernelLaunch(_rgg_kernel, grid, (out, n_elements, seed, offset, *constants, dir_arg, *tail), meta)
 
 
 @functools.lru_cache(maxsize=256)
