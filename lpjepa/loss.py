@@ -244,8 +244,9 @@ class RDMReg(nn.Module):
         first = views[0]
         device = first.device
         # The dtype sliced_wasserstein will decide on: its inputs', with the default dtype's target and directions.
-        dtype = torch.get_default_dtype()
-        dtype = dtype if dtype == torch.float64 else sliced_wasserstein_op.compute_dtype(*views)
+        dtype = sliced_wasserstein_op.compute_dtype(*views)
+        if torch.get_default_dtype() == torch.float64:
+            dtype = torch.float64
         if not use_triton("sliced_wasserstein", self.backend, device, dtype):
             return None
         operand = sliced_wasserstein_op.triton_operand_dtype(first)

@@ -201,10 +201,7 @@ def run_op(op, backend, device, dtype, on_triton, on_torch):
     and device; later calls there skip Triton). While ``torch.compile`` traces, nothing is
     caught: a traced graph holds the kernels or fails to build, never a silent fallback.
     """
-    decided = _DECISIONS.get((op, backend, device, dtype))  # use_triton's memo, asked here first: every step asks
-    if decided is None:
-        decided = use_triton(op, backend, device, dtype)
-    if not decided:
+    if not use_triton(op, backend, device, dtype):
         return on_torch()
     if torch.compiler.is_compiling():
         return on_triton()

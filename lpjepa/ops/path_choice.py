@@ -43,6 +43,32 @@ ENV_CACHE_DIR = "LPJEPA_CACHE_DIR"
 ENV_AUTOTUNE = "LPJEPA_AUTOTUNE"
 ENV_FORCED = {"projection": "LPJEPA_PROJECTION_PATH", "sort": "LPJEPA_SORT_PATH"}
 
+
+def environment_reader(name):
+    """A function of no argument that returns ``os.environ.get(name)``, at about a dict look-up's cost.
+
+    Every path look-up asks for its forcing variable (a user or a test may set it mid-run),
+    and ``os.environ.get`` runs four Python functions (``Mapping.get``, ``__getitem__``, the
+    key's encoding, the value's decoding): about a third of a memoised look-up's host time.
+    CPython's ``os.environ`` keeps the environment in a dict, ``_data``, under encoded keys,
+    which it updates on every change; the reader encodes ``name`` once and looks it up
+    there. A Python whose ``os.environ`` lacks that layout gets ``os.environ.get``.
+    """
+    data, encode, decode = (getattr(os.environ, attribute, None) for attribute in ("_data", "encodekey", "decodevalue"))
+    if not isinstance(data, dict) or encode is None or decode is None:
+        return functools.partial(os.environ.get, name)
+    key = encode(name)
+
+    def read():
+        value = data.get(key)
+        return None if value is None else decode(value)
+
+    return read
+
+
+_FORCED = {step: environment_reader(name) for step, name in ENV_FORCED.items()}
+
+
 _CACHE_FILE = "paths.json"
 # Calls per timed round and rounds per path; the paths alternate round by round.
 _TIMED_CALLS = 3
@@ -178,7 +204,7 @@ class PathChooser:
         measurement; run(path): one call of that path on this call's inputs; may_time:
         whether timing is allowed now (see the module doc).
         """
-        forced = os.environ.get(ENV_FORCED[step])
+        forced = _FORCED[step]()
         if forced:
             if forced not in candidates:
                 raise ValueError(f"{ENV_FORCED[step]}={forced!r} cannot run this call; it takes one of {candidates}")
@@ -238,31 +264,6 @@ def gpu_name(device):
 # step at a shape already seen pays one dict look-up. Only answers that hold for good are
 # kept (forced, remembered or measured; not a default given while timing was not allowed).
 _ANSWERS = {}
-
-
-def environment_reader(name):
-    """A function of no argument that returns ``os.environ.get(name)``, at about a dict look-up's cost.
-
-    Every path look-up asks for its forcing variable (a user or a test may set it mid-run),
-    and ``os.environ.get`` runs four Python functions (``Mapping.get``, ``__getitem__``, the
-    key's encoding, the value's decoding): about a third of a memoised look-up's host time.
-    CPython's ``os.environ`` keeps the environment in a dict, ``_data``, under encoded keys,
-    which it updates on every change; the reader encodes ``name`` once and looks it up
-    there. A Python whose ``os.environ`` lacks that layout gets ``os.environ.get``.
-    """
-    data, encode, decode = (getattr(os.environ, attribute, None) for attribute in ("_data", "encodekey", "decodevalue"))
-    if not isinstance(data, dict) or encode is None or decode is None:
-        return functools.partial(os.environ.get, name)
-    key = encode(name)
-
-    def read():
-        value = data.get(key)
-        return None if value is None else decode(value)
-
-    return read
-
-
-_FORCED = {step: environment_reader(name) for step, name in ENV_FORCED.items()}
 
 
 def _answer(memo_key, device, key, candidates, default, run, timing_allowed):

@@ -262,9 +262,8 @@ class Body(NamedTuple):
         """The loss and residuals; both bodies write the residual over ``proj``, which the Function owns."""
         if not self.triton:
             return torch_sort_residual(proj, proj_t, need_target_residual, residual_scale, in_place=True)
-        if not proj_t.is_contiguous():
-            proj_t = proj_t.contiguous()
-        return triton_sort_residual(proj, proj_t, need_target_residual, residual_scale=residual_scale, in_place=True)
+        return triton_sort_residual(proj, proj_t.contiguous(), need_target_residual, residual_scale=residual_scale,
+                                    in_place=True)
 
 
 TORCH = Body("torch", False)
